@@ -1,0 +1,489 @@
+//! The `weft` command line: parse arguments, set up logging, call the library.
+//!
+//! Output contract: results go to stdout (ids, JSON bodies, NDJSON), everything meant for a
+//! human (summaries, progress, errors) goes to stderr. Exit status: 0 ok, 1 runtime error,
+//! 2 usage error.
+
+use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+use weft::{BundleScope, ChangeEvent, DocumentId, Filter, Path as DocPath, Query, Replica};
+
+#[derive(Parser)]
+#[command(
+    name = "weft",
+    version,
+    about = "Offline-first replication of JSON documents (Automerge CRDTs in SQLite)"
+)]
+struct Cli {
+    /// The replica's database file.
+    #[arg(long, global = true, env = "WEFT_DB", default_value = "./weft.db")]
+    db: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create, read, change, delete and list documents.
+    #[command(subcommand)]
+    Doc(DocCmd),
+    /// Bulk-create documents from NDJSON (one JSON object per line; `-` reads stdin).
+    Import {
+        file: PathBuf,
+        #[arg(long, short, default_value = "default")]
+        collection: String,
+        /// Documents per transaction.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+        batch: u32,
+    },
+    /// Write a bundle file for manual sync (all documents unless narrowed).
+    ExportBundle {
+        file: PathBuf,
+        /// Only this collection.
+        #[arg(long, conflicts_with = "since")]
+        collection: Option<String>,
+        /// Only documents changed after this change-feed sequence number.
+        #[arg(long)]
+        since: Option<u64>,
+    },
+    /// Merge a bundle file into this replica (idempotent).
+    ImportBundle { file: PathBuf },
+    /// Print the change feed as NDJSON.
+    Changes {
+        /// Only entries with a sequence number greater than this.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Only this collection.
+        #[arg(long)]
+        collection: Option<String>,
+        /// Keep running and print new changes as they are committed (by any process).
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DocCmd {
+    /// Create a document; prints its id.
+    Create {
+        #[arg(long, short, default_value = "default")]
+        collection: String,
+        /// The body as JSON (an object). Read from stdin when absent or `-`.
+        #[arg(long)]
+        json: Option<String>,
+    },
+    /// Print a document's JSON body.
+    Get {
+        id: String,
+        /// Wrap the body with id, collection and heads.
+        #[arg(long)]
+        meta: bool,
+        /// Read as of these heads (comma-separated hex hashes, as `--meta` prints them).
+        #[arg(long, value_delimiter = ',')]
+        at: Option<Vec<String>>,
+    },
+    /// Change a document.
+    Update(UpdateArgs),
+    /// Delete a document (replicated tombstone).
+    Delete { id: String },
+    /// List live documents.
+    List {
+        #[arg(long, short)]
+        collection: Option<String>,
+        /// Condition on the body, e.g. `done = false`, `size >= 3`, `owner.name = "ann"`,
+        /// `tags[0] exists`. Repeat to AND several.
+        #[arg(long = "where", value_name = "COND")]
+        conditions: Vec<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// NDJSON lines {"id","collection","body"} instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct UpdateArgs {
+    id: String,
+    #[command(flatten)]
+    how: UpdateHow,
+}
+
+/// Exactly one way to change the document.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct UpdateHow {
+    /// Apply an RFC 7386 merge patch.
+    #[arg(long, value_name = "JSON")]
+    merge: Option<String>,
+    /// Set the value at a JSON Pointer: --set /path JSON.
+    #[arg(long, num_args = 2, value_names = ["POINTER", "JSON"])]
+    set: Option<Vec<String>>,
+    /// Remove the value at a JSON Pointer.
+    #[arg(long, value_name = "POINTER")]
+    unset: Option<String>,
+    /// Make the value at a pointer collaborative text: --set-text /path TEXT.
+    #[arg(long, num_args = 2, value_names = ["POINTER", "TEXT"])]
+    set_text: Option<Vec<String>>,
+    /// Splice collaborative text: --splice /path INDEX DELETE TEXT.
+    #[arg(long, num_args = 4, value_names = ["POINTER", "INDEX", "DELETE", "TEXT"])]
+    splice: Option<Vec<String>>,
+}
+
+/// A runtime failure: printed as `error: ...`, exit status 1.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Weft(#[from] weft::Error),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Input(String),
+}
+
+type CliResult<T = ()> = Result<T, CliError>;
+
+fn io_err<'a>(what: &str, path: &'a std::path::Path) -> impl Fn(io::Error) -> CliError + 'a {
+    let what = what.to_owned();
+    move |e| CliError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Io(msg)) if msg.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn open(db: &std::path::Path) -> CliResult<Replica> {
+    Ok(Replica::open(db)?)
+}
+
+fn parse_id(text: &str) -> CliResult<DocumentId> {
+    Ok(text.trim().parse()?)
+}
+
+fn out(line: &str) -> CliResult {
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "{line}").map_err(|e| CliError::Io(format!("writing output: {e}")))
+}
+
+fn read_json_arg(arg: Option<String>) -> CliResult<Value> {
+    let text = match arg.as_deref() {
+        Some("-") | None => {
+            let mut buf = String::new();
+            io::stdin()
+                .read_to_string(&mut buf)
+                .map_err(|e| CliError::Io(format!("reading stdin: {e}")))?;
+            buf
+        }
+        Some(text) => text.to_owned(),
+    };
+    Ok(serde_json::Value::Object(
+        weft::json::parse_object(&text).map_err(weft::Error::from)?,
+    ))
+}
+
+fn parse_value(text: &str) -> CliResult<Value> {
+    serde_json::from_str(text)
+        .map_err(|e| CliError::Input(format!("invalid JSON value {text:?}: {e}")))
+}
+
+fn run(cli: Cli) -> CliResult {
+    match cli.command {
+        Cmd::Doc(cmd) => doc(&cli.db, cmd),
+        Cmd::Import {
+            file,
+            collection,
+            batch,
+        } => import(&cli.db, &file, &collection, batch as usize),
+        Cmd::ExportBundle {
+            file,
+            collection,
+            since,
+        } => {
+            let scope = match (collection, since) {
+                (Some(c), _) => BundleScope::Collection(c),
+                (None, Some(seq)) => BundleScope::Since(seq),
+                (None, None) => BundleScope::All,
+            };
+            let replica = open(&cli.db)?;
+            let bytes = replica.export_bundle(&scope)?;
+            let entries = weft::Bundle::decode(&bytes)
+                .map(|b| b.entries.len())
+                .unwrap_or(0);
+            write_atomically(&file, &bytes)?;
+            eprintln!(
+                "exported {entries} documents ({} bytes) to {}",
+                bytes.len(),
+                file.display()
+            );
+            Ok(())
+        }
+        Cmd::ImportBundle { file } => {
+            let bytes = std::fs::read(&file).map_err(io_err("reading", &file))?;
+            let replica = open(&cli.db)?;
+            let r = replica.import_bundle(&bytes)?;
+            eprintln!(
+                "imported {}: {} created, {} updated, {} deleted, {} unchanged",
+                file.display(),
+                r.created,
+                r.updated,
+                r.deleted,
+                r.unchanged
+            );
+            Ok(())
+        }
+        Cmd::Changes {
+            since,
+            collection,
+            follow,
+        } => changes(&cli.db, since, collection, follow),
+    }
+}
+
+/// Writes to a temporary file in the same directory, then renames: a crash never leaves a
+/// half-written bundle under the final name.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> CliResult {
+    let tmp = path.with_extension("weft-tmp");
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        CliError::Io(format!("writing {}: {e}", path.display()))
+    })
+}
+
+fn heads_json(heads: &[weft::ChangeHash]) -> Value {
+    Value::Array(heads.iter().map(|h| Value::String(h.to_string())).collect())
+}
+
+fn doc(db: &std::path::Path, cmd: DocCmd) -> CliResult {
+    match cmd {
+        DocCmd::Create { collection, json } => {
+            let body = read_json_arg(json)?;
+            let replica = open(db)?;
+            let id = replica.create(&collection, body)?;
+            out(&id.to_string())
+        }
+        DocCmd::Get { id, meta, at } => {
+            let id = parse_id(&id)?;
+            let replica = open(db)?;
+            let doc = match at {
+                Some(hashes) => {
+                    let heads = hashes
+                        .iter()
+                        .map(|h| {
+                            h.trim().parse::<weft::ChangeHash>().map_err(|_| {
+                                CliError::Input(format!(
+                                    "{h:?} is not a change hash (64 hex characters)"
+                                ))
+                            })
+                        })
+                        .collect::<CliResult<Vec<_>>>()?;
+                    replica.get_at(&id, &heads)?
+                }
+                None => replica.get(&id)?,
+            };
+            if meta {
+                out(&json!({"id": doc.id.to_string(), "collection": doc.collection, "heads": heads_json(&doc.heads), "body": doc.body}).to_string())
+            } else {
+                out(&doc.body.to_string())
+            }
+        }
+        DocCmd::Update(args) => {
+            let id = parse_id(&args.id)?;
+            let pointer = |p: &str| DocPath::from_pointer(p).map_err(weft::Error::from);
+            let replica = open(db)?;
+            let args = args.how;
+            if let Some(patch) = args.merge {
+                replica.update(&id, read_json_arg(Some(patch))?)?;
+            } else if let Some(v) = args.set {
+                replica.set(&id, &pointer(&v[0])?, parse_value(&v[1])?)?;
+            } else if let Some(p) = args.unset {
+                replica.delete_path(&id, &pointer(&p)?)?;
+            } else if let Some(v) = args.set_text {
+                replica.set_text(&id, &pointer(&v[0])?, &v[1])?;
+            } else if let Some(v) = args.splice {
+                let number = |s: &str| {
+                    s.parse::<usize>().map_err(|_| {
+                        CliError::Input(format!("{s:?} is not a non-negative integer"))
+                    })
+                };
+                replica.splice(&id, &pointer(&v[0])?, number(&v[1])?, number(&v[2])?, &v[3])?;
+            }
+            Ok(())
+        }
+        DocCmd::Delete { id } => {
+            let id = parse_id(&id)?;
+            let replica = open(db)?;
+            // A missing document is an error; an already deleted one is not.
+            replica.delete(&id)?;
+            Ok(())
+        }
+        DocCmd::List {
+            collection,
+            conditions,
+            limit,
+            json,
+        } => {
+            let mut query = Query {
+                collection,
+                filter: None,
+                limit,
+            };
+            for c in &conditions {
+                query = query.filter(Filter::parse(c)?);
+            }
+            let replica = open(db)?;
+            let docs = replica.query(&query)?;
+            let mut stdout = io::BufWriter::new(io::stdout().lock());
+            let write = |w: &mut dyn Write, line: String| {
+                writeln!(w, "{line}").map_err(|e| CliError::Io(format!("writing output: {e}")))
+            };
+            for d in docs {
+                if json {
+                    write(
+                        &mut stdout,
+                        json!({"id": d.id.to_string(), "collection": d.collection, "body": d.body})
+                            .to_string(),
+                    )?;
+                } else {
+                    let mut body = d.body.to_string();
+                    if body.chars().count() > 100 {
+                        body = body.chars().take(99).collect::<String>() + "…";
+                    }
+                    write(
+                        &mut stdout,
+                        format!("{}  {:<12}  {}", d.id, d.collection, body),
+                    )?;
+                }
+            }
+            stdout
+                .flush()
+                .map_err(|e| CliError::Io(format!("writing output: {e}")))
+        }
+    }
+}
+
+fn import(
+    db: &std::path::Path,
+    file: &std::path::Path,
+    collection: &str,
+    batch: usize,
+) -> CliResult {
+    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+        Box::new(io::BufReader::new(io::stdin()))
+    } else {
+        Box::new(io::BufReader::new(
+            std::fs::File::open(file).map_err(io_err("opening", file))?,
+        ))
+    };
+    // Parse and check every line first: a bad line aborts the import before anything is written.
+    let mut bodies = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line.map_err(io_err("reading", file))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let body = weft::json::parse_object(&line)
+            .map_err(|e| CliError::Input(format!("{} line {}: {e}", file.display(), n + 1)))?;
+        bodies.push(Value::Object(body));
+    }
+    weft::engine::validate_collection(collection)?;
+    let replica = open(db)?;
+    let total = bodies.len();
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if io::stderr().is_terminal() {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} documents ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let mut bodies = bodies.into_iter().peekable();
+    while bodies.peek().is_some() {
+        let chunk: Vec<Value> = bodies.by_ref().take(batch).collect();
+        let n = chunk.len();
+        replica.create_many(collection, chunk)?;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "imported {total} documents into {collection} in {secs:.2} s ({:.0}/s)",
+        total as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+fn change_line(e: &ChangeEvent) -> String {
+    json!({
+        "seq": e.seq,
+        "id": e.id.to_string(),
+        "collection": e.collection,
+        "kind": e.kind,
+        "heads": heads_json(&e.heads),
+        "origin": e.origin.to_string(),
+        "at": e.at,
+    })
+    .to_string()
+}
+
+fn changes(
+    db: &std::path::Path,
+    since: u64,
+    collection: Option<String>,
+    follow: bool,
+) -> CliResult {
+    let replica = open(db)?;
+    let mut last = since;
+    loop {
+        let page = replica.changes_since(last, 1000, collection.as_deref())?;
+        let mut stdout = io::BufWriter::new(io::stdout().lock());
+        for e in &page {
+            writeln!(stdout, "{}", change_line(e))
+                .map_err(|e| CliError::Io(format!("writing output: {e}")))?;
+            last = e.seq;
+        }
+        stdout
+            .flush()
+            .map_err(|e| CliError::Io(format!("writing output: {e}")))?;
+        if page.len() == 1000 {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        // Other processes write to the file; SQLite has no cross-process notification, so poll.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

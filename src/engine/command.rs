@@ -1,0 +1,145 @@
+//! Commands the engine accepts and what it answers.
+
+use std::fmt;
+
+use automerge::ChangeHash;
+use automerge::transaction::Transaction;
+use serde_json::{Map, Value};
+
+use crate::bundle::Bundle;
+use crate::id::DocumentId;
+use crate::json::Path;
+
+/// Correlates a command with its completion. Chosen by the driver (per driver instance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CommandId(pub u64);
+
+/// A power-user edit: a closure over an Automerge transaction on the document.
+pub type ChangeFn = Box<dyn for<'a> FnOnce(&mut Transaction<'a>) -> Result<(), String> + Send>;
+
+/// A request to the engine.
+pub enum Command {
+    /// Create a document in `collection` with `body` as its content.
+    Create {
+        collection: String,
+        body: Map<String, Value>,
+    },
+    /// Apply an RFC 7386 merge patch.
+    Update {
+        id: DocumentId,
+        patch: Map<String, Value>,
+    },
+    /// Set the value at a path.
+    Set {
+        id: DocumentId,
+        path: Path,
+        value: Value,
+    },
+    /// Delete the value at a path.
+    DeletePath { id: DocumentId, path: Path },
+    /// Make the value at a path collaborative text with this content.
+    SetText {
+        id: DocumentId,
+        path: Path,
+        text: String,
+    },
+    /// Splice collaborative text at a path.
+    Splice {
+        id: DocumentId,
+        path: Path,
+        index: usize,
+        delete: usize,
+        insert: String,
+    },
+    /// Run a closure over an Automerge transaction.
+    Change { id: DocumentId, f: ChangeFn },
+    /// Delete the document (a replicated tombstone).
+    Delete { id: DocumentId },
+    /// Read the document as of the given heads.
+    GetAt {
+        id: DocumentId,
+        heads: Vec<ChangeHash>,
+    },
+    /// Merge a bundle into this replica.
+    ImportBundle { bundle: Bundle },
+}
+
+impl Command {
+    /// Documents that must be in memory before the command can run.
+    pub(crate) fn needs(&self) -> Vec<DocumentId> {
+        match self {
+            Command::Create { .. } => Vec::new(),
+            Command::Update { id, .. }
+            | Command::Set { id, .. }
+            | Command::DeletePath { id, .. }
+            | Command::SetText { id, .. }
+            | Command::Splice { id, .. }
+            | Command::Change { id, .. }
+            | Command::Delete { id }
+            | Command::GetAt { id, .. } => vec![*id],
+            Command::ImportBundle { bundle } => bundle.entries.iter().map(|e| e.id()).collect(),
+        }
+    }
+}
+
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Create { collection, .. } => write!(f, "Create({collection})"),
+            Command::Update { id, .. } => write!(f, "Update({id})"),
+            Command::Set { id, path, .. } => write!(f, "Set({id}, {path})"),
+            Command::DeletePath { id, path } => write!(f, "DeletePath({id}, {path})"),
+            Command::SetText { id, path, .. } => write!(f, "SetText({id}, {path})"),
+            Command::Splice { id, path, .. } => write!(f, "Splice({id}, {path})"),
+            Command::Change { id, .. } => write!(f, "Change({id})"),
+            Command::Delete { id } => write!(f, "Delete({id})"),
+            Command::GetAt { id, .. } => write!(f, "GetAt({id})"),
+            Command::ImportBundle { bundle } => {
+                write!(f, "ImportBundle({} entries)", bundle.entries.len())
+            }
+        }
+    }
+}
+
+/// A document read: its identity, version and JSON body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocumentSnapshot {
+    pub id: DocumentId,
+    pub collection: String,
+    pub heads: Vec<ChangeHash>,
+    pub body: Value,
+}
+
+/// What a bundle import did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Documents that did not exist here before.
+    pub created: usize,
+    /// Documents that gained changes.
+    pub updated: usize,
+    /// Documents deleted by a tombstone in the bundle.
+    pub deleted: usize,
+    /// Entries that changed nothing (already known, or the document is deleted here).
+    pub unchanged: usize,
+}
+
+/// The successful result of a command.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// A document was created.
+    Created {
+        id: DocumentId,
+        heads: Vec<ChangeHash>,
+    },
+    /// An edit finished; `changed` is false when it did not alter the document.
+    Changed {
+        heads: Vec<ChangeHash>,
+        changed: bool,
+    },
+    /// The document is deleted (`changed` is false when it already was).
+    Deleted { changed: bool },
+    /// A read.
+    Document(DocumentSnapshot),
+    /// A bundle import.
+    Imported(ImportReport),
+}

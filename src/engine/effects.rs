@@ -1,0 +1,234 @@
+//! What the engine asks its driver to do: the plain-data output of [`Engine::handle`].
+//!
+//! [`Engine::handle`]: super::Engine::handle
+
+use automerge::ChangeHash;
+
+use super::command::{CommandId, Output};
+use crate::error::Error;
+use crate::id::{DocumentId, ReplicaId};
+
+/// The effects of one or more engine steps.
+///
+/// A driver must destructure this struct (not read fields by name) so that a new kind of effect
+/// breaks its build instead of being ignored. The order of execution is fixed:
+///
+/// 1. answer every `load` with [`Input::Loaded`](super::Input::Loaded) (which may produce more
+///    effects, to be merged into this value);
+/// 2. apply all `writes` in **one storage transaction**, in order;
+/// 3. only after that transaction committed: publish `events` and deliver `completed`.
+///
+/// If the transaction fails, the driver publishes nothing, turns every completion into the
+/// storage error, and reports [`Input::StorageFailed`](super::Input::StorageFailed) so the
+/// engine forgets the in-memory state that did not reach storage.
+#[derive(Debug, Default)]
+#[must_use = "effects must be executed by the driver"]
+pub struct Effects {
+    /// Documents the engine needs loaded from storage before it can go on.
+    pub loads: Vec<DocumentId>,
+    /// Storage writes, to commit atomically and in order.
+    pub writes: Vec<StorageOp>,
+    /// Committed changes, to publish to hooks and subscribers after the commit.
+    pub events: Vec<ChangeEvent>,
+    /// Finished commands and their results, to deliver after the commit.
+    pub completed: Vec<(CommandId, Result<Output, Error>)>,
+}
+
+impl Effects {
+    /// Appends `other` to `self`, keeping order.
+    pub fn extend(&mut self, other: Effects) {
+        let Effects {
+            loads,
+            writes,
+            events,
+            completed,
+        } = other;
+        self.loads.extend(loads);
+        self.writes.extend(writes);
+        self.events.extend(events);
+        self.completed.extend(completed);
+    }
+
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        let Effects {
+            loads,
+            writes,
+            events,
+            completed,
+        } = self;
+        loads.is_empty() && writes.is_empty() && events.is_empty() && completed.is_empty()
+    }
+
+    /// The documents touched by `writes`.
+    pub fn written_docs(&self) -> Vec<DocumentId> {
+        let mut ids: Vec<DocumentId> = self.writes.iter().map(StorageOp::doc).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// How a chunk of Automerge bytes was produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChunkKind {
+    /// A full `save()` of the document: the compacted form.
+    Snapshot = 0,
+    /// Changes appended since the last chunk (`save_after`).
+    Incremental = 1,
+}
+
+impl ChunkKind {
+    /// Reads the stored tag.
+    pub fn from_u8(tag: u8) -> Option<Self> {
+        match tag {
+            0 => Some(Self::Snapshot),
+            1 => Some(Self::Incremental),
+            _ => None,
+        }
+    }
+}
+
+/// One stored chunk of a document.
+#[derive(Clone, Debug)]
+pub struct StoredChunk {
+    pub kind: ChunkKind,
+    pub bytes: Vec<u8>,
+}
+
+/// A document as storage holds it: the answer to a load.
+#[derive(Clone, Debug)]
+pub struct StoredDoc {
+    pub collection: String,
+    pub deleted: bool,
+    pub heads: Vec<ChangeHash>,
+    /// In the order they were written; empty for a deleted document.
+    pub chunks: Vec<StoredChunk>,
+}
+
+/// One storage write. All writes of one [`Effects`] commit together.
+#[derive(Clone, Debug)]
+pub enum StorageOp {
+    /// Insert or replace the catalog row and the materialized JSON body of a document.
+    PutDocument {
+        id: DocumentId,
+        collection: String,
+        deleted: bool,
+        heads: Vec<ChangeHash>,
+        /// Materialized JSON; `None` for a deleted document.
+        body: Option<String>,
+        /// The change-feed sequence number of this write.
+        seq: u64,
+    },
+    /// Append a chunk of Automerge bytes.
+    AppendChunk {
+        id: DocumentId,
+        kind: ChunkKind,
+        bytes: Vec<u8>,
+    },
+    /// Compaction: replace every stored chunk of the document with one snapshot.
+    ReplaceChunks { id: DocumentId, snapshot: Vec<u8> },
+    /// Remove the document's content (after a delete; the catalog row stays as the tombstone).
+    PurgeChunks { id: DocumentId },
+    /// Append an entry to the durable change feed.
+    AppendChange(ChangeEvent),
+}
+
+impl StorageOp {
+    /// The document this write is about.
+    pub fn doc(&self) -> DocumentId {
+        match self {
+            StorageOp::PutDocument { id, .. }
+            | StorageOp::AppendChunk { id, .. }
+            | StorageOp::ReplaceChunks { id, .. }
+            | StorageOp::PurgeChunks { id } => *id,
+            StorageOp::AppendChange(event) => event.id,
+        }
+    }
+}
+
+/// What happened to a document in a committed change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Created,
+    Updated,
+    Deleted,
+}
+
+impl ChangeKind {
+    /// Stable storage tag.
+    pub fn as_u8(self) -> u8 {
+        match self {
+            ChangeKind::Created => 0,
+            ChangeKind::Updated => 1,
+            ChangeKind::Deleted => 2,
+        }
+    }
+
+    /// Reads a storage tag.
+    pub fn from_u8(tag: u8) -> Option<Self> {
+        match tag {
+            0 => Some(ChangeKind::Created),
+            1 => Some(ChangeKind::Updated),
+            2 => Some(ChangeKind::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// Where a change came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Made through this replica's API.
+    Local,
+    /// Merged from an imported bundle file.
+    Bundle,
+    /// Received from a connected peer.
+    Peer(ReplicaId),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Local => f.write_str("local"),
+            Origin::Bundle => f.write_str("bundle"),
+            Origin::Peer(id) => write!(f, "peer:{id}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Origin {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "local" => Ok(Origin::Local),
+            "bundle" => Ok(Origin::Bundle),
+            other => match other.strip_prefix("peer:") {
+                Some(id) => Ok(Origin::Peer(id.parse()?)),
+                None => Err(Error::InvalidId {
+                    what: "origin",
+                    input: other.to_owned(),
+                    reason: "expected local, bundle or peer:ID",
+                }),
+            },
+        }
+    }
+}
+
+/// One committed change: an entry of the durable change feed and the payload of change hooks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeEvent {
+    /// Position in the change feed; strictly increasing per replica, never reused.
+    pub seq: u64,
+    pub id: DocumentId,
+    pub collection: String,
+    pub kind: ChangeKind,
+    /// The document's heads after the change.
+    pub heads: Vec<ChangeHash>,
+    pub origin: Origin,
+    /// Milliseconds since the Unix epoch, as given to the engine by its driver.
+    pub at: i64,
+}

@@ -1,0 +1,697 @@
+//! The sans-IO core.
+//!
+//! [`Engine`] owns the documents and turns [`Input`]s into [`Effects`]. It never touches a file,
+//! a socket, a clock or the OS random source: the driver passes the time into every call and a
+//! seed at construction, performs the storage reads and writes the engine asks for, and reports
+//! back. The same engine runs natively over SQLite ([`crate::Replica`]), in the browser over
+//! IndexedDB, and in tests under a simulated clock.
+//!
+//! A driver's loop, in full:
+//!
+//! ```text
+//! let mut fx = engine.handle(now, Input::Command(id, command));
+//! while let Some(doc) = fx.loads.pop() {          // 1. answer loads
+//!     let stored = storage.load(doc);
+//!     fx.extend(engine.handle(now, Input::Loaded { id: doc, result: stored }));
+//! }
+//! storage.commit(&fx.writes)?;                     // 2. one transaction
+//! engine.handle(now, Input::Committed);            //    (lets the engine evict idle docs)
+//! publish(fx.events); deliver(fx.completed);       // 3. only after the commit
+//! ```
+
+mod command;
+mod doc;
+mod effects;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use automerge::ReadDoc;
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
+use automerge::{ActorId, Automerge, ChangeHash};
+use rand::rngs::StdRng;
+use rand::{Rng, RngExt, SeedableRng};
+use serde_json::{Map, Value};
+
+pub use command::{ChangeFn, Command, CommandId, DocumentSnapshot, ImportReport, Output};
+pub use doc::CompactionPolicy;
+pub use effects::{
+    ChangeEvent, ChangeKind, ChunkKind, Effects, Origin, StorageOp, StoredChunk, StoredDoc,
+};
+
+use self::doc::{DocState, LiveDoc, check_heads};
+use crate::bundle::{Bundle, BundleEntry};
+use crate::error::Error;
+use crate::id::{DocumentId, ReplicaId};
+use crate::json;
+
+/// How an engine starts.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// This replica's identity (persisted by the driver).
+    pub replica_id: ReplicaId,
+    /// Seeds every random choice the engine makes (document ids, the session's actor id).
+    /// Native drivers pass OS randomness; tests pass a fixed seed to replay a run.
+    pub seed: u64,
+    /// The next change-feed sequence number (one past the highest stored).
+    pub next_seq: u64,
+    /// How many documents to keep in memory when idle; more are evicted, least recently used
+    /// first. Evicting is always safe: everything is in storage.
+    pub max_loaded_docs: usize,
+    /// When to compact a document's storage.
+    pub compaction: CompactionPolicy,
+}
+
+impl EngineConfig {
+    /// Defaults for a replica.
+    pub fn new(replica_id: ReplicaId, seed: u64, next_seq: u64) -> Self {
+        Self {
+            replica_id,
+            seed,
+            next_seq,
+            max_loaded_docs: 1000,
+            compaction: CompactionPolicy::default(),
+        }
+    }
+}
+
+/// An input to [`Engine::handle`].
+#[derive(Debug)]
+pub enum Input {
+    /// Run a command; its result arrives in [`Effects::completed`] with the same id.
+    Command(CommandId, Command),
+    /// The answer to a requested load: the stored document, `None` if storage has none, or an
+    /// error message if reading failed.
+    Loaded {
+        id: DocumentId,
+        result: Result<Option<StoredDoc>, String>,
+    },
+    /// Every write emitted so far is durable.
+    Committed,
+    /// The writes to these documents did not reach storage: forget their in-memory state.
+    StorageFailed { docs: Vec<DocumentId> },
+}
+
+struct Entry {
+    state: DocState,
+    last_used: u64,
+}
+
+/// The state machine. See the module docs for how to drive it.
+pub struct Engine {
+    config: EngineConfig,
+    rng: StdRng,
+    /// The Automerge actor for every change this engine instance makes. Fresh per instance, so
+    /// an actor never reuses a sequence number even if a crash lost a change that was in memory.
+    actor: ActorId,
+    next_seq: u64,
+    docs: HashMap<DocumentId, Entry>,
+    queue: VecDeque<(CommandId, Command)>,
+    loading: HashSet<DocumentId>,
+    /// Documents with writes emitted since the last [`Input::Committed`]; never evicted.
+    dirty: HashSet<DocumentId>,
+    tick: u64,
+}
+
+impl Engine {
+    /// A new engine. Nothing is loaded until a command needs it.
+    pub fn new(config: EngineConfig) -> Self {
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let mut actor = [0u8; 16];
+        rng.fill_bytes(&mut actor);
+        Self {
+            next_seq: config.next_seq,
+            config,
+            rng,
+            actor: ActorId::from(actor.as_slice()),
+            docs: HashMap::new(),
+            queue: VecDeque::new(),
+            loading: HashSet::new(),
+            dirty: HashSet::new(),
+            tick: 0,
+        }
+    }
+
+    /// This replica's id.
+    pub fn replica_id(&self) -> ReplicaId {
+        self.config.replica_id
+    }
+
+    /// The sequence number the next change will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// How many documents are in memory.
+    pub fn loaded_docs(&self) -> usize {
+        self.docs.len()
+    }
+
+    /// The Automerge actor this engine writes with.
+    pub fn actor(&self) -> &ActorId {
+        &self.actor
+    }
+
+    /// Advances the state machine by one input. `now` is milliseconds since the Unix epoch.
+    pub fn handle(&mut self, now: i64, input: Input) -> Effects {
+        let mut fx = Effects::default();
+        match input {
+            Input::Command(id, command) => self.queue.push_back((id, command)),
+            Input::Loaded { id, result } => {
+                self.loading.remove(&id);
+                if self.docs.contains_key(&id) {
+                    // Already in memory (possibly with newer, uncommitted state): keep that.
+                    self.pump(now, &mut fx);
+                    return fx;
+                }
+                let state = match result {
+                    Ok(Some(stored)) => {
+                        LiveDoc::load(id, stored, &self.actor).unwrap_or_else(|e| {
+                            tracing::error!(doc = %id, error = %e, "document failed to load");
+                            DocState::Broken(e.to_string())
+                        })
+                    }
+                    Ok(None) => DocState::Absent,
+                    Err(message) => DocState::Broken(format!("storage read failed: {message}")),
+                };
+                self.tick += 1;
+                self.docs.insert(
+                    id,
+                    Entry {
+                        state,
+                        last_used: self.tick,
+                    },
+                );
+            }
+            Input::Committed => {
+                self.dirty.clear();
+                self.evict_idle();
+            }
+            Input::StorageFailed { docs } => {
+                for id in docs {
+                    self.dirty.remove(&id);
+                    self.docs.remove(&id);
+                }
+            }
+        }
+        self.pump(now, &mut fx);
+        fx
+    }
+
+    /// Runs queued commands in order while their documents are in memory; requests loads for
+    /// the first one that is blocked (and looks ahead to batch the loads of those behind it).
+    fn pump(&mut self, now: i64, fx: &mut Effects) {
+        while let Some((_, command)) = self.queue.front() {
+            let missing: Vec<DocumentId> = command
+                .needs()
+                .into_iter()
+                .filter(|id| !self.docs.contains_key(id))
+                .collect();
+            if !missing.is_empty() {
+                self.request_loads(fx);
+                return;
+            }
+            let Some((cid, command)) = self.queue.pop_front() else {
+                break;
+            };
+            let result = self.run(now, command, fx);
+            fx.completed.push((cid, result));
+        }
+        // Broken entries are answered; forget them so the next command retries the load.
+        self.docs
+            .retain(|_, e| !matches!(e.state, DocState::Broken(_)));
+    }
+
+    fn request_loads(&mut self, fx: &mut Effects) {
+        const LOOKAHEAD: usize = 256;
+        for (_, command) in self.queue.iter().take(LOOKAHEAD) {
+            for id in command.needs() {
+                if !self.docs.contains_key(&id) && self.loading.insert(id) {
+                    fx.loads.push(id);
+                }
+            }
+        }
+    }
+
+    fn evict_idle(&mut self) {
+        let cap = self.config.max_loaded_docs;
+        if self.docs.len() <= cap + cap / 4 || !self.queue.is_empty() {
+            return;
+        }
+        let mut ages: Vec<(u64, DocumentId)> = self
+            .docs
+            .iter()
+            .filter(|(id, _)| !self.dirty.contains(id))
+            .map(|(id, e)| (e.last_used, *id))
+            .collect();
+        ages.sort_unstable();
+        let excess = self.docs.len().saturating_sub(cap);
+        for (_, id) in ages.into_iter().take(excess) {
+            self.docs.remove(&id);
+        }
+    }
+
+    fn run(&mut self, now: i64, command: Command, fx: &mut Effects) -> Result<Output, Error> {
+        match command {
+            Command::Create { collection, body } => self.create(now, collection, body, fx),
+            Command::Update { id, patch } => {
+                self.edit(now, id, fx, |tx| Ok(json::merge_patch(tx, &patch)?))
+            }
+            Command::Set { id, path, value } => {
+                self.edit(now, id, fx, |tx| json::set_at(tx, &path, &value))
+            }
+            Command::DeletePath { id, path } => {
+                self.edit(now, id, fx, |tx| json::delete_at(tx, &path))
+            }
+            Command::SetText { id, path, text } => {
+                self.edit(now, id, fx, |tx| json::set_text(tx, &path, &text))
+            }
+            Command::Splice {
+                id,
+                path,
+                index,
+                delete,
+                insert,
+            } => self.edit(now, id, fx, |tx| {
+                json::splice_text(tx, &path, index, delete, &insert)
+            }),
+            Command::Change { id, f } => {
+                self.edit(now, id, fx, |tx| f(tx).map_err(Error::ChangeFn))
+            }
+            Command::Delete { id } => self.delete(now, id, Origin::Local, fx),
+            Command::GetAt { id, heads } => self.get_at(id, &heads),
+            Command::ImportBundle { bundle } => self.import(now, bundle, fx),
+        }
+    }
+
+    fn touch(&mut self, id: &DocumentId) -> Option<&mut DocState> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.docs.get_mut(id).map(|e| {
+            e.last_used = tick;
+            &mut e.state
+        })
+    }
+
+    fn live(&mut self, id: DocumentId) -> Result<&mut LiveDoc, Error> {
+        match self.touch(&id) {
+            Some(DocState::Live(doc)) => Ok(doc),
+            Some(DocState::Deleted) => Err(Error::Deleted(id)),
+            Some(DocState::Broken(reason)) => Err(Error::Corrupt {
+                id,
+                reason: reason.clone(),
+            }),
+            Some(DocState::Absent) | None => Err(Error::NotFound(id)),
+        }
+    }
+
+    fn commit_options(now: i64) -> CommitOptions {
+        CommitOptions::default().with_time(now.div_euclid(1000))
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn create(
+        &mut self,
+        now: i64,
+        collection: String,
+        body: Map<String, Value>,
+        fx: &mut Effects,
+    ) -> Result<Output, Error> {
+        validate_collection(&collection)?;
+        let id = DocumentId::from_bytes(self.rng.random());
+        let mut doc = Automerge::new().with_actor(self.actor.clone());
+        let mut tx = doc.transaction();
+        json::create_root(&mut tx, &body)?;
+        if tx.pending_ops() == 0 {
+            // An empty body still gets one change, so that every document has heads.
+            tx.rollback();
+            doc.empty_commit(Self::commit_options(now));
+        } else {
+            tx.commit_with(Self::commit_options(now));
+        }
+        let heads = doc.get_heads();
+        let snapshot = doc.save();
+        // The body we were given is exactly what materializing the new document yields
+        // (same key order, same number kinds), so skip the round trip.
+        let body = Value::Object(body).to_string();
+        debug_assert_eq!(body, json::materialize(&doc, None).to_string());
+        let seq = self.take_seq();
+        fx.writes.push(StorageOp::PutDocument {
+            id,
+            collection: collection.clone(),
+            deleted: false,
+            heads: heads.clone(),
+            body: Some(body),
+            seq,
+        });
+        fx.writes.push(StorageOp::AppendChunk {
+            id,
+            kind: ChunkKind::Snapshot,
+            bytes: snapshot.clone(),
+        });
+        self.emit(
+            fx,
+            ChangeEvent {
+                seq,
+                id,
+                collection: collection.clone(),
+                kind: ChangeKind::Created,
+                heads: heads.clone(),
+                origin: Origin::Local,
+                at: now,
+            },
+        );
+        self.tick += 1;
+        self.docs.insert(
+            id,
+            Entry {
+                state: DocState::Live(LiveDoc::new(doc, collection, snapshot.len())),
+                last_used: self.tick,
+            },
+        );
+        self.dirty.insert(id);
+        Ok(Output::Created { id, heads })
+    }
+
+    /// Runs `f` in one Automerge transaction. On error nothing changes (the transaction is rolled
+    /// back); when `f` made no operation, nothing is written.
+    fn edit<F>(&mut self, now: i64, id: DocumentId, fx: &mut Effects, f: F) -> Result<Output, Error>
+    where
+        F: for<'a> FnOnce(&mut Transaction<'a>) -> Result<(), Error>,
+    {
+        let live = self.live(id)?;
+        let before = live.doc.get_heads();
+        let mut tx = live.doc.transaction();
+        if let Err(e) = f(&mut tx) {
+            tx.rollback();
+            return Err(e);
+        }
+        if tx.pending_ops() == 0 {
+            tx.rollback();
+            return Ok(Output::Changed {
+                heads: before,
+                changed: false,
+            });
+        }
+        tx.commit_with(Self::commit_options(now));
+        let heads = self.record_change(now, id, &before, Origin::Local, fx);
+        Ok(Output::Changed {
+            heads,
+            changed: true,
+        })
+    }
+
+    /// Emits the writes and the event for a live document whose heads moved from `before`.
+    fn record_change(
+        &mut self,
+        now: i64,
+        id: DocumentId,
+        before: &[ChangeHash],
+        origin: Origin,
+        fx: &mut Effects,
+    ) -> Vec<ChangeHash> {
+        let seq = self.take_seq();
+        let policy = self.config.compaction;
+        let Some(Entry {
+            state: DocState::Live(live),
+            ..
+        }) = self.docs.get_mut(&id)
+        else {
+            return Vec::new();
+        };
+        let heads = live.doc.get_heads();
+        let incremental = live.doc.save_after(before);
+        let body = json::materialize(&live.doc, None).to_string();
+        fx.writes.push(StorageOp::PutDocument {
+            id,
+            collection: live.collection.clone(),
+            deleted: false,
+            heads: heads.clone(),
+            body: Some(body),
+            seq,
+        });
+        if live.appended(incremental.len(), &policy) {
+            let snapshot = live.doc.save();
+            live.compacted(snapshot.len());
+            fx.writes.push(StorageOp::ReplaceChunks { id, snapshot });
+        } else {
+            fx.writes.push(StorageOp::AppendChunk {
+                id,
+                kind: ChunkKind::Incremental,
+                bytes: incremental,
+            });
+        }
+        let event = ChangeEvent {
+            seq,
+            id,
+            collection: live.collection.clone(),
+            kind: ChangeKind::Updated,
+            heads: heads.clone(),
+            origin,
+            at: now,
+        };
+        self.emit(fx, event);
+        self.dirty.insert(id);
+        heads
+    }
+
+    fn emit(&mut self, fx: &mut Effects, event: ChangeEvent) {
+        fx.writes.push(StorageOp::AppendChange(event.clone()));
+        fx.events.push(event);
+    }
+
+    fn delete(
+        &mut self,
+        now: i64,
+        id: DocumentId,
+        origin: Origin,
+        fx: &mut Effects,
+    ) -> Result<Output, Error> {
+        let (collection, heads) = match self.touch(&id) {
+            Some(DocState::Live(live)) => (live.collection.clone(), live.doc.get_heads()),
+            Some(DocState::Deleted) => return Ok(Output::Deleted { changed: false }),
+            Some(DocState::Broken(reason)) => {
+                return Err(Error::Corrupt {
+                    id,
+                    reason: reason.clone(),
+                });
+            }
+            Some(DocState::Absent) | None => return Err(Error::NotFound(id)),
+        };
+        self.write_tombstone(now, id, collection, heads, origin, fx);
+        Ok(Output::Deleted { changed: true })
+    }
+
+    fn write_tombstone(
+        &mut self,
+        now: i64,
+        id: DocumentId,
+        collection: String,
+        heads: Vec<ChangeHash>,
+        origin: Origin,
+        fx: &mut Effects,
+    ) {
+        let seq = self.take_seq();
+        fx.writes.push(StorageOp::PutDocument {
+            id,
+            collection: collection.clone(),
+            deleted: true,
+            heads: heads.clone(),
+            body: None,
+            seq,
+        });
+        fx.writes.push(StorageOp::PurgeChunks { id });
+        self.emit(
+            fx,
+            ChangeEvent {
+                seq,
+                id,
+                collection: collection.clone(),
+                kind: ChangeKind::Deleted,
+                heads,
+                origin,
+                at: now,
+            },
+        );
+        self.tick += 1;
+        self.docs.insert(
+            id,
+            Entry {
+                state: DocState::Deleted,
+                last_used: self.tick,
+            },
+        );
+        self.dirty.insert(id);
+    }
+
+    fn get_at(&mut self, id: DocumentId, heads: &[ChangeHash]) -> Result<Output, Error> {
+        let live = self.live(id)?;
+        if let Some(missing) = heads
+            .iter()
+            .find(|h| live.doc.get_change_by_hash(h).is_none())
+        {
+            return Err(Error::UnknownHeads {
+                id,
+                hash: missing.to_string(),
+            });
+        }
+        Ok(Output::Document(DocumentSnapshot {
+            id,
+            collection: live.collection.clone(),
+            heads: heads.to_vec(),
+            body: json::materialize(&live.doc, Some(heads)),
+        }))
+    }
+
+    /// Merges a bundle. Every document in it is loaded and checked against its heads before
+    /// anything is applied, so damaged content fails the whole import with nothing changed.
+    fn import(&mut self, now: i64, bundle: Bundle, fx: &mut Effects) -> Result<Output, Error> {
+        let mut incoming = Vec::with_capacity(bundle.entries.len());
+        for entry in bundle.entries {
+            match entry {
+                BundleEntry::Document {
+                    id,
+                    collection,
+                    heads,
+                    bytes,
+                } => {
+                    validate_collection(&collection)?;
+                    let options = automerge::LoadOptions::new()
+                        .on_partial_load(automerge::OnPartialLoad::Error);
+                    let doc = Automerge::load_with_options(&bytes, options).map_err(|e| {
+                        Error::Corrupt {
+                            id,
+                            reason: format!("in bundle: {e}"),
+                        }
+                    })?;
+                    check_heads(id, &doc.get_heads(), &heads)?;
+                    incoming.push(Incoming::Doc {
+                        id,
+                        collection,
+                        doc,
+                        bytes,
+                    });
+                }
+                BundleEntry::Tombstone { id, collection } => {
+                    validate_collection(&collection)?;
+                    incoming.push(Incoming::Tombstone { id, collection });
+                }
+            }
+        }
+        let mut report = ImportReport::default();
+        for item in incoming {
+            match item {
+                Incoming::Tombstone { id, collection } => match self.touch(&id) {
+                    Some(DocState::Live(live)) => {
+                        let (collection, heads) = (live.collection.clone(), live.doc.get_heads());
+                        self.write_tombstone(now, id, collection, heads, Origin::Bundle, fx);
+                        report.deleted += 1;
+                    }
+                    Some(DocState::Deleted) | Some(DocState::Broken(_)) => report.unchanged += 1,
+                    Some(DocState::Absent) | None => {
+                        self.write_tombstone(now, id, collection, Vec::new(), Origin::Bundle, fx);
+                        report.deleted += 1;
+                    }
+                },
+                Incoming::Doc {
+                    id,
+                    collection,
+                    mut doc,
+                    bytes,
+                } => match self.touch(&id) {
+                    Some(DocState::Live(live)) => {
+                        if live.collection != collection {
+                            tracing::warn!(doc = %id, ours = %live.collection, theirs = %collection, "bundle entry names another collection; skipped");
+                            report.unchanged += 1;
+                            continue;
+                        }
+                        let before = live.doc.get_heads();
+                        if let Err(e) = live.doc.merge(&mut doc) {
+                            tracing::warn!(doc = %id, error = %e, "bundle entry did not merge cleanly");
+                        }
+                        if live.doc.get_heads() == before {
+                            report.unchanged += 1;
+                        } else {
+                            self.record_change(now, id, &before, Origin::Bundle, fx);
+                            report.updated += 1;
+                        }
+                    }
+                    Some(DocState::Deleted) | Some(DocState::Broken(_)) => report.unchanged += 1,
+                    Some(DocState::Absent) | None => {
+                        doc.set_actor(self.actor.clone());
+                        let heads = doc.get_heads();
+                        let body = json::materialize(&doc, None).to_string();
+                        let seq = self.take_seq();
+                        fx.writes.push(StorageOp::PutDocument {
+                            id,
+                            collection: collection.clone(),
+                            deleted: false,
+                            heads: heads.clone(),
+                            body: Some(body),
+                            seq,
+                        });
+                        fx.writes.push(StorageOp::AppendChunk {
+                            id,
+                            kind: ChunkKind::Snapshot,
+                            bytes: bytes.clone(),
+                        });
+                        self.emit(
+                            fx,
+                            ChangeEvent {
+                                seq,
+                                id,
+                                collection: collection.clone(),
+                                kind: ChangeKind::Created,
+                                heads,
+                                origin: Origin::Bundle,
+                                at: now,
+                            },
+                        );
+                        self.tick += 1;
+                        self.docs.insert(
+                            id,
+                            Entry {
+                                state: DocState::Live(LiveDoc::new(doc, collection, bytes.len())),
+                                last_used: self.tick,
+                            },
+                        );
+                        self.dirty.insert(id);
+                        report.created += 1;
+                    }
+                },
+            }
+        }
+        Ok(Output::Imported(report))
+    }
+}
+
+enum Incoming {
+    Doc {
+        id: DocumentId,
+        collection: String,
+        doc: Automerge,
+        bytes: Vec<u8>,
+    },
+    Tombstone {
+        id: DocumentId,
+        collection: String,
+    },
+}
+
+/// Collection names: 1 to 64 characters from `A-Z a-z 0-9 _ - . :`.
+pub fn validate_collection(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidCollection(name.chars().take(80).collect()))
+    }
+}

@@ -1,0 +1,63 @@
+//! The error type of every public operation.
+//!
+//! One enum for the crate; decode boundaries (JSON, bundles, storage) have their own enums that
+//! convert into it, so a caller can match on the kind of failure without parsing messages.
+
+use crate::bundle::BundleError;
+use crate::id::DocumentId;
+use crate::json::JsonError;
+use crate::store::StoreError;
+
+/// Everything that can go wrong in a weft operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No document with this id exists on this replica.
+    #[error("document {0} not found")]
+    NotFound(DocumentId),
+    /// The document existed but was deleted (deletes are final and win over concurrent edits).
+    #[error("document {0} was deleted")]
+    Deleted(DocumentId),
+    /// A document or replica id in text form could not be parsed.
+    #[error("invalid {what} {input:?}: {reason}")]
+    InvalidId {
+        what: &'static str,
+        input: String,
+        reason: &'static str,
+    },
+    /// A collection name outside the allowed alphabet or length.
+    #[error(
+        "invalid collection name {0:?}: use 1 to 64 characters from A-Z, a-z, 0-9, '_', '-', '.', ':'"
+    )]
+    InvalidCollection(String),
+    /// Invalid JSON, a non-object body, or a path that does not fit the document.
+    #[error(transparent)]
+    Json(#[from] JsonError),
+    /// A bundle that is truncated, corrupted, or from a newer format version.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// The storage layer failed; the operation was not applied.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored or received Automerge bytes that do not load, or do not match their recorded heads.
+    #[error("document {id} is corrupt: {reason}")]
+    Corrupt { id: DocumentId, reason: String },
+    /// A read "as of heads" named a change the document does not contain.
+    #[error("document {id} has no change {hash}")]
+    UnknownHeads { id: DocumentId, hash: String },
+    /// A query filter that cannot be evaluated.
+    #[error("invalid filter: {0}")]
+    Filter(String),
+    /// Automerge refused an operation (for example a wrong object type in a power-user change).
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    /// A bug in weft: an invariant did not hold. Please report it.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// A power-user change function returned an error; nothing was committed.
+    #[error("change function failed: {0}")]
+    ChangeFn(String),
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,110 @@
+//! Identifiers: [`DocumentId`] and [`ReplicaId`].
+//!
+//! Both are 16 random bytes. Their text form is bs58check, the same encoding automerge-repo uses
+//! for its document URLs, so ids are short, copy-paste safe and carry a checksum that catches typos.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub struct $name([u8; 16]);
+
+        impl $name {
+            /// Wraps raw bytes.
+            pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+                Self(bytes)
+            }
+
+            /// The raw bytes.
+            pub const fn as_bytes(&self) -> &[u8; 16] {
+                &self.0
+            }
+
+            /// Reads an id from a byte slice that must be exactly 16 bytes long.
+            pub fn try_from_slice(bytes: &[u8]) -> Option<Self> {
+                <[u8; 16]>::try_from(bytes).ok().map(Self)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&bs58::encode(self.0).with_check().into_string())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self, Error> {
+                let invalid = |reason: &'static str| Error::InvalidId {
+                    what: $what,
+                    input: s.chars().take(64).collect(),
+                    reason,
+                };
+                if s.len() > 64 {
+                    return Err(invalid("too long"));
+                }
+                let bytes = bs58::decode(s).with_check(None).into_vec().map_err(|e| match e {
+                    bs58::decode::Error::InvalidChecksum { .. } => invalid("checksum mismatch (typo?)"),
+                    bs58::decode::Error::InvalidCharacter { .. } => invalid("not base58"),
+                    _ => invalid("not base58check"),
+                })?;
+                Self::try_from_slice(&bytes).ok_or_else(|| invalid("wrong length, expected 16 bytes"))
+            }
+        }
+    };
+}
+
+id_type!(
+    /// The identity of a document, the same on every replica.
+    DocumentId,
+    "document id"
+);
+
+id_type!(
+    /// The identity of a replica (one SQLite file, one browser database, one relay).
+    ReplicaId,
+    "replica id"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_form_round_trips() {
+        let id = DocumentId::from_bytes([7; 16]);
+        let text = id.to_string();
+        assert_eq!(text.parse::<DocumentId>().unwrap(), id);
+    }
+
+    #[test]
+    fn typo_is_caught_by_checksum() {
+        let text = DocumentId::from_bytes([1; 16]).to_string();
+        let mut chars: Vec<char> = text.chars().collect();
+        chars[3] = if chars[3] == 'a' { 'b' } else { 'a' };
+        let typo: String = chars.into_iter().collect();
+        let err = typo.parse::<DocumentId>().unwrap_err().to_string();
+        assert!(err.contains("document id"), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        for bad in ["", "0OIl", "abc", &"x".repeat(200)] {
+            assert!(bad.parse::<DocumentId>().is_err(), "{bad:?}");
+        }
+    }
+}

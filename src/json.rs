@@ -1,0 +1,733 @@
+//! JSON <-> Automerge.
+//!
+//! * [`parse_object`] reads a document body (must be a JSON object).
+//! * [`create_root`] writes a body into an empty document in one batch operation.
+//! * [`materialize`] turns a document (optionally as of some heads) back into JSON.
+//! * [`merge_patch`] applies an RFC 7386 merge patch with the fewest Automerge operations:
+//!   unchanged values produce no operation at all, so a repeated patch is not a new change.
+//! * [`Path`], [`set_at`], [`delete_at`], [`set_text`], [`splice_text`] edit at a path.
+//!
+//! **Strings are scalars by default.** A JSON string becomes an Automerge scalar string
+//! (last writer wins), not a collaborative Text object. Text is opt-in per field with
+//! [`set_text`]; once a field is Text, later assignments through merge patches or [`set_at`]
+//! update it with a character diff so concurrent edits merge. ARCHITECTURE.md explains why.
+//!
+//! Numbers keep their JSON kind: integers become `Int` (or `Uint` above `i64::MAX`), numbers
+//! written with a fraction or exponent become `F64`, and they come back the same way.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use automerge::transaction::Transactable;
+use automerge::{
+    ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue, TextEncoding, hydrate,
+};
+use serde_json::{Map, Number, Value};
+
+/// Errors about JSON input or paths into a document.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JsonError {
+    /// The text is not valid JSON.
+    #[error("invalid JSON: {0}")]
+    Syntax(String),
+    /// A document body (or a merge patch for a whole document) must be a JSON object.
+    #[error("a document body must be a JSON object, got {0}")]
+    NotAnObject(&'static str),
+    /// A path that cannot be parsed.
+    #[error("invalid path {path:?}: {reason}")]
+    InvalidPath { path: String, reason: String },
+    /// A path that leads nowhere in this document.
+    #[error("no value at path {0}")]
+    PathNotFound(Path),
+    /// A text operation on something that is not collaborative text.
+    #[error("the value at {path} is {found}, not text; create collaborative text with set_text")]
+    NotText { path: Path, found: &'static str },
+    /// A list index past the end.
+    #[error("index {index} is out of range at {path} (length {len})")]
+    OutOfRange {
+        path: Path,
+        index: usize,
+        len: usize,
+    },
+}
+
+/// The text encoding used for text indexes: Unicode code points, on every platform.
+pub const TEXT_ENCODING: TextEncoding = TextEncoding::UnicodeCodePoint;
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses a document body: valid JSON whose root is an object.
+pub fn parse_object(text: &str) -> Result<Map<String, Value>, JsonError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| JsonError::Syntax(e.to_string()))?;
+    into_object(value)
+}
+
+/// Checks that a value is an object and unwraps it.
+pub fn into_object(value: Value) -> Result<Map<String, Value>, JsonError> {
+    match value {
+        Value::Object(map) => Ok(map),
+        other => Err(JsonError::NotAnObject(kind_of(&other))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON -> Automerge
+
+fn scalar_of(value: &Value) -> Option<ScalarValue> {
+    Some(match value {
+        Value::Null => ScalarValue::Null,
+        Value::Bool(b) => ScalarValue::Boolean(*b),
+        Value::String(s) => ScalarValue::Str(s.as_str().into()),
+        Value::Number(n) => number_scalar(n),
+        Value::Array(_) | Value::Object(_) => return None,
+    })
+}
+
+fn number_scalar(n: &Number) -> ScalarValue {
+    if let Some(i) = n.as_i64() {
+        ScalarValue::Int(i)
+    } else if let Some(u) = n.as_u64() {
+        ScalarValue::Uint(u)
+    } else {
+        // serde_json (without arbitrary_precision) always has an f64 here.
+        ScalarValue::F64(n.as_f64().unwrap_or(f64::NAN))
+    }
+}
+
+fn to_hydrate(value: &Value) -> hydrate::Value {
+    match value {
+        Value::Array(items) => {
+            hydrate::Value::List(items.iter().map(to_hydrate).collect::<Vec<_>>().into())
+        }
+        Value::Object(map) => hydrate::Value::Map(hydrate_map(map)),
+        scalar => hydrate::Value::Scalar(scalar_of(scalar).unwrap_or(ScalarValue::Null)),
+    }
+}
+
+fn hydrate_map(map: &Map<String, Value>) -> hydrate::Map {
+    map.iter()
+        .map(|(k, v)| (k.clone(), to_hydrate(v)))
+        .collect::<HashMap<String, hydrate::Value>>()
+        .into()
+}
+
+/// Writes `body` as the root of an empty document (one batch operation, deterministic order).
+pub fn create_root<T: Transactable>(
+    tx: &mut T,
+    body: &Map<String, Value>,
+) -> Result<(), automerge::AutomergeError> {
+    tx.init_root_from_hydrate(&hydrate_map(body))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Automerge -> JSON
+
+/// The document's JSON body, now or as of `heads` (which the caller has checked exist).
+pub fn materialize<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> Value {
+    match doc.hydrate(&ROOT, heads) {
+        Ok(root) => from_hydrate(&root),
+        // Only fails for an unknown object; the root always exists.
+        Err(_) => Value::Object(Map::new()),
+    }
+}
+
+fn from_hydrate(value: &hydrate::Value) -> Value {
+    match value {
+        hydrate::Value::Map(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), from_hydrate(&v.value)))
+                .collect(),
+        ),
+        hydrate::Value::List(list) => {
+            Value::Array(list.iter().map(|item| from_hydrate(&item.value)).collect())
+        }
+        hydrate::Value::Text(text) => Value::String(text.to_string()),
+        hydrate::Value::Scalar(s) => scalar_to_json(s),
+    }
+}
+
+fn scalar_to_json(s: &ScalarValue) -> Value {
+    match s {
+        ScalarValue::Str(s) => Value::String(s.to_string()),
+        ScalarValue::Int(i) => Value::from(*i),
+        ScalarValue::Uint(u) => Value::from(*u),
+        ScalarValue::F64(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        ScalarValue::Counter(c) => Value::from(i64::from(c)),
+        ScalarValue::Timestamp(t) => Value::from(*t),
+        ScalarValue::Boolean(b) => Value::Bool(*b),
+        ScalarValue::Bytes(bytes) => Value::Array(bytes.iter().map(|b| Value::from(*b)).collect()),
+        ScalarValue::Null | ScalarValue::Unknown { .. } => Value::Null,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths
+
+/// One step of a [`Path`]: a map key or a list index.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PathSeg {
+    /// A map key (also accepted as a list index when it is a decimal number or `-`).
+    Key(String),
+    /// A list index.
+    Index(usize),
+}
+
+/// A location inside a document, from the root.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Path(pub Vec<PathSeg>);
+
+impl Path {
+    /// The root of the document.
+    pub fn root() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Parses a JSON Pointer (RFC 6901), e.g. `/todos/0/title`. The empty string is the root.
+    pub fn from_pointer(pointer: &str) -> Result<Self, JsonError> {
+        if pointer.is_empty() {
+            return Ok(Self::root());
+        }
+        let Some(rest) = pointer.strip_prefix('/') else {
+            return Err(JsonError::InvalidPath {
+                path: pointer.to_owned(),
+                reason: "a JSON Pointer starts with '/'".into(),
+            });
+        };
+        Ok(Self(
+            rest.split('/')
+                .map(|token| PathSeg::Key(token.replace("~1", "/").replace("~0", "~")))
+                .collect(),
+        ))
+    }
+
+    /// Reads a path given as a JSON array of keys (strings) and indexes (numbers).
+    pub fn from_json(value: &Value) -> Result<Self, JsonError> {
+        let invalid = |reason: &str| JsonError::InvalidPath {
+            path: value.to_string(),
+            reason: reason.to_owned(),
+        };
+        let Value::Array(items) = value else {
+            return Err(invalid("expected an array of keys and indexes"));
+        };
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(PathSeg::Key(s.clone())),
+                Value::Number(n) => n
+                    .as_u64()
+                    .and_then(|i| usize::try_from(i).ok())
+                    .map(PathSeg::Index)
+                    .ok_or_else(|| invalid("indexes must be non-negative integers")),
+                _ => Err(invalid("path elements must be strings or numbers")),
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    fn prefix(&self, len: usize) -> Path {
+        Path(self.0[..len].to_vec())
+    }
+}
+
+impl fmt::Display for Path {
+    /// JSON Pointer form.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("the root");
+        }
+        for seg in &self.0 {
+            match seg {
+                PathSeg::Key(k) => write!(f, "/{}", k.replace('~', "~0").replace('/', "~1"))?,
+                PathSeg::Index(i) => write!(f, "/{i}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: Into<String>> FromIterator<S> for Path {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        Self(iter.into_iter().map(|s| PathSeg::Key(s.into())).collect())
+    }
+}
+
+/// Where a path ends: the containing object and the property inside it.
+struct Slot {
+    obj: ObjId,
+    obj_type: ObjType,
+    prop: Prop,
+    /// For lists: whether the index is one past the end (an append).
+    append: bool,
+}
+
+fn type_name(t: ObjType) -> &'static str {
+    match t {
+        ObjType::Map | ObjType::Table => "an object",
+        ObjType::List => "an array",
+        ObjType::Text => "text",
+    }
+}
+
+fn prop_for<D: ReadDoc>(
+    doc: &D,
+    obj: &ObjId,
+    obj_type: ObjType,
+    seg: &PathSeg,
+    path: &Path,
+    depth: usize,
+) -> Result<(Prop, bool), JsonError> {
+    match obj_type {
+        ObjType::Map | ObjType::Table => match seg {
+            PathSeg::Key(k) => Ok((Prop::Map(k.clone()), false)),
+            PathSeg::Index(i) => Ok((Prop::Map(i.to_string()), false)),
+        },
+        ObjType::List | ObjType::Text => {
+            let len = doc.length(obj);
+            let index = match seg {
+                PathSeg::Index(i) => *i,
+                PathSeg::Key(k) if k == "-" => len,
+                PathSeg::Key(k) => k.parse::<usize>().map_err(|_| JsonError::InvalidPath {
+                    path: path.to_string(),
+                    reason: format!(
+                        "{:?} is not an index into the array at {}",
+                        k,
+                        path.prefix(depth)
+                    ),
+                })?,
+            };
+            if index > len {
+                return Err(JsonError::OutOfRange {
+                    path: path.prefix(depth + 1),
+                    index,
+                    len,
+                });
+            }
+            Ok((Prop::Seq(index), index == len))
+        }
+    }
+}
+
+/// Walks to the object that contains the last segment of `path`.
+fn resolve<D: ReadDoc>(doc: &D, path: &Path) -> Result<Slot, JsonError> {
+    let Some((last, parents)) = path.0.split_last() else {
+        return Err(JsonError::InvalidPath {
+            path: path.to_string(),
+            reason: "the root itself cannot be replaced".into(),
+        });
+    };
+    let mut obj = ROOT;
+    let mut obj_type = ObjType::Map;
+    for (depth, seg) in parents.iter().enumerate() {
+        let (prop, append) = prop_for(doc, &obj, obj_type, seg, path, depth)?;
+        if append {
+            return Err(JsonError::PathNotFound(path.prefix(depth + 1)));
+        }
+        match doc.get(&obj, prop) {
+            Ok(Some((automerge::Value::Object(t), id))) => {
+                obj = id;
+                obj_type = t;
+            }
+            Ok(Some((automerge::Value::Scalar(_), _))) | Ok(None) | Err(_) => {
+                return Err(JsonError::PathNotFound(path.prefix(depth + 1)));
+            }
+        }
+    }
+    let (prop, append) = prop_for(doc, &obj, obj_type, last, path, parents.len())?;
+    if obj_type == ObjType::Text {
+        return Err(JsonError::NotText {
+            path: path.prefix(parents.len()),
+            found: "text (use splice)",
+        });
+    }
+    Ok(Slot {
+        obj,
+        obj_type,
+        prop,
+        append,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+
+/// Makes the value at `prop` of `obj` equal to `value` with as few operations as possible:
+/// nothing when it is already equal, a character diff for text, element updates for arrays,
+/// key updates for objects. Returns whether anything was written.
+fn assign<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    prop: Prop,
+    value: &Value,
+    insert: bool,
+) -> Result<(), automerge::AutomergeError> {
+    if insert {
+        return insert_value(tx, obj, prop, value);
+    }
+    let current = tx.get(obj, prop.clone())?;
+    match (value, current) {
+        (
+            Value::Object(map),
+            Some((automerge::Value::Object(ObjType::Map | ObjType::Table), child)),
+        ) => {
+            let stale: Vec<String> = tx.keys(&child).filter(|k| !map.contains_key(k)).collect();
+            for key in stale {
+                tx.delete(&child, key.as_str())?;
+            }
+            for (key, v) in map {
+                assign(tx, &child, Prop::Map(key.clone()), v, false)?;
+            }
+            Ok(())
+        }
+        (Value::Array(items), Some((automerge::Value::Object(ObjType::List), child))) => {
+            let len = tx.length(&child);
+            for (i, item) in items.iter().enumerate() {
+                assign(tx, &child, Prop::Seq(i), item, i >= len)?;
+            }
+            for i in (items.len()..len).rev() {
+                tx.delete(&child, Prop::Seq(i))?;
+            }
+            Ok(())
+        }
+        (Value::String(s), Some((automerge::Value::Object(ObjType::Text), child))) => {
+            tx.update_text(&child, s)
+        }
+        (Value::Array(_) | Value::Object(_), _) => {
+            tx.batch_create_object(obj, prop, &to_hydrate(value), false)?;
+            Ok(())
+        }
+        (scalar, current) => {
+            let new = scalar_of(scalar).unwrap_or(ScalarValue::Null);
+            if let Some((automerge::Value::Scalar(old), _)) = &current {
+                if scalar_eq(old, &new) {
+                    return Ok(());
+                }
+            }
+            tx.put(obj, prop, new)
+        }
+    }
+}
+
+fn scalar_eq(a: &ScalarValue, b: &ScalarValue) -> bool {
+    match (a, b) {
+        // Bitwise for floats, so that 0.0 and -0.0 stay distinct and NaN never "equals".
+        (ScalarValue::F64(x), ScalarValue::F64(y)) => x.to_bits() == y.to_bits(),
+        _ => a == b,
+    }
+}
+
+fn insert_value<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    prop: Prop,
+    value: &Value,
+) -> Result<(), automerge::AutomergeError> {
+    let Prop::Seq(index) = prop else {
+        return assign(tx, obj, prop, value, false);
+    };
+    match scalar_of(value) {
+        Some(s) => tx.insert(obj, index, s),
+        None => tx
+            .batch_create_object(obj, Prop::Seq(index), &to_hydrate(value), true)
+            .map(|_| ()),
+    }
+}
+
+/// Applies an RFC 7386 merge patch to the object `obj`.
+fn merge_into<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    patch: &Map<String, Value>,
+) -> Result<(), automerge::AutomergeError> {
+    for (key, value) in patch {
+        match value {
+            Value::Null => {
+                if tx.get(obj, key.as_str())?.is_some() {
+                    tx.delete(obj, key.as_str())?;
+                }
+            }
+            Value::Object(sub) => match tx.get(obj, key.as_str())? {
+                Some((automerge::Value::Object(ObjType::Map | ObjType::Table), child)) => {
+                    merge_into(tx, &child, sub)?
+                }
+                _ => assign(tx, obj, Prop::Map(key.clone()), &strip_nulls(sub), false)?,
+            },
+            other => assign(tx, obj, Prop::Map(key.clone()), other, false)?,
+        }
+    }
+    Ok(())
+}
+
+/// RFC 7386: a patch object that replaces a non-object target is applied to `{}`, which drops
+/// its null members (recursively).
+fn strip_nulls(map: &Map<String, Value>) -> Value {
+    Value::Object(
+        map.iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v {
+                Value::Object(sub) => (k.clone(), strip_nulls(sub)),
+                other => (k.clone(), other.clone()),
+            })
+            .collect(),
+    )
+}
+
+/// Applies an RFC 7386 merge patch to the document root.
+pub fn merge_patch<T: Transactable>(
+    tx: &mut T,
+    patch: &Map<String, Value>,
+) -> Result<(), automerge::AutomergeError> {
+    merge_into(tx, &ROOT, patch)
+}
+
+/// Sets the value at `path` (creating the last key, or appending when the index is the length).
+pub fn set_at<T: Transactable>(tx: &mut T, path: &Path, value: &Value) -> Result<(), crate::Error> {
+    let slot = resolve(tx, path)?;
+    assign(
+        tx,
+        &slot.obj,
+        slot.prop,
+        value,
+        slot.append && slot.obj_type == ObjType::List,
+    )?;
+    Ok(())
+}
+
+/// Deletes the value at `path` (a key of an object or an element of an array).
+pub fn delete_at<T: Transactable>(tx: &mut T, path: &Path) -> Result<(), crate::Error> {
+    let slot = resolve(tx, path)?;
+    if slot.append || tx.get(&slot.obj, slot.prop.clone())?.is_none() {
+        return Err(JsonError::PathNotFound(path.clone()).into());
+    }
+    tx.delete(&slot.obj, slot.prop)?;
+    Ok(())
+}
+
+/// Makes the value at `path` collaborative text with content `text`. If it already is text, the
+/// content is updated with a character diff; otherwise a new text object replaces the value.
+pub fn set_text<T: Transactable>(tx: &mut T, path: &Path, text: &str) -> Result<(), crate::Error> {
+    let slot = resolve(tx, path)?;
+    if !slot.append {
+        if let Some((automerge::Value::Object(ObjType::Text), existing)) =
+            tx.get(&slot.obj, slot.prop.clone())?
+        {
+            tx.update_text(&existing, text)?;
+            return Ok(());
+        }
+    }
+    let value = hydrate::Value::text(TEXT_ENCODING, text);
+    let insert = slot.append && slot.obj_type == ObjType::List;
+    tx.batch_create_object(&slot.obj, slot.prop, &value, insert)?;
+    Ok(())
+}
+
+/// Splices collaborative text at `path`: deletes `delete` characters at `index` (Unicode code
+/// points) and inserts `insert` there.
+pub fn splice_text<T: Transactable>(
+    tx: &mut T,
+    path: &Path,
+    index: usize,
+    delete: usize,
+    insert: &str,
+) -> Result<(), crate::Error> {
+    let slot = resolve(tx, path)?;
+    let current = if slot.append {
+        None
+    } else {
+        tx.get(&slot.obj, slot.prop)?
+    };
+    let text = match current {
+        Some((automerge::Value::Object(ObjType::Text), text)) => text,
+        Some((automerge::Value::Object(t), _)) => {
+            return Err(JsonError::NotText {
+                path: path.clone(),
+                found: type_name(t),
+            }
+            .into());
+        }
+        Some((automerge::Value::Scalar(s), _)) => {
+            let found = if matches!(s.as_ref(), ScalarValue::Str(_)) {
+                "a plain string"
+            } else {
+                "a scalar"
+            };
+            return Err(JsonError::NotText {
+                path: path.clone(),
+                found,
+            }
+            .into());
+        }
+        None => return Err(JsonError::PathNotFound(path.clone()).into()),
+    };
+    let len = tx.length(&text);
+    if index > len || delete > len - index {
+        return Err(JsonError::OutOfRange {
+            path: path.clone(),
+            index: index.saturating_add(delete),
+            len,
+        }
+        .into());
+    }
+    let delete = isize::try_from(delete).unwrap_or(isize::MAX);
+    tx.splice_text(&text, index, delete, insert)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::AutoCommit;
+    use serde_json::json;
+
+    fn doc_of(value: Value) -> AutoCommit {
+        let mut doc = AutoCommit::new();
+        create_root(&mut doc, &into_object(value).unwrap()).unwrap();
+        doc
+    }
+
+    #[test]
+    fn round_trips_every_json_kind() {
+        let body = json!({
+            "s": "héllo 🌍", "i": -3, "big": u64::MAX, "f": 1.5, "whole_float": 2.0, "t": true,
+            "n": null, "empty": {}, "list": [1, "two", [3.0], {"four": 4}], "nested": {"a": {"b": []}}
+        });
+        let doc = doc_of(body.clone());
+        let back = materialize(&doc, None);
+        assert_eq!(back, body);
+        // floats stay floats and ints stay ints in text form
+        let text = serde_json::to_string(&back).unwrap();
+        assert!(text.contains("\"whole_float\":2.0"), "{text}");
+        assert!(text.contains("\"i\":-3"), "{text}");
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc7386() {
+        let mut doc = doc_of(json!({"a": "b", "c": {"d": "e", "f": "g"}, "keep": 1}));
+        merge_patch(
+            &mut doc,
+            &into_object(json!({"a": "z", "c": {"f": null}, "new": {"x": null, "y": 1}})).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            materialize(&doc, None),
+            json!({"a": "z", "c": {"d": "e"}, "keep": 1, "new": {"y": 1}})
+        );
+    }
+
+    #[test]
+    fn unchanged_patch_makes_no_change() {
+        let mut doc = doc_of(json!({"a": 1, "b": [1, 2], "c": {"d": 1.5}}));
+        let before = doc.get_heads();
+        merge_patch(
+            &mut doc,
+            &into_object(json!({"a": 1, "b": [1, 2], "c": {"d": 1.5}})).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(doc.get_heads(), before);
+        assert_eq!(doc.pending_ops(), 0);
+    }
+
+    #[test]
+    fn int_to_float_is_a_change() {
+        let mut doc = doc_of(json!({"a": 1}));
+        merge_patch(&mut doc, &into_object(json!({"a": 1.0})).unwrap()).unwrap();
+        assert_eq!(
+            serde_json::to_string(&materialize(&doc, None)).unwrap(),
+            r#"{"a":1.0}"#
+        );
+    }
+
+    #[test]
+    fn paths_set_delete_and_append() {
+        let mut doc = doc_of(json!({"list": [1, 2], "m": {}}));
+        set_at(&mut doc, &Path::from_pointer("/list/-").unwrap(), &json!(3)).unwrap();
+        set_at(
+            &mut doc,
+            &Path::from_pointer("/list/0").unwrap(),
+            &json!("one"),
+        )
+        .unwrap();
+        set_at(
+            &mut doc,
+            &Path::from_pointer("/m/k~1x").unwrap(),
+            &json!({"deep": true}),
+        )
+        .unwrap();
+        delete_at(&mut doc, &Path::from_pointer("/list/1").unwrap()).unwrap();
+        assert_eq!(
+            materialize(&doc, None),
+            json!({"list": ["one", 3], "m": {"k/x": {"deep": true}}})
+        );
+        assert!(matches!(
+            set_at(
+                &mut doc,
+                &Path::from_pointer("/missing/x").unwrap(),
+                &json!(1)
+            ),
+            Err(crate::Error::Json(JsonError::PathNotFound(_)))
+        ));
+        assert!(matches!(
+            set_at(&mut doc, &Path::from_pointer("/list/9").unwrap(), &json!(1)),
+            Err(crate::Error::Json(JsonError::OutOfRange { .. }))
+        ));
+        assert!(delete_at(&mut doc, &Path::from_pointer("/nope").unwrap()).is_err());
+    }
+
+    #[test]
+    fn text_is_opt_in_and_survives_patches() {
+        let mut doc = doc_of(json!({"title": "plain"}));
+        let title = Path::from_pointer("/title").unwrap();
+        let err = splice_text(&mut doc, &title, 0, 0, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plain string"), "{err}");
+        set_text(&mut doc, &title, "hello world").unwrap();
+        splice_text(&mut doc, &title, 5, 6, ", weft").unwrap();
+        assert_eq!(materialize(&doc, None), json!({"title": "hello, weft"}));
+        merge_patch(
+            &mut doc,
+            &into_object(json!({"title": "hello, weft!"})).unwrap(),
+        )
+        .unwrap();
+        let (value, _) = doc.get(ROOT, "title").unwrap().unwrap();
+        assert!(matches!(value, automerge::Value::Object(ObjType::Text)));
+        assert!(splice_text(&mut doc, &title, 99, 0, "x").is_err());
+    }
+
+    #[test]
+    fn non_objects_are_rejected() {
+        for bad in ["[1]", "3", "\"s\"", "null", "true"] {
+            assert!(
+                matches!(parse_object(bad), Err(JsonError::NotAnObject(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(parse_object("{\"a\":"), Err(JsonError::Syntax(_))));
+    }
+
+    #[test]
+    fn pointer_parsing() {
+        assert_eq!(Path::from_pointer("").unwrap(), Path::root());
+        assert!(Path::from_pointer("a/b").is_err());
+        let p = Path::from_pointer("/a~0b/c~1d").unwrap();
+        assert_eq!(
+            p.0,
+            vec![PathSeg::Key("a~b".into()), PathSeg::Key("c/d".into())]
+        );
+        assert_eq!(p.to_string(), "/a~0b/c~1d");
+        assert_eq!(
+            Path::from_json(&json!(["a", 1])).unwrap().0,
+            vec![PathSeg::Key("a".into()), PathSeg::Index(1)]
+        );
+        assert!(Path::from_json(&json!(["a", -1])).is_err());
+    }
+}

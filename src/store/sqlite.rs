@@ -1,0 +1,605 @@
+//! The SQLite store: one file per replica, WAL mode, versioned schema.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, TransactionBehavior, params, params_from_iter,
+};
+use serde_json::Value;
+
+use super::{DocRecord, StoreError, decode_heads, encode_heads};
+use crate::bundle::{BundleEntry, BundleScope};
+use crate::engine::{ChangeEvent, ChangeKind, ChunkKind, StorageOp, StoredChunk, StoredDoc};
+use crate::id::{DocumentId, ReplicaId};
+use crate::query::{CmpOp, FieldPath, FieldSeg, Filter, Query};
+
+/// `PRAGMA application_id`: "WEFT".
+const APPLICATION_ID: i64 = 0x5745_4654;
+
+/// Schema migrations; `PRAGMA user_version` is the number applied. Append, never edit.
+const MIGRATIONS: &[&str] = &[
+    // 1: catalog, chunks, change feed, meta.
+    "CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE documents (
+        doc_id      BLOB NOT NULL UNIQUE,
+        collection  TEXT NOT NULL,
+        deleted     INTEGER NOT NULL DEFAULT 0,
+        heads       BLOB NOT NULL,
+        body        TEXT,
+        updated_seq INTEGER NOT NULL
+    );
+    CREATE INDEX documents_by_collection ON documents (collection);
+    CREATE TABLE chunks (
+        chunk_id INTEGER PRIMARY KEY,
+        doc_id   BLOB NOT NULL,
+        kind     INTEGER NOT NULL,
+        bytes    BLOB NOT NULL
+    );
+    CREATE INDEX chunks_by_doc ON chunks (doc_id, chunk_id);
+    CREATE TABLE changes (
+        seq        INTEGER PRIMARY KEY,
+        doc_id     BLOB NOT NULL,
+        collection TEXT NOT NULL,
+        kind       INTEGER NOT NULL,
+        heads      BLOB NOT NULL,
+        origin     TEXT NOT NULL,
+        at         INTEGER NOT NULL
+    );",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How hard a commit works to be durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL with `synchronous=NORMAL`: a committed write survives the process crashing or being
+    /// killed at any instant; an operating-system crash or power cut may lose the last commits
+    /// (never corrupts). The usual choice for applications.
+    #[default]
+    Process,
+    /// WAL with `synchronous=FULL`: every commit is fsynced before it is acknowledged, so it also
+    /// survives power loss. Slower: one fsync per commit.
+    PowerLoss,
+}
+
+/// Options for [`SqliteStore::open`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreOptions {
+    pub durability: Durability,
+}
+
+/// A replica's SQLite file.
+pub struct SqliteStore {
+    conn: Connection,
+    replica_id: ReplicaId,
+}
+
+fn random_replica_id() -> Result<ReplicaId, StoreError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| StoreError::Open {
+        path: String::new(),
+        reason: format!("no OS randomness: {e}"),
+    })?;
+    Ok(ReplicaId::from_bytes(bytes))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| StoreError::Open {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let not_weft = |reason: String| StoreError::NotWeft {
+            path: shown.clone(),
+            reason,
+        };
+        // Reading the header is the first thing that fails on a file that is not SQLite.
+        let app_id: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(|e| not_weft(e.to_string()))?;
+        let journal: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !journal.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Open {
+                path: shown,
+                reason: format!("WAL mode unavailable (journal_mode is {journal})"),
+            });
+        }
+        let sync = match options.durability {
+            Durability::Process => "NORMAL",
+            Durability::PowerLoss => "FULL",
+        };
+        conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -32000;"))?;
+
+        let mut store = Self {
+            conn,
+            replica_id: ReplicaId::from_bytes([0; 16]),
+        };
+        let tx = store
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if app_id != APPLICATION_ID {
+            let tables: i64 =
+                tx.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+            if app_id != 0 || tables != 0 {
+                return Err(not_weft(format!(
+                    "application_id {app_id:#x}, {tables} schema objects"
+                )));
+            }
+        }
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
+            tracing::info!(path = %shown, to = i + 1, "migrating schema");
+            tx.execute_batch(sql)?;
+        }
+        tx.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+        ))?;
+        let existing: Option<Vec<u8>> = tx
+            .query_row("SELECT value FROM meta WHERE key = 'replica_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        store.replica_id = match existing {
+            Some(bytes) => ReplicaId::try_from_slice(&bytes)
+                .ok_or_else(|| StoreError::Corrupt("replica_id is not 16 bytes".into()))?,
+            None => {
+                let id = random_replica_id()?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('replica_id', ?1)",
+                    [id.as_bytes().as_slice()],
+                )?;
+                id
+            }
+        };
+        tx.commit()?;
+        Ok(store)
+    }
+
+    /// This replica's id (created with the file).
+    pub fn replica_id(&self) -> ReplicaId {
+        self.replica_id
+    }
+
+    /// The highest change-feed sequence number stored (0 when empty).
+    pub fn max_seq(&self) -> Result<u64, StoreError> {
+        let max: i64 =
+            self.conn
+                .query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(max as u64)
+    }
+
+    /// Reads what the engine needs to bring a document into memory.
+    pub fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached("SELECT collection, deleted, heads FROM documents WHERE doc_id = ?1")?
+            .query_row([id.as_bytes().as_slice()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .optional()?;
+        let Some((collection, deleted, heads)) = row else {
+            return Ok(None);
+        };
+        let mut chunks = Vec::new();
+        if !deleted {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT kind, bytes FROM chunks WHERE doc_id = ?1 ORDER BY chunk_id",
+            )?;
+            let mut rows = stmt.query([id.as_bytes().as_slice()])?;
+            while let Some(row) = rows.next()? {
+                let tag: u8 = row.get(0)?;
+                let kind = ChunkKind::from_u8(tag).ok_or_else(|| {
+                    StoreError::Corrupt(format!("chunk of {id} has unknown kind {tag}"))
+                })?;
+                chunks.push(StoredChunk {
+                    kind,
+                    bytes: row.get(1)?,
+                });
+            }
+        }
+        Ok(Some(StoredDoc {
+            collection,
+            deleted,
+            heads: decode_heads(&heads)?,
+            chunks,
+        }))
+    }
+
+    /// Applies engine writes in one transaction: all of them or none.
+    pub fn apply(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for op in ops {
+            match op {
+                StorageOp::PutDocument {
+                    id,
+                    collection,
+                    deleted,
+                    heads,
+                    body,
+                    seq,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT INTO documents (doc_id, collection, deleted, heads, body, updated_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (doc_id) DO UPDATE SET deleted = excluded.deleted, heads = excluded.heads,
+                             body = excluded.body, updated_seq = excluded.updated_seq",
+                    )?
+                    .execute(params![id.as_bytes().as_slice(), collection, deleted, encode_heads(heads), body, *seq as i64])?;
+                }
+                StorageOp::AppendChunk { id, kind, bytes } => {
+                    tx.prepare_cached(
+                        "INSERT INTO chunks (doc_id, kind, bytes) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![
+                        id.as_bytes().as_slice(),
+                        *kind as u8,
+                        bytes
+                    ])?;
+                }
+                StorageOp::ReplaceChunks { id, snapshot } => {
+                    tx.prepare_cached("DELETE FROM chunks WHERE doc_id = ?1")?
+                        .execute([id.as_bytes().as_slice()])?;
+                    tx.prepare_cached(
+                        "INSERT INTO chunks (doc_id, kind, bytes) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![
+                        id.as_bytes().as_slice(),
+                        ChunkKind::Snapshot as u8,
+                        snapshot
+                    ])?;
+                }
+                StorageOp::PurgeChunks { id } => {
+                    tx.prepare_cached("DELETE FROM chunks WHERE doc_id = ?1")?
+                        .execute([id.as_bytes().as_slice()])?;
+                }
+                StorageOp::AppendChange(event) => {
+                    tx.prepare_cached("INSERT INTO changes (seq, doc_id, collection, kind, heads, origin, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?.execute(params![
+                        event.seq as i64,
+                        event.id.as_bytes().as_slice(),
+                        event.collection,
+                        event.kind.as_u8(),
+                        encode_heads(&event.heads),
+                        event.origin.to_string(),
+                        event.at
+                    ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// One catalog row.
+    pub fn get(&self, id: &DocumentId) -> Result<Option<DocRecord>, StoreError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM documents WHERE doc_id = ?1"
+            ))?
+            .query_row([id.as_bytes().as_slice()], record_from_row)
+            .optional()?
+            .transpose()
+    }
+
+    /// Live documents matching a query, in creation order.
+    pub fn query(&self, query: &Query) -> Result<Vec<DocRecord>, StoreError> {
+        let mut sql = format!("SELECT {RECORD_COLUMNS} FROM documents WHERE deleted = 0");
+        let mut args: Vec<SqlValue> = Vec::new();
+        if let Some(collection) = &query.collection {
+            sql.push_str(" AND collection = ?");
+            args.push(SqlValue::Text(collection.clone()));
+        }
+        if let Some(filter) = &query.filter {
+            sql.push_str(" AND ");
+            compile_filter(filter, &mut sql, &mut args);
+        }
+        sql.push_str(" ORDER BY rowid");
+        if let Some(limit) = query.limit {
+            sql.push_str(" LIMIT ?");
+            args.push(SqlValue::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        }
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(args), record_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// Change-feed entries with `seq > since`, oldest first, at most `limit`.
+    pub fn changes_since(
+        &self,
+        since: u64,
+        limit: usize,
+        collection: Option<&str>,
+    ) -> Result<Vec<ChangeEvent>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, doc_id, collection, kind, heads, origin, at FROM changes
+             WHERE seq > ?1 AND (?2 IS NULL OR collection = ?2) ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                since as i64,
+                collection,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, u8>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            },
+        )?;
+        rows.map(|row| {
+            let (seq, id, collection, kind, heads, origin, at) = row?;
+            Ok(ChangeEvent {
+                seq: seq as u64,
+                id: doc_id(&id)?,
+                collection,
+                kind: ChangeKind::from_u8(kind).ok_or_else(|| {
+                    StoreError::Corrupt(format!("change {seq} has unknown kind {kind}"))
+                })?,
+                heads: decode_heads(&heads)?,
+                origin: origin.parse().map_err(|_| {
+                    StoreError::Corrupt(format!("change {seq} has unknown origin {origin:?}"))
+                })?,
+                at,
+            })
+        })
+        .collect()
+    }
+
+    /// Bundle entries for an export: documents as their stored chunks, deletions as tombstones.
+    pub fn export(&self, scope: &BundleScope) -> Result<Vec<BundleEntry>, StoreError> {
+        let (clause, arg) = match scope {
+            BundleScope::All => ("1 = 1 OR ?1 IS NULL", SqlValue::Null),
+            BundleScope::Collection(c) => ("collection = ?1", SqlValue::Text(c.clone())),
+            BundleScope::Since(seq) => ("updated_seq > ?1", SqlValue::Integer(*seq as i64)),
+        };
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT doc_id, collection, deleted, heads FROM documents WHERE {clause} ORDER BY rowid"
+        ))?;
+        let rows = stmt.query_map([arg], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        let mut chunk_stmt = self
+            .conn
+            .prepare_cached("SELECT bytes FROM chunks WHERE doc_id = ?1 ORDER BY chunk_id")?;
+        let mut entries = Vec::new();
+        for row in rows {
+            let (id, collection, deleted, heads) = row?;
+            let id = doc_id(&id)?;
+            if deleted {
+                entries.push(BundleEntry::Tombstone { id, collection });
+                continue;
+            }
+            let mut bytes = Vec::new();
+            let mut chunks = chunk_stmt.query([id.as_bytes().as_slice()])?;
+            while let Some(chunk) = chunks.next()? {
+                bytes
+                    .extend_from_slice(chunk.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?);
+            }
+            entries.push(BundleEntry::Document {
+                id,
+                collection,
+                heads: decode_heads(&heads)?,
+                bytes,
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Runs `PRAGMA integrity_check`; `Ok(())` when SQLite reports "ok".
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let result: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(format!("integrity_check: {result}")))
+        }
+    }
+
+    /// Counts of live documents, tombstones and change-feed entries.
+    pub fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT (SELECT count(*) FROM documents WHERE deleted = 0), (SELECT count(*) FROM documents WHERE deleted = 1), (SELECT count(*) FROM changes)",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
+        )?)
+    }
+
+    /// Writes the WAL back into the main file and truncates it (used before measuring file size
+    /// and on clean shutdown).
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+const RECORD_COLUMNS: &str = "doc_id, collection, deleted, heads, body, updated_seq";
+
+fn doc_id(bytes: &[u8]) -> Result<DocumentId, StoreError> {
+    DocumentId::try_from_slice(bytes)
+        .ok_or_else(|| StoreError::Corrupt(format!("document id of {} bytes", bytes.len())))
+}
+
+fn record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DocRecord, StoreError>> {
+    let id: Vec<u8> = r.get(0)?;
+    let heads: Vec<u8> = r.get(3)?;
+    let collection = r.get(1)?;
+    let deleted = r.get(2)?;
+    let body = r.get(4)?;
+    let updated_seq = r.get::<_, i64>(5)? as u64;
+    Ok((|| {
+        Ok(DocRecord {
+            id: doc_id(&id)?,
+            collection,
+            deleted,
+            heads: decode_heads(&heads)?,
+            body,
+            updated_seq,
+        })
+    })())
+}
+
+/// SQLite JSON path for a field path: `$."a"[2]."b"`.
+fn json_path(path: &FieldPath) -> String {
+    let mut out = String::from("$");
+    for seg in &path.0 {
+        match seg {
+            // Inside a quoted label SQLite ends the label at the next '"'; there is no escape,
+            // so such keys are matched by a label that cannot exist (no row matches).
+            FieldSeg::Key(k) => {
+                out.push_str(".\"");
+                out.push_str(&k.replace('"', "\u{fffd}"));
+                out.push('"');
+            }
+            FieldSeg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// Appends the SQL for `filter` to `sql`, pushing every path and value to `args`. The SQL
+/// evaluates to 1 or 0 (never NULL), matching [`Filter::matches`].
+fn compile_filter(filter: &Filter, sql: &mut String, args: &mut Vec<SqlValue>) {
+    match filter {
+        Filter::Exists(path) => {
+            sql.push_str("(json_type(body, ?) IS NOT NULL)");
+            args.push(SqlValue::Text(json_path(path)));
+        }
+        Filter::Cmp(path, op, value) => {
+            let p = SqlValue::Text(json_path(path));
+            let eq = |sql: &mut String, args: &mut Vec<SqlValue>| match value {
+                Value::Null => {
+                    sql.push_str("coalesce(json_type(body, ?) = 'null', 0)");
+                    args.push(p.clone());
+                }
+                Value::Bool(b) => {
+                    sql.push_str("coalesce(json_type(body, ?) = ?, 0)");
+                    args.extend([
+                        p.clone(),
+                        SqlValue::Text(if *b { "true" } else { "false" }.into()),
+                    ]);
+                }
+                Value::Number(_) => {
+                    sql.push_str("coalesce(json_type(body, ?) IN ('integer', 'real') AND json_extract(body, ?) = ?, 0)");
+                    args.extend([p.clone(), p.clone(), number_arg(value)]);
+                }
+                Value::String(s) => {
+                    sql.push_str(
+                        "coalesce(json_type(body, ?) = 'text' AND json_extract(body, ?) = ?, 0)",
+                    );
+                    args.extend([p.clone(), p.clone(), SqlValue::Text(s.clone())]);
+                }
+                Value::Array(_) | Value::Object(_) => {
+                    sql.push_str("coalesce(json_type(body, ?) IN ('array', 'object') AND json_extract(body, ?) = ?, 0)");
+                    args.extend([p.clone(), p.clone(), SqlValue::Text(value.to_string())]);
+                }
+            };
+            match op {
+                CmpOp::Eq => eq(sql, args),
+                CmpOp::Ne => {
+                    sql.push_str("(json_type(body, ?) IS NOT NULL AND NOT ");
+                    args.push(p.clone());
+                    eq(sql, args);
+                    sql.push(')');
+                }
+                CmpOp::Lt | CmpOp::Le | CmpOp::Gt | CmpOp::Ge => {
+                    let kinds = if value.is_number() {
+                        "('integer', 'real')"
+                    } else {
+                        "('text')"
+                    };
+                    let arg = match value {
+                        Value::String(s) => SqlValue::Text(s.clone()),
+                        Value::Number(_) => number_arg(value),
+                        // validate() rejects these; compile to false rather than guess.
+                        _ => {
+                            sql.push('0');
+                            return;
+                        }
+                    };
+                    sql.push_str(&format!(
+                        "coalesce(json_type(body, ?) IN {kinds} AND json_extract(body, ?) {} ?, 0)",
+                        op.as_str()
+                    ));
+                    args.extend([p.clone(), p, arg]);
+                }
+            }
+        }
+        Filter::And(fs) | Filter::Or(fs) => {
+            let (join, empty) = if matches!(filter, Filter::And(_)) {
+                (" AND ", "1")
+            } else {
+                (" OR ", "0")
+            };
+            if fs.is_empty() {
+                sql.push_str(empty);
+                return;
+            }
+            sql.push('(');
+            for (i, f) in fs.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(join);
+                }
+                compile_filter(f, sql, args);
+            }
+            sql.push(')');
+        }
+        Filter::Not(f) => {
+            sql.push_str("(NOT ");
+            compile_filter(f, sql, args);
+            sql.push(')');
+        }
+    }
+}
+
+fn number_arg(value: &Value) -> SqlValue {
+    match value.as_i64() {
+        Some(i) => SqlValue::Integer(i),
+        None => SqlValue::Real(value.as_f64().unwrap_or(f64::NAN)),
+    }
+}
