@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every check CI runs, in one command. Installs what it needs first (the wasm32 target, clippy,
+# rustfmt), so it works on a fresh machine with only rustup/cargo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain: wasm32 target, clippy, rustfmt"
+rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "the engine builds without IO (no default features)"
+cargo build --no-default-features
+
+step "the engine builds for wasm32-unknown-unknown"
+cargo build -p weft-wasm --target wasm32-unknown-unknown
+
+step "tests"
+cargo test --workspace
+
+step "the README's main command (demo) runs"
+demo_dir=$(mktemp -d)
+cargo run --quiet --example demo -- "$demo_dir" >/dev/null
+rm -rf "$demo_dir"
+
+step "benchmark smoke run (quick mode, debug build; real numbers: see BENCHMARKS.md)"
+WEFT_BENCH_QUICK=1 cargo test --quiet --bench foundation
+
+echo
+echo "all checks passed"
