@@ -403,7 +403,9 @@ fn import(
     // Parse and check every line first: a bad line aborts the import before anything is written.
     let mut bodies = Vec::new();
     for (n, line) in reader.lines().enumerate() {
-        let line = line.map_err(io_err("reading", file))?;
+        // Invalid UTF-8 surfaces here, so name the line like any other bad line.
+        let line = line
+            .map_err(|e| CliError::Io(format!("reading {} line {}: {e}", file.display(), n + 1)))?;
         if line.trim().is_empty() {
             continue;
         }
