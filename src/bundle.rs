@@ -297,7 +297,7 @@ mod tests {
             state ^= state << 17;
             let len = (state % 200) as usize;
             let mut bytes: Vec<u8> = (0..len).map(|i| (state >> (i % 56)) as u8).collect();
-            if state % 3 == 0 && bytes.len() >= 8 {
+            if state.is_multiple_of(3) && bytes.len() >= 8 {
                 bytes[..8].copy_from_slice(MAGIC);
             }
             let _ = Bundle::decode(&bytes);

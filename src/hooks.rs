@@ -152,7 +152,15 @@ impl Hooks {
                     .filter(|s| s.scope.contains(&event.collection))
                 {
                     match &sub.sink {
-                        Sink::Hook(f) => f(event),
+                        Sink::Hook(f) => {
+                            // A panicking hook must not cost the other subscribers the rest of
+                            // this batch (a gap in a "lossless" subscription), nor fail the
+                            // writer whose change already committed.
+                            let call = std::panic::AssertUnwindSafe(|| f(event));
+                            if std::panic::catch_unwind(call).is_err() {
+                                tracing::error!(seq = event.seq, "a change hook panicked");
+                            }
+                        }
                         Sink::Channel { tx, lagged } => match tx.try_send(event.clone()) {
                             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
                             Err(TrySendError::Full(_)) => lagged.store(true, Ordering::Release),

@@ -407,10 +407,10 @@ fn assign<T: Transactable>(
         }
         (scalar, current) => {
             let new = scalar_of(scalar).unwrap_or(ScalarValue::Null);
-            if let Some((automerge::Value::Scalar(old), _)) = &current {
-                if scalar_eq(old, &new) {
-                    return Ok(());
-                }
+            if let Some((automerge::Value::Scalar(old), _)) = &current
+                && scalar_eq(old, &new)
+            {
+                return Ok(());
             }
             tx.put(obj, prop, new)
         }
@@ -516,13 +516,12 @@ pub fn delete_at<T: Transactable>(tx: &mut T, path: &Path) -> Result<(), crate::
 /// content is updated with a character diff; otherwise a new text object replaces the value.
 pub fn set_text<T: Transactable>(tx: &mut T, path: &Path, text: &str) -> Result<(), crate::Error> {
     let slot = resolve(tx, path)?;
-    if !slot.append {
-        if let Some((automerge::Value::Object(ObjType::Text), existing)) =
+    if !slot.append
+        && let Some((automerge::Value::Object(ObjType::Text), existing)) =
             tx.get(&slot.obj, slot.prop.clone())?
-        {
-            tx.update_text(&existing, text)?;
-            return Ok(());
-        }
+    {
+        tx.update_text(&existing, text)?;
+        return Ok(());
     }
     let value = hydrate::Value::text(TEXT_ENCODING, text);
     let insert = slot.append && slot.obj_type == ObjType::List;

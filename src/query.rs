@@ -231,11 +231,32 @@ fn order(a: &Value, b: &Value) -> Option<Ordering> {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
             (Some(x), Some(y)) => Some(x.cmp(&y)),
+            // An i64 against a float is compared exactly, as SQLite does (no rounding of the
+            // integer to f64, which would make 2^63 - 1 equal 2^63).
+            (Some(x), None) => cmp_i64_f64(x, y.as_f64()?),
+            (None, Some(y)) => cmp_i64_f64(y, x.as_f64()?).map(Ordering::reverse),
             _ => x.as_f64()?.partial_cmp(&y.as_f64()?),
         },
         (Value::String(x), Value::String(y)) => Some(x.as_bytes().cmp(y.as_bytes())),
         _ => None,
     }
+}
+
+/// Exact comparison of an integer with a float.
+fn cmp_i64_f64(i: i64, f: f64) -> Option<Ordering> {
+    const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+    if f.is_nan() {
+        return None;
+    }
+    if f >= TWO_63 {
+        return Some(Ordering::Less);
+    }
+    if f < -TWO_63 {
+        return Some(Ordering::Greater);
+    }
+    // -2^63 <= f < 2^63: its integer part fits an i64 exactly.
+    let whole = f.trunc();
+    Some(i.cmp(&(whole as i64)).then(0.0.partial_cmp(&(f - whole))?))
 }
 
 /// Which documents to list.

@@ -149,6 +149,22 @@ impl Replica {
         let first = inner.next_command;
         inner.next_command += commands.len() as u64;
         let count = commands.len();
+        let mut results: Vec<Option<Result<Output>>> = (0..count).map(|_| None).collect();
+        // The whole step runs inside one write transaction, so loads and writes see the same
+        // state even if other processes use the file.
+        match inner.store.begin() {
+            Ok(false) => {}
+            Ok(true) => {
+                let next_seq = inner.store.max_seq().map(|s| s + 1).unwrap_or(0);
+                let _ = inner.engine.handle(now, Input::StorageChanged { next_seq });
+            }
+            Err(e) => {
+                let message = e.to_string();
+                return (0..count)
+                    .map(|_| Err(Error::Store(StoreError::CommitFailed(message.clone()))))
+                    .collect();
+            }
+        }
         let mut fx = Effects::default();
         for (i, command) in commands.into_iter().enumerate() {
             fx.extend(
@@ -169,8 +185,11 @@ impl Replica {
             events,
             completed,
         } = fx;
-        let mut results: Vec<Option<Result<Output>>> = (0..count).map(|_| None).collect();
-        match inner.store.apply(&writes) {
+        let committed = inner
+            .store
+            .write(&writes)
+            .and_then(|()| inner.store.commit());
+        match committed {
             Ok(()) => {
                 let after = inner.engine.handle(now, Input::Committed);
                 debug_assert!(after.is_empty());
@@ -182,13 +201,11 @@ impl Replica {
                 }
             }
             Err(e) => {
+                inner.store.rollback();
                 tracing::error!(error = %e, writes = writes.len(), "commit failed; nothing was applied");
-                let docs = {
-                    let mut ids: Vec<DocumentId> = writes.iter().map(|w| w.doc()).collect();
-                    ids.sort_unstable();
-                    ids.dedup();
-                    ids
-                };
+                let mut docs: Vec<DocumentId> = writes.iter().map(|w| w.doc()).collect();
+                docs.sort_unstable();
+                docs.dedup();
                 let _ = inner.engine.handle(now, Input::StorageFailed { docs });
                 let message = e.to_string();
                 for (CommandId(cid), result) in completed {

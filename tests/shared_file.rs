@@ -22,7 +22,10 @@ fn two_connections_on_one_file_interleave_writes() {
 
     for r in [&a, &b] {
         assert_eq!(r.get(&id).unwrap().body, json!({"a": 2, "b": 3}));
-        assert_eq!(r.get(&created_by_b).unwrap().body, json!({"from": "b", "seen_by": "a"}));
+        assert_eq!(
+            r.get(&created_by_b).unwrap().body,
+            json!({"from": "b", "seen_by": "a"})
+        );
     }
     // Both engines' histories are consistent with storage: a history read works on both.
     let heads = a.get(&id).unwrap().heads;
@@ -32,7 +35,11 @@ fn two_connections_on_one_file_interleave_writes() {
     // The change feed is one sequence across both writers: strictly increasing, no repeats.
     let feed = a.changes_since(0, 100, None).unwrap();
     let seqs: Vec<u64> = feed.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{seqs:?}");
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "{seqs:?}"
+    );
     assert_eq!(seqs.len(), 6);
 
     drop((a, b));
@@ -40,7 +47,10 @@ fn two_connections_on_one_file_interleave_writes() {
     reopened.integrity_check().unwrap();
     assert_eq!(reopened.get(&id).unwrap().heads, heads);
     reopened.update(&id, json!({"c": 4})).unwrap();
-    assert_eq!(reopened.get(&id).unwrap().body, json!({"a": 2, "b": 3, "c": 4}));
+    assert_eq!(
+        reopened.get(&id).unwrap().body,
+        json!({"a": 2, "b": 3, "c": 4})
+    );
 }
 
 #[test]
@@ -52,9 +62,24 @@ fn delete_by_another_connection_is_seen() {
     let id = a.create("notes", json!({"x": 1})).unwrap();
     a.update(&id, json!({"x": 2})).unwrap();
     b.delete(&id).unwrap();
-    assert!(matches!(a.update(&id, json!({"x": 3})), Err(weft::Error::Deleted(_))));
+    assert!(matches!(
+        a.update(&id, json!({"x": 3})),
+        Err(weft::Error::Deleted(_))
+    ));
     assert!(matches!(a.get(&id), Err(weft::Error::Deleted(_))));
     // a's own subscription-free feed view agrees.
-    let kinds: Vec<_> = a.changes_since(0, 10, None).unwrap().into_iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, [weft::ChangeKind::Created, weft::ChangeKind::Updated, weft::ChangeKind::Deleted]);
+    let kinds: Vec<_> = a
+        .changes_since(0, 10, None)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            weft::ChangeKind::Created,
+            weft::ChangeKind::Updated,
+            weft::ChangeKind::Deleted
+        ]
+    );
 }

@@ -28,7 +28,7 @@ impl Default for CompactionPolicy {
 /// The state of a document the engine knows about.
 pub(crate) enum DocState {
     /// Loaded and editable.
-    Live(LiveDoc),
+    Live(Box<LiveDoc>),
     /// A tombstone: deleted here or by a peer. Final.
     Deleted,
     /// Storage has no such document.
@@ -85,13 +85,13 @@ impl LiveDoc {
             Automerge::load_with_options(&all, options).map_err(|e| corrupt(e.to_string()))?;
         check_heads(id, &doc.get_heads(), &stored.heads)?;
         doc.set_actor(actor.clone());
-        Ok(DocState::Live(LiveDoc {
+        Ok(DocState::Live(Box::new(LiveDoc {
             doc,
             collection: stored.collection,
             snapshot_bytes,
             incremental_bytes,
             incremental_chunks,
-        }))
+        })))
     }
 
     /// Records an appended incremental chunk; returns true when it is time to compact.

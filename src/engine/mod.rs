@@ -89,6 +89,10 @@ pub enum Input {
     Committed,
     /// The writes to these documents did not reach storage: forget their in-memory state.
     StorageFailed { docs: Vec<DocumentId> },
+    /// Someone else (another process on the same file) wrote to storage: drop every loaded
+    /// document and continue the change feed at `next_seq`. Send only between transactions,
+    /// when nothing is uncommitted.
+    StorageChanged { next_seq: u64 },
 }
 
 struct Entry {
@@ -109,6 +113,10 @@ pub struct Engine {
     loading: HashSet<DocumentId>,
     /// Documents with writes emitted since the last [`Input::Committed`]; never evicted.
     dirty: HashSet<DocumentId>,
+    /// Some entry in `docs` may be [`DocState::Broken`] (set when a load fails), so the next
+    /// drained [`pump`](Self::pump) must sweep them. Saves a scan of every loaded document
+    /// per input (O(cache size) per command, O(batch x cache) per bulk create).
+    broken: bool,
     tick: u64,
 }
 
@@ -127,6 +135,7 @@ impl Engine {
             queue: VecDeque::new(),
             loading: HashSet::new(),
             dirty: HashSet::new(),
+            broken: false,
             tick: 0,
         }
     }
@@ -167,12 +176,18 @@ impl Engine {
                     Ok(Some(stored)) => {
                         LiveDoc::load(id, stored, &self.actor).unwrap_or_else(|e| {
                             tracing::error!(doc = %id, error = %e, "document failed to load");
-                            DocState::Broken(e.to_string())
+                            // The reason only: `live()` wraps it in `Error::Corrupt` for this id
+                            // again, which would repeat "document X is corrupt: ".
+                            DocState::Broken(match e {
+                                Error::Corrupt { reason, .. } => reason,
+                                other => other.to_string(),
+                            })
                         })
                     }
                     Ok(None) => DocState::Absent,
                     Err(message) => DocState::Broken(format!("storage read failed: {message}")),
                 };
+                self.broken |= matches!(state, DocState::Broken(_));
                 self.tick += 1;
                 self.docs.insert(
                     id,
@@ -185,6 +200,10 @@ impl Engine {
             Input::Committed => {
                 self.dirty.clear();
                 self.evict_idle();
+            }
+            Input::StorageChanged { next_seq } => {
+                self.docs.retain(|id, _| self.dirty.contains(id));
+                self.next_seq = self.next_seq.max(next_seq);
             }
             Input::StorageFailed { docs } => {
                 for id in docs {
@@ -217,8 +236,11 @@ impl Engine {
             fx.completed.push((cid, result));
         }
         // Broken entries are answered; forget them so the next command retries the load.
-        self.docs
-            .retain(|_, e| !matches!(e.state, DocState::Broken(_)));
+        if self.broken {
+            self.docs
+                .retain(|_, e| !matches!(e.state, DocState::Broken(_)));
+            self.broken = false;
+        }
     }
 
     fn request_loads(&mut self, fx: &mut Effects) {
@@ -369,7 +391,7 @@ impl Engine {
         self.docs.insert(
             id,
             Entry {
-                state: DocState::Live(LiveDoc::new(doc, collection, snapshot.len())),
+                state: DocState::Live(Box::new(LiveDoc::new(doc, collection, snapshot.len()))),
                 last_used: self.tick,
             },
         );
@@ -572,7 +594,7 @@ impl Engine {
                     incoming.push(Incoming::Doc {
                         id,
                         collection,
-                        doc,
+                        doc: Box::new(doc),
                         bytes,
                     });
                 }
@@ -624,7 +646,7 @@ impl Engine {
                     Some(DocState::Absent) | None => {
                         doc.set_actor(self.actor.clone());
                         let heads = doc.get_heads();
-                        let body = json::materialize(&doc, None).to_string();
+                        let body = json::materialize(&*doc, None).to_string();
                         let seq = self.take_seq();
                         fx.writes.push(StorageOp::PutDocument {
                             id,
@@ -655,7 +677,11 @@ impl Engine {
                         self.docs.insert(
                             id,
                             Entry {
-                                state: DocState::Live(LiveDoc::new(doc, collection, bytes.len())),
+                                state: DocState::Live(Box::new(LiveDoc::new(
+                                    *doc,
+                                    collection,
+                                    bytes.len(),
+                                ))),
                                 last_used: self.tick,
                             },
                         );
@@ -673,7 +699,7 @@ enum Incoming {
     Doc {
         id: DocumentId,
         collection: String,
-        doc: Automerge,
+        doc: Box<Automerge>,
         bytes: Vec<u8>,
     },
     Tombstone {

@@ -63,7 +63,7 @@ pub fn encode_heads(heads: &[ChangeHash]) -> Vec<u8> {
 
 /// Reads heads written by [`encode_heads`].
 pub fn decode_heads(bytes: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
-    if bytes.len() % 32 != 0 {
+    if !bytes.len().is_multiple_of(32) {
         return Err(StoreError::Corrupt(format!(
             "heads field of {} bytes is not a multiple of 32",
             bytes.len()

@@ -78,6 +78,8 @@ pub struct StoreOptions {
 pub struct SqliteStore {
     conn: Connection,
     replica_id: ReplicaId,
+    /// `PRAGMA data_version` at our last transaction: it changes when another connection commits.
+    data_version: i64,
 }
 
 fn random_replica_id() -> Result<ReplicaId, StoreError> {
@@ -126,6 +128,7 @@ impl SqliteStore {
         let mut store = Self {
             conn,
             replica_id: ReplicaId::from_bytes([0; 16]),
+            data_version: 0,
         };
         let tx = store
             .conn
@@ -175,6 +178,9 @@ impl SqliteStore {
             }
         };
         tx.commit()?;
+        store.data_version = store
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
         Ok(store)
     }
 
@@ -234,14 +240,58 @@ impl SqliteStore {
         }))
     }
 
-    /// Applies engine writes in one transaction: all of them or none.
-    pub fn apply(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
-        if ops.is_empty() {
-            return Ok(());
+    /// Starts the write transaction that one driver step runs in (`BEGIN IMMEDIATE`: waits for
+    /// other writers, then keeps them out until [`commit`](Self::commit)). Returns true when
+    /// another connection — another process — committed since this store's last transaction:
+    /// then whatever the caller cached from storage is stale.
+    pub fn begin(&mut self) -> Result<bool, StoreError> {
+        // A panic between begin and commit (e.g. in a user's change closure) leaves the
+        // transaction open; without this every later write would fail with "cannot start a
+        // transaction within a transaction". Nothing of it was committed, so roll it back.
+        self.rollback();
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let version: i64 = match self.conn.query_row("PRAGMA data_version", [], |r| r.get(0)) {
+            Ok(v) => v,
+            Err(e) => {
+                self.rollback();
+                return Err(e.into());
+            }
+        };
+        let changed = version != self.data_version;
+        self.data_version = version;
+        Ok(changed)
+    }
+
+    /// Commits the transaction opened by [`begin`](Self::begin).
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+
+    /// Abandons the transaction opened by [`begin`](Self::begin), if any.
+    pub fn rollback(&mut self) {
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(error = %e, "rollback failed");
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+    }
+
+    /// Applies engine writes in their own transaction: all of them or none.
+    pub fn apply(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
+        self.begin()?;
+        match self.write(ops).and_then(|()| self.commit()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies engine writes inside the transaction opened by [`begin`](Self::begin).
+    pub fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
+        let tx = &self.conn;
         for op in ops {
             match op {
                 StorageOp::PutDocument {
@@ -298,7 +348,6 @@ impl SqliteStore {
                 }
             }
         }
-        tx.commit()?;
         Ok(())
     }
 
@@ -348,7 +397,8 @@ impl SqliteStore {
         )?;
         let rows = stmt.query_map(
             params![
-                since as i64,
+                // Clamped, not wrapped: u64::MAX as i64 is -1, which would select everything.
+                i64::try_from(since).unwrap_or(i64::MAX),
                 collection,
                 i64::try_from(limit).unwrap_or(i64::MAX)
             ],
@@ -388,7 +438,10 @@ impl SqliteStore {
         let (clause, arg) = match scope {
             BundleScope::All => ("1 = 1 OR ?1 IS NULL", SqlValue::Null),
             BundleScope::Collection(c) => ("collection = ?1", SqlValue::Text(c.clone())),
-            BundleScope::Since(seq) => ("updated_seq > ?1", SqlValue::Integer(*seq as i64)),
+            BundleScope::Since(seq) => (
+                "updated_seq > ?1",
+                SqlValue::Integer(i64::try_from(*seq).unwrap_or(i64::MAX)),
+            ),
         };
         let mut stmt = self.conn.prepare(&format!(
             "SELECT doc_id, collection, deleted, heads FROM documents WHERE {clause} ORDER BY rowid"
