@@ -338,6 +338,8 @@ struct SizeReport {
     columns: Vec<(&'static str, u64)>,
     chunk_rows: u64,
     change_rows: u64,
+    /// Size of a freshly created, empty weft database (fixed page overhead).
+    empty_db_bytes: u64,
 }
 
 fn size_report(label: &str, replica: &Replica, path: &Path) -> SizeReport {
@@ -361,6 +363,10 @@ fn size_report(label: &str, replica: &Replica, path: &Path) -> SizeReport {
             q("SELECT sum(length(body)) FROM documents"),
         ),
         (
+            "documents.snapshot (Automerge)",
+            q("SELECT sum(length(snapshot)) FROM documents"),
+        ),
+        (
             "documents.heads",
             q("SELECT sum(length(heads)) FROM documents"),
         ),
@@ -369,17 +375,13 @@ fn size_report(label: &str, replica: &Replica, path: &Path) -> SizeReport {
             q("SELECT sum(length(doc_id)) FROM documents"),
         ),
         (
-            "chunks.bytes (Automerge)",
+            "chunks.bytes (Automerge incremental)",
             q("SELECT sum(length(bytes)) FROM chunks"),
         ),
         ("changes.heads", q("SELECT sum(length(heads)) FROM changes")),
         (
-            "changes.doc_id",
-            q("SELECT sum(length(doc_id)) FROM changes"),
-        ),
-        (
-            "changes.collection+origin",
-            q("SELECT sum(length(collection) + length(origin)) FROM changes"),
+            "changes.origin",
+            q("SELECT sum(length(origin)) FROM changes"),
         ),
     ];
     let mut stmt = conn
@@ -409,6 +411,13 @@ fn size_report(label: &str, replica: &Replica, path: &Path) -> SizeReport {
         columns,
         chunk_rows: q("SELECT count(*) FROM chunks"),
         change_rows: q("SELECT count(*) FROM changes"),
+        empty_db_bytes: {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let empty = dir.path().join("empty.db");
+            let r = Replica::open(&empty).expect("empty replica");
+            r.checkpoint().expect("checkpoint");
+            db_size(&empty)
+        },
     }
 }
 
@@ -569,6 +578,21 @@ fn print_size(report: &SizeReport) {
         ratio,
         status
     );
+    let body = report
+        .columns
+        .iter()
+        .find(|(name, _)| name.starts_with("documents.body"))
+        .map_or(0, |(_, b)| *b);
+    println!(
+        "  without the materialized JSON bodies ({}): {:.2}x; above an empty database ({}): {:.2}x; both: {:.2}x",
+        kib(body),
+        report.db_bytes.saturating_sub(body) as f64 / report.automerge_bytes.max(1) as f64,
+        kib(report.empty_db_bytes),
+        report.db_bytes.saturating_sub(report.empty_db_bytes) as f64
+            / report.automerge_bytes.max(1) as f64,
+        report.db_bytes.saturating_sub(report.empty_db_bytes + body) as f64
+            / report.automerge_bytes.max(1) as f64,
+    );
     println!(
         "  page size {} B, free pages {} ({}), {} chunk row(s), {} change-feed row(s)",
         report.page_size,
@@ -706,7 +730,16 @@ fn main() {
         if last {
             sizes.push(size_report(
                 &format!(
-                    "of one document after {} updates",
+                    "of one document after {} updates, before compact()",
+                    thousands(cfg.updates as f64)
+                ),
+                &replica,
+                &path,
+            ));
+            replica.compact().expect("compact");
+            sizes.push(size_report(
+                &format!(
+                    "of one document after {} updates, after compact()",
                     thousands(cfg.updates as f64)
                 ),
                 &replica,
@@ -761,7 +794,7 @@ fn main() {
             baseline: Some(8),
         },
         Row {
-            name: "  same, no cache eviction (diagnostic)".into(),
+            name: "  same, max_loaded_docs = all (diagnostic)".into(),
             metric: rate(n, " docs/s"),
             spans: import_no_evict,
             goal: Goal::None,

@@ -58,5 +58,5 @@ pub use id::{DocumentId, ReplicaId};
 pub use json::{JsonError, Path, PathSeg};
 pub use query::{CmpOp, FieldPath, Filter, Query};
 #[cfg(feature = "sqlite")]
-pub use replica::{Document, Durability, Replica, ReplicaOptions};
+pub use replica::{CompactReport, Document, Durability, Replica, ReplicaOptions};
 pub use store::StoreError;

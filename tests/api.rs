@@ -661,7 +661,7 @@ fn reopening_gives_the_same_state() {
 fn chunk_count(path: &std::path::Path, id: &DocumentId) -> i64 {
     let conn = rusqlite::Connection::open(path).unwrap();
     conn.query_row(
-        "SELECT count(*) FROM chunks WHERE doc_id = ?1",
+        "SELECT count(*) FROM chunks c JOIN documents d ON d.doc_key = c.doc_key WHERE d.doc_id = ?1",
         [id.as_bytes().as_slice()],
         |r| r.get(0),
     )

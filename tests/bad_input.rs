@@ -407,28 +407,43 @@ fn corrupted_chunk_in_the_file() {
 
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
+        // which = 0: the document's snapshot (in its catalog row); 1: its incremental chunk.
         let corrupt = |id: &DocumentId, which: usize| {
-            let chunks: Vec<(i64, Vec<u8>)> = conn
-                .prepare("SELECT chunk_id, bytes FROM chunks WHERE doc_id = ?1 ORDER BY chunk_id")
+            let (key, snapshot): (i64, Vec<u8>) = conn
+                .query_row(
+                    "SELECT doc_key, snapshot FROM documents WHERE doc_id = ?1",
+                    [id.as_bytes().as_slice()],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .unwrap();
+            let incrementals: Vec<(i64, Vec<u8>)> = conn
+                .prepare("SELECT chunk_id, bytes FROM chunks WHERE doc_key = ?1 ORDER BY chunk_id")
                 .unwrap()
-                .query_map([id.as_bytes().as_slice()], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
-                })
+                .query_map([key], |row| Ok((row.get(0)?, row.get(1)?)))
                 .unwrap()
                 .collect::<Result<_, _>>()
                 .unwrap();
-            assert_eq!(chunks.len(), 2, "snapshot + incremental");
-            let (chunk_id, mut bytes) = chunks[which].clone();
-            let mid = bytes.len() / 2;
-            for b in &mut bytes[mid..mid + 8] {
-                *b ^= 0xFF;
-            }
-            let n = conn
-                .execute(
-                    "UPDATE chunks SET bytes = ?1 WHERE chunk_id = ?2",
-                    rusqlite::params![bytes, chunk_id],
+            assert_eq!(incrementals.len(), 1, "snapshot + one incremental");
+            let flip = |mut bytes: Vec<u8>| {
+                let mid = bytes.len() / 2;
+                for b in &mut bytes[mid..mid + 8] {
+                    *b ^= 0xFF;
+                }
+                bytes
+            };
+            let n = if which == 0 {
+                conn.execute(
+                    "UPDATE documents SET snapshot = ?1 WHERE doc_key = ?2",
+                    rusqlite::params![flip(snapshot), key],
                 )
-                .unwrap();
+            } else {
+                let (chunk_id, bytes) = incrementals[0].clone();
+                conn.execute(
+                    "UPDATE chunks SET bytes = ?1 WHERE chunk_id = ?2",
+                    rusqlite::params![flip(bytes), chunk_id],
+                )
+            }
+            .unwrap();
             assert_eq!(n, 1);
         };
         corrupt(&snap, 0);
@@ -619,15 +634,17 @@ fn a_panicking_change_closure_leaves_the_replica_usable() {
     let db = TempDb::new();
     let (r, ids) = populated(&db, "a.db");
     let before = db_state(&r);
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        r.change(&ids[0], |tx: &mut Transaction<'_>| {
-            tx.put(ROOT, "half", "done").unwrap();
-            panic!("closure bug (expected in this test)");
-            #[allow(unreachable_code)]
-            Ok::<(), String>(())
-        })
-    }));
-    assert!(result.is_err(), "the panic reaches the caller");
+    let result = r.change(&ids[0], |tx: &mut Transaction<'_>| {
+        tx.put(ROOT, "half", "done").unwrap();
+        panic!("closure bug (expected in this test)");
+        #[allow(unreachable_code)]
+        Ok::<(), String>(())
+    });
+    // The panic becomes the command's error; the engine and the lock stay healthy.
+    match result {
+        Err(Error::ChangeFn(message)) => assert!(message.contains("closure bug"), "{message}"),
+        other => panic!("expected ChangeFn error, got {other:?}"),
+    }
     assert_eq!(db_state(&r), before, "nothing was committed");
     // The document's in-memory state was rolled back: the next edit builds on the stored state.
     r.update(&ids[0], json!({"n": 3})).unwrap();

@@ -62,6 +62,8 @@ pub enum Command {
     },
     /// Merge a bundle into this replica.
     ImportBundle { bundle: Bundle },
+    /// Fold the document's incremental chunks into one snapshot.
+    Compact { id: DocumentId },
 }
 
 impl Command {
@@ -76,7 +78,8 @@ impl Command {
             | Command::Splice { id, .. }
             | Command::Change { id, .. }
             | Command::Delete { id }
-            | Command::GetAt { id, .. } => vec![*id],
+            | Command::GetAt { id, .. }
+            | Command::Compact { id } => vec![*id],
             Command::ImportBundle { bundle } => bundle.entries.iter().map(|e| e.id()).collect(),
         }
     }
@@ -94,6 +97,7 @@ impl fmt::Debug for Command {
             Command::Change { id, .. } => write!(f, "Change({id})"),
             Command::Delete { id } => write!(f, "Delete({id})"),
             Command::GetAt { id, .. } => write!(f, "GetAt({id})"),
+            Command::Compact { id } => write!(f, "Compact({id})"),
             Command::ImportBundle { bundle } => {
                 write!(f, "ImportBundle({} entries)", bundle.entries.len())
             }
@@ -142,4 +146,6 @@ pub enum Output {
     Document(DocumentSnapshot),
     /// A bundle import.
     Imported(ImportReport),
+    /// A compaction; `bytes` is the size of the document's snapshot now.
+    Compacted { bytes: usize },
 }

@@ -110,6 +110,15 @@ pub struct StoredDoc {
 /// One storage write. All writes of one [`Effects`] commit together.
 #[derive(Clone, Debug)]
 pub enum StorageOp {
+    /// A live document new to storage, whole: catalog row, materialized body and snapshot.
+    InsertDocument {
+        id: DocumentId,
+        collection: String,
+        heads: Vec<ChangeHash>,
+        body: String,
+        snapshot: Vec<u8>,
+        seq: u64,
+    },
     /// Insert or replace the catalog row and the materialized JSON body of a document.
     PutDocument {
         id: DocumentId,
@@ -121,12 +130,8 @@ pub enum StorageOp {
         /// The change-feed sequence number of this write.
         seq: u64,
     },
-    /// Append a chunk of Automerge bytes.
-    AppendChunk {
-        id: DocumentId,
-        kind: ChunkKind,
-        bytes: Vec<u8>,
-    },
+    /// Append an incremental chunk of Automerge bytes (`save_after` the previous heads).
+    AppendChunk { id: DocumentId, bytes: Vec<u8> },
     /// Compaction: replace every stored chunk of the document with one snapshot.
     ReplaceChunks { id: DocumentId, snapshot: Vec<u8> },
     /// Remove the document's content (after a delete; the catalog row stays as the tombstone).
@@ -139,7 +144,8 @@ impl StorageOp {
     /// The document this write is about.
     pub fn doc(&self) -> DocumentId {
         match self {
-            StorageOp::PutDocument { id, .. }
+            StorageOp::InsertDocument { id, .. }
+            | StorageOp::PutDocument { id, .. }
             | StorageOp::AppendChunk { id, .. }
             | StorageOp::ReplaceChunks { id, .. }
             | StorageOp::PurgeChunks { id } => *id,

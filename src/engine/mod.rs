@@ -296,34 +296,77 @@ impl Engine {
             } => self.edit(now, id, fx, |tx| {
                 json::splice_text(tx, &path, index, delete, &insert)
             }),
-            Command::Change { id, f } => {
-                self.edit(now, id, fx, |tx| f(tx).map_err(Error::ChangeFn))
-            }
+            Command::Change { id, f } => self.edit(now, id, fx, |tx| {
+                // A panicking user closure must not take the engine down with it; the
+                // transaction is rolled back like for any other error.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tx))) {
+                    Ok(result) => result.map_err(Error::ChangeFn),
+                    Err(panic) => {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(Error::ChangeFn(format!("panicked: {message}")))
+                    }
+                }
+            }),
             Command::Delete { id } => self.delete(now, id, Origin::Local, fx),
             Command::GetAt { id, heads } => self.get_at(id, &heads),
             Command::ImportBundle { bundle } => self.import(now, bundle, fx),
+            Command::Compact { id } => self.compact(id, fx),
         }
     }
 
-    fn touch(&mut self, id: &DocumentId) -> Option<&mut DocState> {
+    /// Marks a document used and returns its state, loading a [`DocState::Saved`] one.
+    fn touch(&mut self, id: &DocumentId) -> Touched<'_> {
         self.tick += 1;
         let tick = self.tick;
-        self.docs.get_mut(id).map(|e| {
-            e.last_used = tick;
-            &mut e.state
-        })
+        let Some(entry) = self.docs.get_mut(id) else {
+            return Touched::Absent;
+        };
+        entry.last_used = tick;
+        if let DocState::Saved {
+            collection,
+            snapshot,
+        } = &mut entry.state
+        {
+            entry.state =
+                match LiveDoc::from_saved(*id, std::mem::take(collection), snapshot, &self.actor) {
+                    Ok(live) => DocState::Live(Box::new(live)),
+                    Err(e) => {
+                        self.broken = true;
+                        DocState::Broken(e.to_string())
+                    }
+                };
+        }
+        match &mut entry.state {
+            DocState::Live(live) => Touched::Live(live),
+            DocState::Deleted => Touched::Deleted,
+            DocState::Absent | DocState::Saved { .. } => Touched::Absent,
+            DocState::Broken(reason) => Touched::Broken(reason.clone()),
+        }
     }
 
     fn live(&mut self, id: DocumentId) -> Result<&mut LiveDoc, Error> {
         match self.touch(&id) {
-            Some(DocState::Live(doc)) => Ok(doc),
-            Some(DocState::Deleted) => Err(Error::Deleted(id)),
-            Some(DocState::Broken(reason)) => Err(Error::Corrupt {
-                id,
-                reason: reason.clone(),
-            }),
-            Some(DocState::Absent) | None => Err(Error::NotFound(id)),
+            Touched::Live(doc) => Ok(doc),
+            Touched::Deleted => Err(Error::Deleted(id)),
+            Touched::Broken(reason) => Err(Error::Corrupt { id, reason }),
+            Touched::Absent => Err(Error::NotFound(id)),
         }
+    }
+
+    fn compact(&mut self, id: DocumentId, fx: &mut Effects) -> Result<Output, Error> {
+        let live = self.live(id)?;
+        if live.incremental_chunks > 0 {
+            let snapshot = live.doc.save();
+            live.compacted(snapshot.len());
+            fx.writes.push(StorageOp::ReplaceChunks { id, snapshot });
+            self.dirty.insert(id);
+        }
+        let bytes = self.live(id)?.snapshot_bytes;
+        Ok(Output::Compacted { bytes })
     }
 
     fn commit_options(now: i64) -> CommitOptions {
@@ -362,18 +405,13 @@ impl Engine {
         let body = Value::Object(body).to_string();
         debug_assert_eq!(body, json::materialize(&doc, None).to_string());
         let seq = self.take_seq();
-        fx.writes.push(StorageOp::PutDocument {
+        fx.writes.push(StorageOp::InsertDocument {
             id,
             collection: collection.clone(),
-            deleted: false,
             heads: heads.clone(),
-            body: Some(body),
+            body,
+            snapshot: snapshot.clone(),
             seq,
-        });
-        fx.writes.push(StorageOp::AppendChunk {
-            id,
-            kind: ChunkKind::Snapshot,
-            bytes: snapshot.clone(),
         });
         self.emit(
             fx,
@@ -391,7 +429,12 @@ impl Engine {
         self.docs.insert(
             id,
             Entry {
-                state: DocState::Live(Box::new(LiveDoc::new(doc, collection, snapshot.len()))),
+                // Drop the Automerge value now, while it is hot in cache: freeing thousands of
+                // them later, at eviction, costs more than loading the few that get edited.
+                state: DocState::Saved {
+                    collection,
+                    snapshot,
+                },
                 last_used: self.tick,
             },
         );
@@ -463,7 +506,6 @@ impl Engine {
         } else {
             fx.writes.push(StorageOp::AppendChunk {
                 id,
-                kind: ChunkKind::Incremental,
                 bytes: incremental,
             });
         }
@@ -494,15 +536,12 @@ impl Engine {
         fx: &mut Effects,
     ) -> Result<Output, Error> {
         let (collection, heads) = match self.touch(&id) {
-            Some(DocState::Live(live)) => (live.collection.clone(), live.doc.get_heads()),
-            Some(DocState::Deleted) => return Ok(Output::Deleted { changed: false }),
-            Some(DocState::Broken(reason)) => {
-                return Err(Error::Corrupt {
-                    id,
-                    reason: reason.clone(),
-                });
+            Touched::Live(live) => (live.collection.clone(), live.doc.get_heads()),
+            Touched::Deleted => return Ok(Output::Deleted { changed: false }),
+            Touched::Broken(reason) => {
+                return Err(Error::Corrupt { id, reason });
             }
-            Some(DocState::Absent) | None => return Err(Error::NotFound(id)),
+            Touched::Absent => return Err(Error::NotFound(id)),
         };
         self.write_tombstone(now, id, collection, heads, origin, fx);
         Ok(Output::Deleted { changed: true })
@@ -608,13 +647,13 @@ impl Engine {
         for item in incoming {
             match item {
                 Incoming::Tombstone { id, collection } => match self.touch(&id) {
-                    Some(DocState::Live(live)) => {
+                    Touched::Live(live) => {
                         let (collection, heads) = (live.collection.clone(), live.doc.get_heads());
                         self.write_tombstone(now, id, collection, heads, Origin::Bundle, fx);
                         report.deleted += 1;
                     }
-                    Some(DocState::Deleted) | Some(DocState::Broken(_)) => report.unchanged += 1,
-                    Some(DocState::Absent) | None => {
+                    Touched::Deleted | Touched::Broken(_) => report.unchanged += 1,
+                    Touched::Absent => {
                         self.write_tombstone(now, id, collection, Vec::new(), Origin::Bundle, fx);
                         report.deleted += 1;
                     }
@@ -625,7 +664,7 @@ impl Engine {
                     mut doc,
                     bytes,
                 } => match self.touch(&id) {
-                    Some(DocState::Live(live)) => {
+                    Touched::Live(live) => {
                         if live.collection != collection {
                             tracing::warn!(doc = %id, ours = %live.collection, theirs = %collection, "bundle entry names another collection; skipped");
                             report.unchanged += 1;
@@ -642,24 +681,19 @@ impl Engine {
                             report.updated += 1;
                         }
                     }
-                    Some(DocState::Deleted) | Some(DocState::Broken(_)) => report.unchanged += 1,
-                    Some(DocState::Absent) | None => {
+                    Touched::Deleted | Touched::Broken(_) => report.unchanged += 1,
+                    Touched::Absent => {
                         doc.set_actor(self.actor.clone());
                         let heads = doc.get_heads();
                         let body = json::materialize(&*doc, None).to_string();
                         let seq = self.take_seq();
-                        fx.writes.push(StorageOp::PutDocument {
+                        fx.writes.push(StorageOp::InsertDocument {
                             id,
                             collection: collection.clone(),
-                            deleted: false,
                             heads: heads.clone(),
-                            body: Some(body),
+                            body,
+                            snapshot: bytes.clone(),
                             seq,
-                        });
-                        fx.writes.push(StorageOp::AppendChunk {
-                            id,
-                            kind: ChunkKind::Snapshot,
-                            bytes: bytes.clone(),
                         });
                         self.emit(
                             fx,
@@ -677,11 +711,10 @@ impl Engine {
                         self.docs.insert(
                             id,
                             Entry {
-                                state: DocState::Live(Box::new(LiveDoc::new(
-                                    *doc,
+                                state: DocState::Saved {
                                     collection,
-                                    bytes.len(),
-                                ))),
+                                    snapshot: bytes,
+                                },
                                 last_used: self.tick,
                             },
                         );
@@ -693,6 +726,14 @@ impl Engine {
         }
         Ok(Output::Imported(report))
     }
+}
+
+/// A document's state as a command sees it (a saved document is loaded first).
+enum Touched<'a> {
+    Live(&'a mut LiveDoc),
+    Deleted,
+    Absent,
+    Broken(String),
 }
 
 enum Incoming {

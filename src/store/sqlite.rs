@@ -20,35 +20,37 @@ const APPLICATION_ID: i64 = 0x5745_4654;
 
 /// Schema migrations; `PRAGMA user_version` is the number applied. Append, never edit.
 const MIGRATIONS: &[&str] = &[
-    // 1: catalog, chunks, change feed, meta.
+    // 1: catalog (with each document's compacted snapshot), incremental chunks, change feed.
+    // Documents are referred to by their integer `doc_key` everywhere but the catalog, so the
+    // 16-byte id is stored (and indexed) once.
     "CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
         value BLOB NOT NULL
     ) WITHOUT ROWID;
     CREATE TABLE documents (
+        doc_key     INTEGER PRIMARY KEY,
         doc_id      BLOB NOT NULL UNIQUE,
         collection  TEXT NOT NULL,
         deleted     INTEGER NOT NULL DEFAULT 0,
         heads       BLOB NOT NULL,
+        updated_seq INTEGER NOT NULL,
         body        TEXT,
-        updated_seq INTEGER NOT NULL
+        snapshot    BLOB
     );
     CREATE INDEX documents_by_collection ON documents (collection);
     CREATE TABLE chunks (
         chunk_id INTEGER PRIMARY KEY,
-        doc_id   BLOB NOT NULL,
-        kind     INTEGER NOT NULL,
+        doc_key  INTEGER NOT NULL,
         bytes    BLOB NOT NULL
     );
-    CREATE INDEX chunks_by_doc ON chunks (doc_id, chunk_id);
+    CREATE INDEX chunks_by_doc ON chunks (doc_key, chunk_id);
     CREATE TABLE changes (
-        seq        INTEGER PRIMARY KEY,
-        doc_id     BLOB NOT NULL,
-        collection TEXT NOT NULL,
-        kind       INTEGER NOT NULL,
-        heads      BLOB NOT NULL,
-        origin     TEXT NOT NULL,
-        at         INTEGER NOT NULL
+        seq     INTEGER PRIMARY KEY,
+        doc_key INTEGER NOT NULL,
+        kind    INTEGER NOT NULL,
+        heads   BLOB NOT NULL,
+        origin  TEXT NOT NULL,
+        at      INTEGER NOT NULL
     );",
 ];
 
@@ -203,32 +205,26 @@ impl SqliteStore {
     pub fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
         let row = self
             .conn
-            .prepare_cached("SELECT collection, deleted, heads FROM documents WHERE doc_id = ?1")?
+            .prepare_cached("SELECT doc_key, collection, deleted, heads, snapshot FROM documents WHERE doc_id = ?1")?
             .query_row([id.as_bytes().as_slice()], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, bool>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                ))
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?, r.get::<_, Vec<u8>>(3)?, r.get::<_, Option<Vec<u8>>>(4)?))
             })
             .optional()?;
-        let Some((collection, deleted, heads)) = row else {
+        let Some((key, collection, deleted, heads, snapshot)) = row else {
             return Ok(None);
         };
         let mut chunks = Vec::new();
         if !deleted {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT kind, bytes FROM chunks WHERE doc_id = ?1 ORDER BY chunk_id",
-            )?;
-            let mut rows = stmt.query([id.as_bytes().as_slice()])?;
-            while let Some(row) = rows.next()? {
-                let tag: u8 = row.get(0)?;
-                let kind = ChunkKind::from_u8(tag).ok_or_else(|| {
-                    StoreError::Corrupt(format!("chunk of {id} has unknown kind {tag}"))
-                })?;
+            if let Some(bytes) = snapshot {
                 chunks.push(StoredChunk {
-                    kind,
-                    bytes: row.get(1)?,
+                    kind: ChunkKind::Snapshot,
+                    bytes,
+                });
+            }
+            for bytes in self.incrementals(key)? {
+                chunks.push(StoredChunk {
+                    kind: ChunkKind::Incremental,
+                    bytes,
                 });
             }
         }
@@ -238,6 +234,14 @@ impl SqliteStore {
             heads: decode_heads(&heads)?,
             chunks,
         }))
+    }
+
+    fn incrementals(&self, key: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT bytes FROM chunks WHERE doc_key = ?1 ORDER BY chunk_id")?;
+        let rows = stmt.query_map([key], |r| r.get::<_, Vec<u8>>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Starts the write transaction that one driver step runs in (`BEGIN IMMEDIATE`: waits for
@@ -291,7 +295,25 @@ impl SqliteStore {
 
     /// Applies engine writes inside the transaction opened by [`begin`](Self::begin).
     pub fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
-        let tx = &self.conn;
+        let conn = &self.conn;
+        // doc_key of documents written in this batch (PutDocument always comes first).
+        let mut keys: std::collections::HashMap<DocumentId, i64> = std::collections::HashMap::new();
+        let key_of = |keys: &mut std::collections::HashMap<DocumentId, i64>,
+                      id: &DocumentId|
+         -> Result<i64, StoreError> {
+            if let Some(key) = keys.get(id) {
+                return Ok(*key);
+            }
+            let key = conn
+                .prepare_cached("SELECT doc_key FROM documents WHERE doc_id = ?1")?
+                .query_row([id.as_bytes().as_slice()], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("write for {id}, which has no catalog row"))
+                })?;
+            keys.insert(*id, key);
+            Ok(key)
+        };
         for op in ops {
             match op {
                 StorageOp::PutDocument {
@@ -302,44 +324,56 @@ impl SqliteStore {
                     body,
                     seq,
                 } => {
-                    tx.prepare_cached(
-                        "INSERT INTO documents (doc_id, collection, deleted, heads, body, updated_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                         ON CONFLICT (doc_id) DO UPDATE SET deleted = excluded.deleted, heads = excluded.heads,
-                             body = excluded.body, updated_seq = excluded.updated_seq",
-                    )?
-                    .execute(params![id.as_bytes().as_slice(), collection, deleted, encode_heads(heads), body, *seq as i64])?;
+                    let key: i64 = conn
+                        .prepare_cached(
+                            "INSERT INTO documents (doc_id, collection, deleted, heads, updated_seq, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                             ON CONFLICT (doc_id) DO UPDATE SET deleted = excluded.deleted, heads = excluded.heads,
+                                 updated_seq = excluded.updated_seq, body = excluded.body
+                             RETURNING doc_key",
+                        )?
+                        .query_row(params![id.as_bytes().as_slice(), collection, deleted, encode_heads(heads), sql_int(*seq), body], |r| r.get(0))?;
+                    keys.insert(*id, key);
                 }
-                StorageOp::AppendChunk { id, kind, bytes } => {
-                    tx.prepare_cached(
-                        "INSERT INTO chunks (doc_id, kind, bytes) VALUES (?1, ?2, ?3)",
-                    )?
-                    .execute(params![
-                        id.as_bytes().as_slice(),
-                        *kind as u8,
-                        bytes
-                    ])?;
+                StorageOp::InsertDocument {
+                    id,
+                    collection,
+                    heads,
+                    body,
+                    snapshot,
+                    seq,
+                } => {
+                    let key: i64 = conn
+                        .prepare_cached(
+                            "INSERT INTO documents (doc_id, collection, deleted, heads, updated_seq, body, snapshot)
+                             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6) RETURNING doc_key",
+                        )?
+                        .query_row(params![id.as_bytes().as_slice(), collection, encode_heads(heads), sql_int(*seq), body, snapshot], |r| r.get(0))?;
+                    keys.insert(*id, key);
                 }
                 StorageOp::ReplaceChunks { id, snapshot } => {
-                    tx.prepare_cached("DELETE FROM chunks WHERE doc_id = ?1")?
-                        .execute([id.as_bytes().as_slice()])?;
-                    tx.prepare_cached(
-                        "INSERT INTO chunks (doc_id, kind, bytes) VALUES (?1, ?2, ?3)",
-                    )?
-                    .execute(params![
-                        id.as_bytes().as_slice(),
-                        ChunkKind::Snapshot as u8,
-                        snapshot
-                    ])?;
+                    let key = key_of(&mut keys, id)?;
+                    conn.prepare_cached("UPDATE documents SET snapshot = ?2 WHERE doc_key = ?1")?
+                        .execute(params![key, snapshot])?;
+                    conn.prepare_cached("DELETE FROM chunks WHERE doc_key = ?1")?
+                        .execute([key])?;
+                }
+                StorageOp::AppendChunk { id, bytes } => {
+                    let key = key_of(&mut keys, id)?;
+                    conn.prepare_cached("INSERT INTO chunks (doc_key, bytes) VALUES (?1, ?2)")?
+                        .execute(params![key, bytes])?;
                 }
                 StorageOp::PurgeChunks { id } => {
-                    tx.prepare_cached("DELETE FROM chunks WHERE doc_id = ?1")?
-                        .execute([id.as_bytes().as_slice()])?;
+                    let key = key_of(&mut keys, id)?;
+                    conn.prepare_cached("UPDATE documents SET snapshot = NULL WHERE doc_key = ?1")?
+                        .execute([key])?;
+                    conn.prepare_cached("DELETE FROM chunks WHERE doc_key = ?1")?
+                        .execute([key])?;
                 }
                 StorageOp::AppendChange(event) => {
-                    tx.prepare_cached("INSERT INTO changes (seq, doc_id, collection, kind, heads, origin, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?.execute(params![
-                        event.seq as i64,
-                        event.id.as_bytes().as_slice(),
-                        event.collection,
+                    let key = key_of(&mut keys, &event.id)?;
+                    conn.prepare_cached("INSERT INTO changes (seq, doc_key, kind, heads, origin, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![
+                        sql_int(event.seq),
+                        key,
                         event.kind.as_u8(),
                         encode_heads(&event.heads),
                         event.origin.to_string(),
@@ -374,7 +408,7 @@ impl SqliteStore {
             sql.push_str(" AND ");
             compile_filter(filter, &mut sql, &mut args);
         }
-        sql.push_str(" ORDER BY rowid");
+        sql.push_str(" ORDER BY doc_key");
         if let Some(limit) = query.limit {
             sql.push_str(" LIMIT ?");
             args.push(SqlValue::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
@@ -392,13 +426,13 @@ impl SqliteStore {
         collection: Option<&str>,
     ) -> Result<Vec<ChangeEvent>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, doc_id, collection, kind, heads, origin, at FROM changes
-             WHERE seq > ?1 AND (?2 IS NULL OR collection = ?2) ORDER BY seq LIMIT ?3",
+            "SELECT c.seq, d.doc_id, d.collection, c.kind, c.heads, c.origin, c.at
+             FROM changes c JOIN documents d ON d.doc_key = c.doc_key
+             WHERE c.seq > ?1 AND (?2 IS NULL OR d.collection = ?2) ORDER BY c.seq LIMIT ?3",
         )?;
         let rows = stmt.query_map(
             params![
-                // Clamped, not wrapped: u64::MAX as i64 is -1, which would select everything.
-                i64::try_from(since).unwrap_or(i64::MAX),
+                sql_int(since),
                 collection,
                 i64::try_from(limit).unwrap_or(i64::MAX)
             ],
@@ -438,38 +472,36 @@ impl SqliteStore {
         let (clause, arg) = match scope {
             BundleScope::All => ("1 = 1 OR ?1 IS NULL", SqlValue::Null),
             BundleScope::Collection(c) => ("collection = ?1", SqlValue::Text(c.clone())),
-            BundleScope::Since(seq) => (
-                "updated_seq > ?1",
-                SqlValue::Integer(i64::try_from(*seq).unwrap_or(i64::MAX)),
-            ),
+            BundleScope::Since(seq) => ("updated_seq > ?1", SqlValue::Integer(sql_int(*seq))),
         };
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT doc_id, collection, deleted, heads FROM documents WHERE {clause} ORDER BY rowid"
+            "SELECT doc_key, doc_id, collection, deleted, heads, snapshot, EXISTS (SELECT 1 FROM chunks c WHERE c.doc_key = d.doc_key)
+             FROM documents d WHERE {clause} ORDER BY doc_key"
         ))?;
         let rows = stmt.query_map([arg], |r| {
             Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, bool>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, Option<Vec<u8>>>(5)?,
+                r.get::<_, bool>(6)?,
             ))
         })?;
-        let mut chunk_stmt = self
-            .conn
-            .prepare_cached("SELECT bytes FROM chunks WHERE doc_id = ?1 ORDER BY chunk_id")?;
         let mut entries = Vec::new();
         for row in rows {
-            let (id, collection, deleted, heads) = row?;
+            let (key, id, collection, deleted, heads, snapshot, has_incrementals) = row?;
             let id = doc_id(&id)?;
             if deleted {
                 entries.push(BundleEntry::Tombstone { id, collection });
                 continue;
             }
-            let mut bytes = Vec::new();
-            let mut chunks = chunk_stmt.query([id.as_bytes().as_slice()])?;
-            while let Some(chunk) = chunks.next()? {
-                bytes
-                    .extend_from_slice(chunk.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?);
+            let mut bytes = snapshot.unwrap_or_default();
+            if has_incrementals {
+                for chunk in self.incrementals(key)? {
+                    bytes.extend_from_slice(&chunk);
+                }
             }
             entries.push(BundleEntry::Document {
                 id,
@@ -479,6 +511,29 @@ impl SqliteStore {
             });
         }
         Ok(entries)
+    }
+
+    /// Documents that have incremental chunks waiting to be folded into their snapshot.
+    pub fn uncompacted(&self) -> Result<Vec<DocumentId>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT doc_id FROM documents WHERE doc_key IN (SELECT DISTINCT doc_key FROM chunks) AND deleted = 0")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|r| doc_id(&r?)).collect()
+    }
+
+    /// Log-compacts the change feed: keeps only the newest entry of each document. A consumer
+    /// resuming from any sequence number still learns of every document changed since (with its
+    /// latest version); only superseded intermediate entries disappear. Returns entries removed.
+    pub fn compact_feed(&mut self) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM changes WHERE seq NOT IN (SELECT max(seq) FROM changes GROUP BY doc_key)",
+            [],
+        )?)
+    }
+
+    /// Rebuilds the file without free pages (`VACUUM`). Needs no open transaction.
+    pub fn vacuum(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("VACUUM")?;
+        Ok(())
     }
 
     /// Runs `PRAGMA integrity_check`; `Ok(())` when SQLite reports "ok".
@@ -512,6 +567,11 @@ impl SqliteStore {
 }
 
 const RECORD_COLUMNS: &str = "doc_id, collection, deleted, heads, body, updated_seq";
+
+/// SQLite integers are signed: larger values are clamped (a "since" past every entry).
+fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
 
 fn doc_id(bytes: &[u8]) -> Result<DocumentId, StoreError> {
     DocumentId::try_from_slice(bytes)
