@@ -108,6 +108,9 @@ pub struct Engine {
     /// an actor never reuses a sequence number even if a crash lost a change that was in memory.
     actor: ActorId,
     next_seq: u64,
+    /// An empty document with our actor: cloned for every new document (cheaper than
+    /// `Automerge::new()`, which also draws a throwaway actor id from the OS).
+    empty: Automerge,
     docs: HashMap<DocumentId, Entry>,
     queue: VecDeque<(CommandId, Command)>,
     loading: HashSet<DocumentId>,
@@ -130,6 +133,7 @@ impl Engine {
             next_seq: config.next_seq,
             config,
             rng,
+            empty: Automerge::new().with_actor(ActorId::from(actor.as_slice())),
             actor: ActorId::from(actor.as_slice()),
             docs: HashMap::new(),
             queue: VecDeque::new(),
@@ -388,7 +392,7 @@ impl Engine {
     ) -> Result<Output, Error> {
         validate_collection(&collection)?;
         let id = DocumentId::from_bytes(self.rng.random());
-        let mut doc = Automerge::new().with_actor(self.actor.clone());
+        let mut doc = self.empty.clone();
         let mut tx = doc.transaction();
         json::create_root(&mut tx, &body)?;
         if tx.pending_ops() == 0 {
@@ -404,6 +408,34 @@ impl Engine {
         // (same key order, same number kinds), so skip the round trip.
         let body = Value::Object(body).to_string();
         debug_assert_eq!(body, json::materialize(&doc, None).to_string());
+        self.insert_new(
+            now,
+            id,
+            collection,
+            heads.clone(),
+            body,
+            snapshot,
+            Origin::Local,
+            fx,
+        );
+        Ok(Output::Created { id, heads })
+    }
+
+    /// Writes a document that is new to storage and keeps it as its saved bytes: the
+    /// `Automerge` value is dropped now, while it is hot in cache — freeing thousands of them
+    /// later, at eviction, costs more than loading again the few that get edited.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_new(
+        &mut self,
+        now: i64,
+        id: DocumentId,
+        collection: String,
+        heads: Vec<ChangeHash>,
+        body: String,
+        snapshot: Vec<u8>,
+        origin: Origin,
+        fx: &mut Effects,
+    ) {
         let seq = self.take_seq();
         fx.writes.push(StorageOp::InsertDocument {
             id,
@@ -420,8 +452,8 @@ impl Engine {
                 id,
                 collection: collection.clone(),
                 kind: ChangeKind::Created,
-                heads: heads.clone(),
-                origin: Origin::Local,
+                heads,
+                origin,
                 at: now,
             },
         );
@@ -429,8 +461,6 @@ impl Engine {
         self.docs.insert(
             id,
             Entry {
-                // Drop the Automerge value now, while it is hot in cache: freeing thousands of
-                // them later, at eviction, costs more than loading the few that get edited.
                 state: DocState::Saved {
                     collection,
                     snapshot,
@@ -439,7 +469,6 @@ impl Engine {
             },
         );
         self.dirty.insert(id);
-        Ok(Output::Created { id, heads })
     }
 
     /// Runs `f` in one Automerge transaction. On error nothing changes (the transaction is rolled
@@ -686,39 +715,16 @@ impl Engine {
                         doc.set_actor(self.actor.clone());
                         let heads = doc.get_heads();
                         let body = json::materialize(&*doc, None).to_string();
-                        let seq = self.take_seq();
-                        fx.writes.push(StorageOp::InsertDocument {
+                        self.insert_new(
+                            now,
                             id,
-                            collection: collection.clone(),
-                            heads: heads.clone(),
+                            collection,
+                            heads,
                             body,
-                            snapshot: bytes.clone(),
-                            seq,
-                        });
-                        self.emit(
+                            bytes,
+                            Origin::Bundle,
                             fx,
-                            ChangeEvent {
-                                seq,
-                                id,
-                                collection: collection.clone(),
-                                kind: ChangeKind::Created,
-                                heads,
-                                origin: Origin::Bundle,
-                                at: now,
-                            },
                         );
-                        self.tick += 1;
-                        self.docs.insert(
-                            id,
-                            Entry {
-                                state: DocState::Saved {
-                                    collection,
-                                    snapshot: bytes,
-                                },
-                                last_used: self.tick,
-                            },
-                        );
-                        self.dirty.insert(id);
                         report.created += 1;
                     }
                 },
