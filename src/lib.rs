@@ -42,6 +42,7 @@ pub mod error;
 mod hooks;
 pub mod id;
 pub mod json;
+pub mod protocol;
 pub mod query;
 #[cfg(feature = "sqlite")]
 mod replica;

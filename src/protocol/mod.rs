@@ -1,0 +1,214 @@
+//! The wire protocol between replicas and the relay (work in progress: the replication issue
+//! builds the sessions on top of it).
+//!
+//! A connection carries frames; one frame is one WebSocket binary message:
+//!
+//! ```text
+//! magic   2 bytes  "wf"
+//! version 1 byte   PROTOCOL_VERSION
+//! body    postcard-encoded `Message`
+//! ```
+//!
+//! Every byte string either decodes to a [`Message`] or gives a [`ProtocolError`]: never a panic,
+//! and never an allocation larger than the frame itself (the frame size is checked against the
+//! limit before anything is decoded). postcard, not bincode: see ARCHITECTURE.md.
+//!
+//! Catalog reconciliation (how two sides find the documents that differ without listing them
+//! all): each document has a 64-bit [`doc_digest`] of its id, heads and tombstone flag; documents
+//! fall into 256 buckets by the first byte of their id; a bucket's digest is the XOR of its
+//! documents' digests (order-free, updatable in O(1)). A side opens with a [`Message::Summary`]
+//! (count + 256 bucket digests, about 2 KiB whatever the catalog size); when nothing differs the
+//! exchange ends there. Otherwise only the differing buckets' entries are exchanged.
+
+mod frame;
+
+use serde::{Deserialize, Serialize};
+
+pub use frame::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ProtocolError, decode, encode};
+
+use crate::id::{DocumentId, ReplicaId};
+
+/// A 64-bit digest (of a document's version, or of a bucket of documents).
+pub type Digest = u64;
+
+/// Which collections a session covers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireScope {
+    All,
+    Collections(Vec<String>),
+}
+
+/// Why a `Hello` was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// The peer speaks another protocol version.
+    ProtocolVersion,
+    /// Missing, malformed, forged or expired token.
+    Unauthorized,
+    /// Asked for collections the token does not grant.
+    Forbidden,
+    /// The relay is at its connection limit.
+    Busy,
+}
+
+/// A typed error about one request or document; the session may go on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// A frame that does not decode.
+    Malformed,
+    /// A frame over the size limit.
+    TooLarge,
+    /// Automerge bytes that do not load or apply.
+    BadDocument,
+    /// A write to a collection the session may not write.
+    Forbidden,
+    /// Too many messages or bytes per second.
+    RateLimited,
+    /// The peer failed on its side.
+    Internal,
+}
+
+/// What a sync item carries for one document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// An Automerge sync-protocol message.
+    Sync(#[serde(with = "serde_bytes_compat")] Vec<u8>),
+    /// The whole document (`save()`), for a peer that has none of it: one message instead of
+    /// several sync rounds.
+    Whole(#[serde(with = "serde_bytes_compat")] Vec<u8>),
+    /// The document is deleted.
+    Tombstone,
+}
+
+/// One document's share of a [`Message::Sync`] batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncItem {
+    pub id: DocumentId,
+    pub collection: String,
+    pub payload: Payload,
+}
+
+/// One catalog entry in reconciliation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    pub id: DocumentId,
+    pub digest: Digest,
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Client -> relay, first frame.
+    Hello {
+        protocol: u16,
+        replica: ReplicaId,
+        token: Option<String>,
+        scope: WireScope,
+    },
+    /// Relay -> client: accepted, with the scope granted and the relay's frame limit.
+    Welcome {
+        replica: ReplicaId,
+        scope: WireScope,
+        max_frame: u32,
+    },
+    /// Relay -> client: refused; the connection closes.
+    Reject {
+        code: RejectCode,
+        reason: String,
+    },
+    /// Reconciliation: the number of documents in scope and the 256 bucket digests.
+    Summary {
+        count: u64,
+        buckets: Vec<Digest>,
+    },
+    /// Reconciliation: the entries of the buckets that differ (`buckets` lists them).
+    Entries {
+        buckets: Vec<u8>,
+        entries: Vec<CatalogEntry>,
+    },
+    /// Sync messages, whole documents and tombstones for many documents at once.
+    Sync {
+        batch: Vec<SyncItem>,
+    },
+    /// Relay -> client: these heads of these documents are durable on the relay.
+    Persisted {
+        docs: Vec<(DocumentId, Vec<[u8; 32]>)>,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// A typed error, optionally about one document.
+    Error {
+        code: ErrorCode,
+        message: String,
+        doc: Option<DocumentId>,
+    },
+}
+
+/// The 64-bit digest of a document's version: equal on two replicas exactly when they hold the
+/// same heads and tombstone state (up to a 2^-64 chance).
+pub fn doc_digest(id: &DocumentId, heads: &[automerge::ChangeHash], deleted: bool) -> Digest {
+    let mut acc = mix(
+        u64::from_le_bytes(id.as_bytes()[..8].try_into().unwrap_or_default())
+            ^ 0x9e37_79b9_7f4a_7c15,
+    );
+    acc ^= mix(u64::from_le_bytes(
+        id.as_bytes()[8..].try_into().unwrap_or_default(),
+    ));
+    for head in heads {
+        // Heads are SHA-256 hashes: 8 of their bytes are already uniformly distributed. XOR makes
+        // the digest independent of the order heads are listed in.
+        acc ^= mix(u64::from_le_bytes(
+            head.0[..8].try_into().unwrap_or_default(),
+        ));
+    }
+    if deleted {
+        acc = mix(acc ^ 0xdead_beef_dead_beef);
+    }
+    acc
+}
+
+/// The bucket of a document in reconciliation.
+pub fn bucket_of(id: &DocumentId) -> u8 {
+    id.as_bytes()[0]
+}
+
+/// splitmix64's finalizer: a bijective 64-bit mix.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Byte vectors as one length-prefixed run (postcard encodes `serde_bytes`-style data as
+/// `len + bytes`, far smaller and faster than a sequence of u8).
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_bytes(Visitor)
+    }
+}
