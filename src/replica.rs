@@ -418,6 +418,26 @@ impl Replica {
         self.lock().engine.next_seq() - 1
     }
 
+    // ----- reconciliation -------------------------------------------------------------------
+
+    /// The reconciliation summary (count and 256 bucket digests) of the documents in `scope`,
+    /// deleted ones included. Two replicas whose summaries are equal hold the same versions.
+    pub fn catalog_summary(&self, scope: &Scope) -> Result<crate::protocol::CatalogSummary> {
+        Ok(self.lock().store.catalog_summary(scope_names(scope))?)
+    }
+
+    /// The catalog entries of some reconciliation buckets, for finding the documents that differ.
+    pub fn catalog_entries(
+        &self,
+        scope: &Scope,
+        buckets: &[u8],
+    ) -> Result<Vec<crate::protocol::CatalogEntry>> {
+        Ok(self
+            .lock()
+            .store
+            .catalog_entries(scope_names(scope), buckets)?)
+    }
+
     // ----- hooks ----------------------------------------------------------------------------
 
     /// Calls `f` after every committed change in `scope`, in feed order, on the thread that
@@ -505,6 +525,13 @@ impl Replica {
     /// Live documents, tombstones and change-feed entries.
     pub fn counts(&self) -> Result<(u64, u64, u64)> {
         Ok(self.lock().store.counts()?)
+    }
+}
+
+fn scope_names(scope: &Scope) -> Option<&[String]> {
+    match scope {
+        Scope::All => None,
+        Scope::Collections(names) => Some(names),
     }
 }
 

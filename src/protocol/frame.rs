@@ -94,7 +94,11 @@ mod tests {
             },
             Message::Entries {
                 buckets: vec![1, 2],
-                entries: vec![CatalogEntry { id, digest: 42 }],
+                entries: vec![CatalogEntry {
+                    id,
+                    digest: 42,
+                    deleted: true,
+                }],
             },
             Message::Sync {
                 batch: vec![

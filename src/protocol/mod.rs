@@ -92,7 +92,43 @@ pub struct SyncItem {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogEntry {
     pub id: DocumentId,
+    /// [`doc_digest`] of the sender's version.
     pub digest: Digest,
+    /// The sender holds a tombstone for this document.
+    pub deleted: bool,
+}
+
+/// The reconciliation summary of a catalog: document count and the 256 bucket digests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogSummary {
+    pub count: u64,
+    pub buckets: Vec<Digest>,
+}
+
+impl CatalogSummary {
+    /// An empty catalog.
+    pub fn empty() -> Self {
+        Self {
+            count: 0,
+            buckets: vec![0; 256],
+        }
+    }
+
+    /// Adds one document's digest.
+    pub fn add(&mut self, id: &DocumentId, digest: Digest) {
+        self.count += 1;
+        self.buckets[usize::from(bucket_of(id))] ^= digest;
+    }
+
+    /// The buckets whose digests differ from `other`'s (all 256 if `other` is malformed).
+    pub fn differing(&self, other: &[Digest]) -> Vec<u8> {
+        if other.len() != 256 {
+            return (0..=255).collect();
+        }
+        (0..=255u8)
+            .filter(|b| self.buckets[usize::from(*b)] != other[usize::from(*b)])
+            .collect()
+    }
 }
 
 /// Every message of the protocol.

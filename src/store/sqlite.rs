@@ -13,6 +13,7 @@ use super::{DocRecord, StoreError, decode_heads, encode_heads};
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::{ChangeEvent, ChangeKind, ChunkKind, StorageOp, StoredChunk, StoredDoc};
 use crate::id::{DocumentId, ReplicaId};
+use crate::protocol::{CatalogEntry, CatalogSummary, Digest, bucket_of, doc_digest};
 use crate::query::{CmpOp, FieldPath, FieldSeg, Filter, Query};
 
 /// `PRAGMA application_id`: "WEFT".
@@ -511,6 +512,64 @@ impl SqliteStore {
             });
         }
         Ok(entries)
+    }
+
+    /// The reconciliation summary of the documents (live and deleted) in `collections` (all
+    /// when `None`).
+    pub fn catalog_summary(
+        &self,
+        collections: Option<&[String]>,
+    ) -> Result<CatalogSummary, StoreError> {
+        let mut summary = CatalogSummary::empty();
+        self.scan_catalog(collections, |id, digest, _| summary.add(&id, digest))?;
+        Ok(summary)
+    }
+
+    /// The catalog entries of the given reconciliation buckets.
+    pub fn catalog_entries(
+        &self,
+        collections: Option<&[String]>,
+        buckets: &[u8],
+    ) -> Result<Vec<CatalogEntry>, StoreError> {
+        let mut wanted = [false; 256];
+        for b in buckets {
+            wanted[usize::from(*b)] = true;
+        }
+        let mut entries = Vec::new();
+        self.scan_catalog(collections, |id, digest, deleted| {
+            if wanted[usize::from(bucket_of(&id))] {
+                entries.push(CatalogEntry {
+                    id,
+                    digest,
+                    deleted,
+                });
+            }
+        })?;
+        Ok(entries)
+    }
+
+    fn scan_catalog(
+        &self,
+        collections: Option<&[String]>,
+        mut f: impl FnMut(DocumentId, Digest, bool),
+    ) -> Result<(), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT doc_id, collection, deleted, heads FROM documents")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            if let Some(names) = collections {
+                let collection = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+                if !names.iter().any(|n| n == collection) {
+                    continue;
+                }
+            }
+            let id = doc_id(row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?)?;
+            let deleted: bool = row.get(2)?;
+            let heads = decode_heads(row.get_ref(3)?.as_blob().map_err(rusqlite::Error::from)?)?;
+            f(id, doc_digest(&id, &heads, deleted), deleted);
+        }
+        Ok(())
     }
 
     /// Documents that have incremental chunks waiting to be folded into their snapshot.
