@@ -15,30 +15,7 @@ use crate::engine::ChangeEvent;
 use crate::error::Result;
 use crate::replica::Replica;
 
-/// Which collections a hook or subscription sees.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum Scope {
-    /// Every collection.
-    #[default]
-    All,
-    /// Only these collections.
-    Collections(Vec<String>),
-}
-
-impl Scope {
-    /// One collection.
-    pub fn collection(name: impl Into<String>) -> Self {
-        Scope::Collections(vec![name.into()])
-    }
-
-    /// Whether a collection is in scope.
-    pub fn contains(&self, collection: &str) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::Collections(names) => names.iter().any(|n| n == collection),
-        }
-    }
-}
+pub use crate::scope::Scope;
 
 /// How many events a subscription buffers before it falls back to reading the durable feed.
 const CHANNEL_CAPACITY: usize = 1024;

@@ -46,6 +46,7 @@ pub mod protocol;
 pub mod query;
 #[cfg(feature = "sqlite")]
 mod replica;
+pub mod scope;
 pub mod store;
 
 pub use automerge;
@@ -54,10 +55,11 @@ pub use bundle::{Bundle, BundleEntry, BundleError, BundleScope};
 pub use engine::{ChangeEvent, ChangeKind, ImportReport, Origin};
 pub use error::{Error, Result};
 #[cfg(feature = "sqlite")]
-pub use hooks::{HookGuard, Scope, Subscription};
+pub use hooks::{HookGuard, Subscription};
 pub use id::{DocumentId, ReplicaId};
 pub use json::{JsonError, Path, PathSeg};
 pub use query::{CmpOp, FieldPath, Filter, Query};
 #[cfg(feature = "sqlite")]
-pub use replica::{CompactReport, Document, Durability, Replica, ReplicaOptions};
+pub use replica::{Clock, CompactReport, Document, Durability, Replica, ReplicaOptions};
+pub use scope::Scope;
 pub use store::StoreError;

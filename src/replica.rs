@@ -14,14 +14,16 @@ use serde_json::{Map, Value};
 
 use crate::bundle::{Bundle, BundleScope};
 use crate::engine::{
-    ChangeEvent, Command, CommandId, DocumentSnapshot, Effects, Engine, EngineConfig, ImportReport,
-    Input, Output,
+    CatalogAnswer, ChangeEvent, Command, CommandId, DocumentSnapshot, Effects, Engine,
+    EngineConfig, ImportReport, Input, Output, PeerEvent, PeerId,
 };
 use crate::error::{Error, Result};
-use crate::hooks::{HookGuard, Hooks, Scope, Subscription};
-use crate::id::DocumentId;
+use crate::hooks::{HookGuard, Hooks, Subscription};
+use crate::id::{DocumentId, ReplicaId};
 use crate::json::{self, Path as DocPath};
+use crate::protocol::Message;
 use crate::query::Query;
+use crate::scope::Scope;
 use crate::store::sqlite::{SqliteStore, StoreOptions};
 use crate::store::{DocRecord, StoreError};
 
@@ -36,6 +38,9 @@ pub struct ReplicaOptions {
     pub max_loaded_docs: usize,
     /// Seed for the engine's random choices; `None` takes one from the OS. Fix it only to replay.
     pub seed: Option<u64>,
+    /// Where time comes from (milliseconds since the Unix epoch); the system clock by default.
+    /// Simulations pass a clock they advance themselves.
+    pub clock: Clock,
 }
 
 impl Default for ReplicaOptions {
@@ -44,7 +49,34 @@ impl Default for ReplicaOptions {
             durability: Durability::default(),
             max_loaded_docs: 1000,
             seed: None,
+            clock: Clock::system(),
         }
+    }
+}
+
+/// A source of time in milliseconds since the Unix epoch.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self(Arc::new(now_ms))
+    }
+
+    /// A clock that reads `f`.
+    pub fn from_fn(f: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    fn now(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({})", self.now())
     }
 }
 
@@ -66,8 +98,12 @@ struct Inner {
     next_command: u64,
 }
 
+type Transport = Arc<dyn Fn(Vec<(PeerId, Message)>, Vec<(PeerId, PeerEvent)>) + Send + Sync>;
+
 struct Shared {
     inner: Mutex<Inner>,
+    transport: Mutex<Option<Transport>>,
+    clock: Clock,
     hooks: Hooks,
     path: PathBuf,
 }
@@ -125,6 +161,8 @@ impl Replica {
                     next_command: 0,
                 }),
                 hooks: Hooks::default(),
+                transport: Mutex::new(None),
+                clock: options.clock.clone(),
                 path,
             }),
         })
@@ -153,11 +191,29 @@ impl Replica {
     /// Runs commands through the engine, commits their writes in one transaction, then publishes
     /// the change events. Results come back in command order.
     fn execute(&self, commands: Vec<Command>) -> Vec<Result<Output>> {
-        let now = now_ms();
         let mut inner = self.lock();
         let first = inner.next_command;
-        inner.next_command += commands.len() as u64;
         let count = commands.len();
+        inner.next_command += count as u64;
+        let inputs = commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Input::Command(CommandId(first + i as u64), c))
+            .collect();
+        self.step(inner, inputs, first, count)
+    }
+
+    /// One driver step: feed `inputs` to the engine, answer its loads and catalog reads, commit
+    /// its writes in one transaction, then (only after the commit) publish events, hand frames
+    /// to the transport and return the results of the commands numbered `first..first+count`.
+    fn step(
+        &self,
+        mut inner: MutexGuard<'_, Inner>,
+        inputs: Vec<Input>,
+        first: u64,
+        count: usize,
+    ) -> Vec<Result<Output>> {
+        let now = self.shared.clock.now();
         let mut results: Vec<Option<Result<Output>>> = (0..count).map(|_| None).collect();
         // The whole step runs inside one write transaction, so loads and writes see the same
         // state even if other processes use the file.
@@ -175,29 +231,53 @@ impl Replica {
             }
         }
         let mut fx = Effects::default();
-        for (i, command) in commands.into_iter().enumerate() {
-            fx.extend(
-                inner
-                    .engine
-                    .handle(now, Input::Command(CommandId(first + i as u64), command)),
-            );
+        for input in inputs {
+            fx.extend(inner.engine.handle(now, input));
         }
-        while !fx.loads.is_empty() {
-            for id in std::mem::take(&mut fx.loads) {
-                let result = inner.store.load(&id).map_err(|e| e.to_string());
-                fx.extend(inner.engine.handle(now, Input::Loaded { id, result }));
+        loop {
+            if !fx.loads.is_empty() {
+                for id in std::mem::take(&mut fx.loads) {
+                    let result = inner.store.load(&id).map_err(|e| e.to_string());
+                    fx.extend(inner.engine.handle(now, Input::Loaded { id, result }));
+                }
+            } else if !fx.catalog_reads.is_empty() {
+                for read in std::mem::take(&mut fx.catalog_reads) {
+                    let names = scope_names(&read.scope);
+                    let answer = match &read.buckets {
+                        None => inner
+                            .store
+                            .catalog_summary(names)
+                            .map(CatalogAnswer::Summary),
+                        Some(buckets) => inner
+                            .store
+                            .catalog_entries(names, buckets)
+                            .map(CatalogAnswer::Entries),
+                    };
+                    let input = Input::Catalog {
+                        peer: read.peer,
+                        purpose: read.purpose,
+                        answer: answer.map_err(|e| e.to_string()),
+                    };
+                    fx.extend(inner.engine.handle(now, input));
+                }
+            } else {
+                break;
             }
         }
         let Effects {
             loads: _,
+            catalog_reads: _,
             writes,
             events,
             completed,
+            send,
+            peer_events,
         } = fx;
         let committed = inner
             .store
             .write(&writes)
             .and_then(|()| inner.store.commit());
+        let mut outgoing = None;
         match committed {
             Ok(()) => {
                 let after = inner.engine.handle(now, Input::Committed);
@@ -210,6 +290,9 @@ impl Replica {
                     {
                         *slot = Some(result);
                     }
+                }
+                if !send.is_empty() || !peer_events.is_empty() {
+                    outgoing = Some((send, peer_events));
                 }
             }
             Err(e) => {
@@ -233,12 +316,72 @@ impl Replica {
                 }
             }
         }
+        // Hand frames over while still holding the lock, so that a peer sees them in commit order.
+        if let Some((send, peer_events)) = outgoing {
+            let transport = self
+                .shared
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            match transport {
+                Some(t) => t(send, peer_events),
+                None => {
+                    tracing::debug!(frames = send.len(), "no transport attached; frames dropped")
+                }
+            }
+        }
         drop(inner);
         self.shared.hooks.dispatch();
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Internal("command did not complete".into()))))
             .collect()
+    }
+
+    // ----- replication sessions (driven by a network layer or a simulation) ------------------
+
+    /// Where session frames and events go. The network layer (or a test's simulated network)
+    /// attaches one; it is called after each commit, under the replica's lock, in order.
+    pub fn set_transport(
+        &self,
+        transport: impl Fn(Vec<(PeerId, Message)>, Vec<(PeerId, PeerEvent)>) + Send + Sync + 'static,
+    ) {
+        *self
+            .shared
+            .transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(transport));
+    }
+
+    /// A session with `remote` is established (after the handshake).
+    pub fn peer_connected(&self, peer: PeerId, remote: ReplicaId, scope: Scope, initiator: bool) {
+        self.peer_input(Input::PeerConnected {
+            peer,
+            remote,
+            scope,
+            initiator,
+        });
+    }
+
+    /// A session message arrived.
+    pub fn peer_message(&self, peer: PeerId, message: Message) {
+        self.peer_input(Input::PeerMessage { peer, message });
+    }
+
+    /// The session ended.
+    pub fn peer_disconnected(&self, peer: PeerId) {
+        self.peer_input(Input::PeerDisconnected { peer });
+    }
+
+    /// Lets sessions notice that time passed (call every few milliseconds while connected).
+    pub fn tick(&self) {
+        self.peer_input(Input::Tick);
+    }
+
+    fn peer_input(&self, input: Input) {
+        let inner = self.lock();
+        let _ = self.step(inner, vec![input], 0, 0);
     }
 
     fn execute_one(&self, command: Command) -> Result<Output> {

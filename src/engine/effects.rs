@@ -5,8 +5,10 @@
 use automerge::ChangeHash;
 
 use super::command::{CommandId, Output};
+use super::sync::{CatalogRead, PeerEvent, PeerId};
 use crate::error::Error;
 use crate::id::{DocumentId, ReplicaId};
+use crate::protocol::Message;
 
 /// The effects of one or more engine steps.
 ///
@@ -32,6 +34,12 @@ pub struct Effects {
     pub events: Vec<ChangeEvent>,
     /// Finished commands and their results, to deliver after the commit.
     pub completed: Vec<(CommandId, Result<Output, Error>)>,
+    /// Catalog reads for replication sessions, to answer with `Input::Catalog`.
+    pub catalog_reads: Vec<CatalogRead>,
+    /// Messages to send to peers, after the commit, in order per peer.
+    pub send: Vec<(PeerId, Message)>,
+    /// Session events (in sync, persisted acknowledgements, peer errors), after the commit.
+    pub peer_events: Vec<(PeerId, PeerEvent)>,
 }
 
 impl Effects {
@@ -42,11 +50,17 @@ impl Effects {
             writes,
             events,
             completed,
+            catalog_reads,
+            send,
+            peer_events,
         } = other;
         self.loads.extend(loads);
         self.writes.extend(writes);
         self.events.extend(events);
         self.completed.extend(completed);
+        self.catalog_reads.extend(catalog_reads);
+        self.send.extend(send);
+        self.peer_events.extend(peer_events);
     }
 
     /// True when there is nothing to do.
@@ -56,8 +70,17 @@ impl Effects {
             writes,
             events,
             completed,
+            catalog_reads,
+            send,
+            peer_events,
         } = self;
-        loads.is_empty() && writes.is_empty() && events.is_empty() && completed.is_empty()
+        loads.is_empty()
+            && writes.is_empty()
+            && events.is_empty()
+            && completed.is_empty()
+            && catalog_reads.is_empty()
+            && send.is_empty()
+            && peer_events.is_empty()
     }
 
     /// The documents touched by `writes`.

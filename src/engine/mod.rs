@@ -22,6 +22,7 @@
 mod command;
 mod doc;
 mod effects;
+mod sync;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -37,12 +38,15 @@ pub use doc::CompactionPolicy;
 pub use effects::{
     ChangeEvent, ChangeKind, ChunkKind, Effects, Origin, StorageOp, StoredChunk, StoredDoc,
 };
+pub use sync::{CatalogAnswer, CatalogRead, PeerEvent, PeerId, RESYNC_QUIET_MS, ReadPurpose};
 
 use self::doc::{DocState, LiveDoc, check_heads};
 use crate::bundle::{Bundle, BundleEntry};
 use crate::error::Error;
 use crate::id::{DocumentId, ReplicaId};
 use crate::json;
+use crate::protocol::Message;
+use crate::scope::Scope;
 
 /// How an engine starts.
 #[derive(Clone, Debug)]
@@ -93,6 +97,42 @@ pub enum Input {
     /// document and continue the change feed at `next_seq`. Send only between transactions,
     /// when nothing is uncommitted.
     StorageChanged { next_seq: u64 },
+    /// A replication session is established (handshake done by the driver). The initiator is
+    /// the side that connected; it drives reconciliation.
+    PeerConnected {
+        peer: PeerId,
+        remote: ReplicaId,
+        scope: Scope,
+        initiator: bool,
+    },
+    /// A decoded message from a peer (session messages: Summary, Entries, Sync, Persisted, Error).
+    PeerMessage { peer: PeerId, message: Message },
+    /// The connection is gone.
+    PeerDisconnected { peer: PeerId },
+    /// The answer to a [`CatalogRead`].
+    Catalog {
+        peer: PeerId,
+        purpose: ReadPurpose,
+        answer: Result<CatalogAnswer, String>,
+    },
+    /// Time passed (drives re-checks of quiet sessions); send every few milliseconds while
+    /// sessions are open.
+    Tick,
+}
+
+/// Queued work: a caller's command, or a peer's request that needs a document in memory.
+enum Work {
+    Command(CommandId, Command),
+    Peer(PeerId, sync::PeerWork),
+}
+
+impl Work {
+    fn needs(&self) -> Vec<DocumentId> {
+        match self {
+            Work::Command(_, c) => c.needs(),
+            Work::Peer(_, w) => vec![w.doc()],
+        }
+    }
 }
 
 struct Entry {
@@ -112,7 +152,8 @@ pub struct Engine {
     /// `Automerge::new()`, which also draws a throwaway actor id from the OS).
     empty: Automerge,
     docs: HashMap<DocumentId, Entry>,
-    queue: VecDeque<(CommandId, Command)>,
+    queue: VecDeque<Work>,
+    peers: std::collections::BTreeMap<PeerId, sync::Peer>,
     loading: HashSet<DocumentId>,
     /// Documents with writes emitted since the last [`Input::Committed`]; never evicted.
     dirty: HashSet<DocumentId>,
@@ -137,6 +178,7 @@ impl Engine {
             actor: ActorId::from(actor.as_slice()),
             docs: HashMap::new(),
             queue: VecDeque::new(),
+            peers: std::collections::BTreeMap::new(),
             loading: HashSet::new(),
             dirty: HashSet::new(),
             broken: false,
@@ -168,12 +210,27 @@ impl Engine {
     pub fn handle(&mut self, now: i64, input: Input) -> Effects {
         let mut fx = Effects::default();
         match input {
-            Input::Command(id, command) => self.queue.push_back((id, command)),
+            Input::Command(id, command) => self.queue.push_back(Work::Command(id, command)),
+            Input::PeerConnected {
+                peer,
+                remote,
+                scope,
+                initiator,
+            } => self.peer_connected(now, peer, remote, scope, initiator, &mut fx),
+            Input::PeerMessage { peer, message } => self.peer_message(now, peer, message, &mut fx),
+            Input::PeerDisconnected { peer } => self.peer_disconnected(peer),
+            Input::Catalog {
+                peer,
+                purpose,
+                answer,
+            } => self.catalog_answer(peer, purpose, answer, &mut fx),
+            Input::Tick => self.peer_tick(now, &mut fx),
             Input::Loaded { id, result } => {
                 self.loading.remove(&id);
                 if self.docs.contains_key(&id) {
                     // Already in memory (possibly with newer, uncommitted state): keep that.
                     self.pump(now, &mut fx);
+                    self.flush_peers(now, &mut fx);
                     return fx;
                 }
                 let state = match result {
@@ -217,27 +274,26 @@ impl Engine {
             }
         }
         self.pump(now, &mut fx);
+        self.flush_peers(now, &mut fx);
         fx
     }
 
     /// Runs queued commands in order while their documents are in memory; requests loads for
     /// the first one that is blocked (and looks ahead to batch the loads of those behind it).
     fn pump(&mut self, now: i64, fx: &mut Effects) {
-        while let Some((_, command)) = self.queue.front() {
-            let missing: Vec<DocumentId> = command
-                .needs()
-                .into_iter()
-                .filter(|id| !self.docs.contains_key(id))
-                .collect();
-            if !missing.is_empty() {
+        while let Some(work) = self.queue.front() {
+            if work.needs().iter().any(|id| !self.docs.contains_key(id)) {
                 self.request_loads(fx);
                 return;
             }
-            let Some((cid, command)) = self.queue.pop_front() else {
-                break;
-            };
-            let result = self.run(now, command, fx);
-            fx.completed.push((cid, result));
+            match self.queue.pop_front() {
+                Some(Work::Command(cid, command)) => {
+                    let result = self.run(now, command, fx);
+                    fx.completed.push((cid, result));
+                }
+                Some(Work::Peer(peer, work)) => self.run_peer(now, peer, work, fx),
+                None => break,
+            }
         }
         // Broken entries are answered; forget them so the next command retries the load.
         if self.broken {
@@ -249,8 +305,8 @@ impl Engine {
 
     fn request_loads(&mut self, fx: &mut Effects) {
         const LOOKAHEAD: usize = 256;
-        for (_, command) in self.queue.iter().take(LOOKAHEAD) {
-            for id in command.needs() {
+        for work in self.queue.iter().take(LOOKAHEAD) {
+            for id in work.needs() {
                 if !self.docs.contains_key(&id) && self.loading.insert(id) {
                     fx.loads.push(id);
                 }
@@ -462,13 +518,14 @@ impl Engine {
             id,
             Entry {
                 state: DocState::Saved {
-                    collection,
+                    collection: collection.clone(),
                     snapshot,
                 },
                 last_used: self.tick,
             },
         );
         self.dirty.insert(id);
+        self.fan_out(id, &collection, ChangeKind::Created, origin);
     }
 
     /// Runs `f` in one Automerge transaction. On error nothing changes (the transaction is rolled
@@ -538,10 +595,11 @@ impl Engine {
                 bytes: incremental,
             });
         }
+        let collection = live.collection.clone();
         let event = ChangeEvent {
             seq,
             id,
-            collection: live.collection.clone(),
+            collection: collection.clone(),
             kind: ChangeKind::Updated,
             heads: heads.clone(),
             origin,
@@ -549,6 +607,7 @@ impl Engine {
         };
         self.emit(fx, event);
         self.dirty.insert(id);
+        self.fan_out(id, &collection, ChangeKind::Updated, origin);
         heads
     }
 
@@ -616,6 +675,7 @@ impl Engine {
             },
         );
         self.dirty.insert(id);
+        self.fan_out(id, &collection, ChangeKind::Deleted, origin);
     }
 
     fn get_at(&mut self, id: DocumentId, heads: &[ChangeHash]) -> Result<Output, Error> {

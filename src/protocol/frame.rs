@@ -96,6 +96,7 @@ mod tests {
                 buckets: vec![1, 2],
                 entries: vec![CatalogEntry {
                     id,
+                    collection: "c".into(),
                     digest: 42,
                     deleted: true,
                 }],
@@ -228,6 +229,11 @@ mod tests {
             doc_digest(&id, &[a, b], false)
         );
         assert_ne!(doc_digest(&id, &[a], false), doc_digest(&id, &[a], true));
+        assert_eq!(
+            doc_digest(&id, &[a], true),
+            doc_digest(&id, &[], true),
+            "tombstones ignore heads"
+        );
         assert_ne!(
             doc_digest(&id, &[a], false),
             doc_digest(&DocumentId::from_bytes([4; 16]), &[a], false)

@@ -26,6 +26,9 @@ use serde::{Deserialize, Serialize};
 
 pub use frame::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ProtocolError, decode, encode};
 
+/// Sync items are packed into frames of about this many payload bytes.
+pub const TARGET_FRAME_BYTES: usize = 1 << 20;
+
 use crate::id::{DocumentId, ReplicaId};
 
 /// A 64-bit digest (of a document's version, or of a bucket of documents).
@@ -76,6 +79,8 @@ pub enum Payload {
     /// The whole document (`save()`), for a peer that has none of it: one message instead of
     /// several sync rounds.
     Whole(#[serde(with = "serde_bytes_compat")] Vec<u8>),
+    /// "I have none of this document; send it whole."
+    Want,
     /// The document is deleted.
     Tombstone,
 }
@@ -92,6 +97,7 @@ pub struct SyncItem {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogEntry {
     pub id: DocumentId,
+    pub collection: String,
     /// [`doc_digest`] of the sender's version.
     pub digest: Digest,
     /// The sender holds a tombstone for this document.
@@ -185,7 +191,7 @@ pub enum Message {
 }
 
 /// The 64-bit digest of a document's version: equal on two replicas exactly when they hold the
-/// same heads and tombstone state (up to a 2^-64 chance).
+/// same heads (up to a 2^-64 chance), or both hold its tombstone.
 pub fn doc_digest(id: &DocumentId, heads: &[automerge::ChangeHash], deleted: bool) -> Digest {
     let mut acc = mix(
         u64::from_le_bytes(id.as_bytes()[..8].try_into().unwrap_or_default())
@@ -194,15 +200,16 @@ pub fn doc_digest(id: &DocumentId, heads: &[automerge::ChangeHash], deleted: boo
     acc ^= mix(u64::from_le_bytes(
         id.as_bytes()[8..].try_into().unwrap_or_default(),
     ));
+    if deleted {
+        // A tombstone is final whatever the heads were when each replica learned of it.
+        return mix(acc ^ 0xdead_beef_dead_beef);
+    }
     for head in heads {
         // Heads are SHA-256 hashes: 8 of their bytes are already uniformly distributed. XOR makes
         // the digest independent of the order heads are listed in.
         acc ^= mix(u64::from_le_bytes(
             head.0[..8].try_into().unwrap_or_default(),
         ));
-    }
-    if deleted {
-        acc = mix(acc ^ 0xdead_beef_dead_beef);
     }
     acc
 }

@@ -521,7 +521,7 @@ impl SqliteStore {
         collections: Option<&[String]>,
     ) -> Result<CatalogSummary, StoreError> {
         let mut summary = CatalogSummary::empty();
-        self.scan_catalog(collections, |id, digest, _| summary.add(&id, digest))?;
+        self.scan_catalog(collections, |id, _, digest, _| summary.add(&id, digest))?;
         Ok(summary)
     }
 
@@ -536,10 +536,11 @@ impl SqliteStore {
             wanted[usize::from(*b)] = true;
         }
         let mut entries = Vec::new();
-        self.scan_catalog(collections, |id, digest, deleted| {
+        self.scan_catalog(collections, |id, collection, digest, deleted| {
             if wanted[usize::from(bucket_of(&id))] {
                 entries.push(CatalogEntry {
                     id,
+                    collection: collection.to_owned(),
                     digest,
                     deleted,
                 });
@@ -551,7 +552,7 @@ impl SqliteStore {
     fn scan_catalog(
         &self,
         collections: Option<&[String]>,
-        mut f: impl FnMut(DocumentId, Digest, bool),
+        mut f: impl FnMut(DocumentId, &str, Digest, bool),
     ) -> Result<(), StoreError> {
         let mut stmt = self
             .conn
@@ -564,10 +565,11 @@ impl SqliteStore {
                     continue;
                 }
             }
+            let collection = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
             let id = doc_id(row.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?)?;
             let deleted: bool = row.get(2)?;
             let heads = decode_heads(row.get_ref(3)?.as_blob().map_err(rusqlite::Error::from)?)?;
-            f(id, doc_digest(&id, &heads, deleted), deleted);
+            f(id, collection, doc_digest(&id, &heads, deleted), deleted);
         }
         Ok(())
     }

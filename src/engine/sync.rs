@@ -1,0 +1,848 @@
+//! Replication sessions: catalog reconciliation, batched per-document sync, live fan-out.
+//!
+//! One [`Peer`] per connection, identified by a driver-chosen [`PeerId`]. The handshake
+//! (Hello/Welcome, auth) is the driver's; the engine starts at `Input::PeerConnected`.
+//!
+//! **Reconciliation.** The *initiator* (the side that connected) announces a
+//! [`Message::Summary`] of its catalog in scope. The responder compares it with its own summary;
+//! if no bucket differs it answers `Entries { buckets: [] }` — "in sync" — otherwise it answers
+//! with its entries for the differing buckets. The initiator diffs them against its own entries
+//! and acts per document: sends it whole (the peer has none), asks for it whole (`Want`, we have
+//! none), sends a tombstone, applies the peer's tombstone, or starts the Automerge sync protocol
+//! (both have it, different heads). While sync traffic flows the initiator stays quiet; once a
+//! tick finds the session quiet for [`RESYNC_QUIET_MS`] it announces again, until the responder
+//! says "in sync" ([`PeerEvent::InSync`]). A reconnect with nothing changed costs one Summary
+//! (about 2 KiB) and one empty Entries.
+//!
+//! **Live.** Every committed change is pushed to every peer whose scope covers its collection:
+//! a created document whole, an edit as an Automerge sync message (per-peer sync state), a
+//! delete as a tombstone. Items for one peer produced in one step go out in as few frames as
+//! [`TARGET_FRAME_BYTES`] allows.
+
+use std::collections::{BTreeMap, HashMap};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, ChangeHash};
+
+use super::doc::DocState;
+use super::{Effects, Engine, Origin, Touched, Work, validate_collection};
+use crate::id::{DocumentId, ReplicaId};
+use crate::protocol::{
+    CatalogEntry, CatalogSummary, ErrorCode, Message, Payload, SyncItem, TARGET_FRAME_BYTES,
+};
+use crate::scope::Scope;
+
+/// How long an initiator waits after the last sync traffic before checking again that both
+/// sides are in sync.
+pub const RESYNC_QUIET_MS: i64 = 20;
+
+/// A connection, as the driver numbers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+/// What the engine reports about a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// Reconciliation found no difference: both sides hold the same versions of every
+    /// document in scope (as of this moment).
+    InSync,
+    /// The peer says these heads of these documents are durable on its side.
+    Persisted(Vec<(DocumentId, Vec<ChangeHash>)>),
+    /// The peer reported an error.
+    Error {
+        code: ErrorCode,
+        message: String,
+        doc: Option<DocumentId>,
+    },
+}
+
+/// Why the engine asks for catalog data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPurpose {
+    /// Initiator: to announce our summary.
+    Announce,
+    /// Responder: to compare with the peer's summary.
+    Compare,
+    /// Responder: our entries of the differing buckets, to send.
+    Reply,
+    /// Initiator: our entries of the differing buckets, to diff with the peer's.
+    Diff,
+}
+
+/// A catalog read the driver performs (and answers with `Input::Catalog`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogRead {
+    pub peer: PeerId,
+    pub scope: Scope,
+    /// `None`: the summary; `Some(buckets)`: the entries of these buckets.
+    pub buckets: Option<Vec<u8>>,
+    pub purpose: ReadPurpose,
+}
+
+/// The answer to a [`CatalogRead`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CatalogAnswer {
+    Summary(CatalogSummary),
+    Entries(Vec<CatalogEntry>),
+}
+
+/// Work for a peer that needs a document in memory.
+#[derive(Debug)]
+pub(crate) enum PeerWork {
+    Receive(SyncItem),
+    SendWhole(DocumentId),
+    SendSync(DocumentId),
+}
+
+impl PeerWork {
+    pub(crate) fn doc(&self) -> DocumentId {
+        match self {
+            PeerWork::Receive(item) => item.id,
+            PeerWork::SendWhole(id) | PeerWork::SendSync(id) => *id,
+        }
+    }
+}
+
+/// One session.
+pub(crate) struct Peer {
+    remote: ReplicaId,
+    scope: Scope,
+    initiator: bool,
+    states: HashMap<DocumentId, sync::State>,
+    their_summary: Option<Vec<u64>>,
+    their_entries: Option<Vec<CatalogEntry>>,
+    /// Responder: the differing buckets whose entries are being read.
+    reply_buckets: Vec<u8>,
+    outbox: Vec<SyncItem>,
+    persisted: Vec<(DocumentId, Vec<[u8; 32]>)>,
+    errors: Vec<Message>,
+    /// Sync traffic since the last announcement (initiator).
+    busy: bool,
+    /// A Summary is out and its answer not yet in (initiator).
+    announced: bool,
+    last_activity: i64,
+}
+
+impl Engine {
+    pub(crate) fn peer_connected(
+        &mut self,
+        now: i64,
+        peer: PeerId,
+        remote: ReplicaId,
+        scope: Scope,
+        initiator: bool,
+        fx: &mut Effects,
+    ) {
+        self.peers.insert(
+            peer,
+            Peer {
+                remote,
+                scope: scope.clone(),
+                initiator,
+                states: HashMap::new(),
+                their_summary: None,
+                their_entries: None,
+                reply_buckets: Vec::new(),
+                outbox: Vec::new(),
+                persisted: Vec::new(),
+                errors: Vec::new(),
+                busy: false,
+                announced: false,
+                last_activity: now,
+            },
+        );
+        if initiator {
+            self.announce(peer, fx);
+        }
+    }
+
+    fn announce(&mut self, peer: PeerId, fx: &mut Effects) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.announced = true;
+            p.busy = false;
+            fx.catalog_reads.push(CatalogRead {
+                peer,
+                scope: p.scope.clone(),
+                buckets: None,
+                purpose: ReadPurpose::Announce,
+            });
+        }
+    }
+
+    pub(crate) fn peer_disconnected(&mut self, peer: PeerId) {
+        self.peers.remove(&peer);
+        self.queue
+            .retain(|w| !matches!(w, Work::Peer(p, _) if *p == peer));
+    }
+
+    /// Initiators whose session went quiet check again that they are in sync.
+    pub(crate) fn peer_tick(&mut self, now: i64, fx: &mut Effects) {
+        let due: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                p.initiator && p.busy && !p.announced && now - p.last_activity >= RESYNC_QUIET_MS
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in due {
+            self.announce(peer, fx);
+        }
+    }
+
+    pub(crate) fn peer_message(
+        &mut self,
+        now: i64,
+        peer: PeerId,
+        message: Message,
+        fx: &mut Effects,
+    ) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            tracing::debug!(?peer, "message for an unknown peer");
+            return;
+        };
+        match message {
+            Message::Summary { count: _, buckets } => {
+                p.their_summary = Some(buckets);
+                fx.catalog_reads.push(CatalogRead {
+                    peer,
+                    scope: p.scope.clone(),
+                    buckets: None,
+                    purpose: ReadPurpose::Compare,
+                });
+            }
+            Message::Entries { buckets, entries } => {
+                p.announced = false;
+                if buckets.is_empty() {
+                    if !p.busy {
+                        fx.peer_events.push((peer, PeerEvent::InSync));
+                    }
+                } else {
+                    p.their_entries = Some(entries);
+                    fx.catalog_reads.push(CatalogRead {
+                        peer,
+                        scope: p.scope.clone(),
+                        buckets: Some(buckets),
+                        purpose: ReadPurpose::Diff,
+                    });
+                }
+            }
+            Message::Sync { batch } => {
+                p.busy = true;
+                p.last_activity = now;
+                for item in batch {
+                    if !p.scope.contains(&item.collection) {
+                        p.outbox_error(
+                            ErrorCode::Forbidden,
+                            format!(
+                                "collection {:?} is outside this session's scope",
+                                item.collection
+                            ),
+                        );
+                        continue;
+                    }
+                    self.queue
+                        .push_back(Work::Peer(peer, PeerWork::Receive(item)));
+                }
+            }
+            Message::Persisted { docs } => {
+                let docs = docs
+                    .into_iter()
+                    .map(|(id, heads)| (id, heads.into_iter().map(ChangeHash).collect()))
+                    .collect();
+                fx.peer_events.push((peer, PeerEvent::Persisted(docs)));
+            }
+            Message::Error { code, message, doc } => fx
+                .peer_events
+                .push((peer, PeerEvent::Error { code, message, doc })),
+            other => {
+                tracing::debug!(?peer, message = ?std::mem::discriminant(&other), "not a session message; the driver handles it")
+            }
+        }
+    }
+
+    pub(crate) fn catalog_answer(
+        &mut self,
+        peer: PeerId,
+        purpose: ReadPurpose,
+        answer: Result<CatalogAnswer, String>,
+        fx: &mut Effects,
+    ) {
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(?peer, error = %e, "catalog read failed");
+                fx.send.push((
+                    peer,
+                    Message::Error {
+                        code: ErrorCode::Internal,
+                        message: format!("catalog read failed: {e}"),
+                        doc: None,
+                    },
+                ));
+                return;
+            }
+        };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        match (purpose, answer) {
+            (ReadPurpose::Announce, CatalogAnswer::Summary(ours)) => {
+                fx.send.push((
+                    peer,
+                    Message::Summary {
+                        count: ours.count,
+                        buckets: ours.buckets,
+                    },
+                ));
+            }
+            (ReadPurpose::Compare, CatalogAnswer::Summary(ours)) => {
+                let theirs = p.their_summary.take().unwrap_or_default();
+                let differing = ours.differing(&theirs);
+                if differing.is_empty() {
+                    fx.send.push((
+                        peer,
+                        Message::Entries {
+                            buckets: Vec::new(),
+                            entries: Vec::new(),
+                        },
+                    ));
+                } else {
+                    p.reply_buckets = differing.clone();
+                    fx.catalog_reads.push(CatalogRead {
+                        peer,
+                        scope: p.scope.clone(),
+                        buckets: Some(differing),
+                        purpose: ReadPurpose::Reply,
+                    });
+                }
+            }
+            (ReadPurpose::Reply, CatalogAnswer::Entries(entries)) => {
+                let buckets = std::mem::take(&mut p.reply_buckets);
+                fx.send.push((peer, Message::Entries { buckets, entries }));
+            }
+            (ReadPurpose::Diff, CatalogAnswer::Entries(ours)) => {
+                let theirs = p.their_entries.take().unwrap_or_default();
+                self.diff(peer, ours, theirs);
+            }
+            (purpose, _) => tracing::error!(?peer, ?purpose, "catalog answer of the wrong kind"),
+        }
+    }
+
+    /// Decides, document by document, what reconciliation found.
+    fn diff(&mut self, peer: PeerId, ours: Vec<CatalogEntry>, theirs: Vec<CatalogEntry>) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.busy = true;
+        let mut both: BTreeMap<DocumentId, (Option<CatalogEntry>, Option<CatalogEntry>)> =
+            BTreeMap::new();
+        for e in ours {
+            let id = e.id;
+            both.entry(id).or_default().0 = Some(e);
+        }
+        for e in theirs {
+            if p.scope.contains(&e.collection) {
+                let id = e.id;
+                both.entry(id).or_default().1 = Some(e);
+            }
+        }
+        for (id, pair) in both {
+            match pair {
+                (Some(o), Some(t)) if o.digest == t.digest => {}
+                (Some(o), _) if o.deleted => p.outbox.push(SyncItem {
+                    id,
+                    collection: o.collection,
+                    payload: Payload::Tombstone,
+                }),
+                (_, Some(t)) if t.deleted => self.queue.push_back(Work::Peer(
+                    peer,
+                    PeerWork::Receive(SyncItem {
+                        id,
+                        collection: t.collection,
+                        payload: Payload::Tombstone,
+                    }),
+                )),
+                (Some(_), None) => self
+                    .queue
+                    .push_back(Work::Peer(peer, PeerWork::SendWhole(id))),
+                (None, Some(t)) => p.outbox.push(SyncItem {
+                    id,
+                    collection: t.collection,
+                    payload: Payload::Want,
+                }),
+                (Some(_), Some(_)) => self
+                    .queue
+                    .push_back(Work::Peer(peer, PeerWork::SendSync(id))),
+                (None, None) => {}
+            }
+        }
+    }
+
+    /// Runs one unit of peer work (the document is in memory or known absent).
+    pub(crate) fn run_peer(&mut self, now: i64, peer: PeerId, work: PeerWork, fx: &mut Effects) {
+        let Some(remote) = self.peers.get(&peer).map(|p| p.remote) else {
+            return;
+        };
+        let origin = Origin::Peer(remote);
+        match work {
+            PeerWork::SendWhole(id) => {
+                if let Some((collection, bytes)) = self.whole(id) {
+                    self.push(
+                        peer,
+                        SyncItem {
+                            id,
+                            collection,
+                            payload: Payload::Whole(bytes),
+                        },
+                    );
+                }
+            }
+            PeerWork::SendSync(id) => {
+                // touch() loads a saved document.
+                if !matches!(self.touch(&id), Touched::Live(_)) {
+                    return;
+                }
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                let Some(super::Entry {
+                    state: DocState::Live(live),
+                    ..
+                }) = self.docs.get_mut(&id)
+                else {
+                    return;
+                };
+                let state = p.states.entry(id).or_default();
+                if let Some(msg) = live.doc.generate_sync_message(state) {
+                    p.busy = true;
+                    p.outbox.push(SyncItem {
+                        id,
+                        collection: live.collection.clone(),
+                        payload: Payload::Sync(msg.encode()),
+                    });
+                }
+            }
+            PeerWork::Receive(item) => self.receive(now, peer, origin, item, fx),
+        }
+    }
+
+    /// The whole document as bytes, if we have it live.
+    fn whole(&mut self, id: DocumentId) -> Option<(String, Vec<u8>)> {
+        if let Some(super::Entry {
+            state:
+                DocState::Saved {
+                    collection,
+                    snapshot,
+                },
+            ..
+        }) = self.docs.get(&id)
+        {
+            return Some((collection.clone(), snapshot.clone()));
+        }
+        match self.touch(&id) {
+            Touched::Live(live) => Some((live.collection.clone(), live.doc.save())),
+            _ => None,
+        }
+    }
+
+    fn push(&mut self, peer: PeerId, item: SyncItem) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.busy = true;
+            p.outbox.push(item);
+        }
+    }
+
+    fn receive(
+        &mut self,
+        now: i64,
+        peer: PeerId,
+        origin: Origin,
+        item: SyncItem,
+        fx: &mut Effects,
+    ) {
+        let SyncItem {
+            id,
+            collection,
+            payload,
+        } = item;
+        if validate_collection(&collection).is_err() {
+            self.peer_error(
+                peer,
+                ErrorCode::BadDocument,
+                format!("invalid collection name {collection:?}"),
+                Some(id),
+            );
+            return;
+        }
+        match payload {
+            Payload::Tombstone => match self.touch(&id) {
+                Touched::Live(live) => {
+                    let (collection, heads) = (live.collection.clone(), live.doc.get_heads());
+                    self.write_tombstone(now, id, collection, heads, origin, fx);
+                }
+                Touched::Absent => {
+                    self.write_tombstone(now, id, collection, Vec::new(), origin, fx)
+                }
+                Touched::Deleted | Touched::Broken(_) => {}
+            },
+            Payload::Want => match self.whole(id) {
+                Some((collection, bytes)) => self.push(
+                    peer,
+                    SyncItem {
+                        id,
+                        collection,
+                        payload: Payload::Whole(bytes),
+                    },
+                ),
+                None => {
+                    if let Touched::Deleted = self.touch(&id) {
+                        self.push(
+                            peer,
+                            SyncItem {
+                                id,
+                                collection,
+                                payload: Payload::Tombstone,
+                            },
+                        );
+                    }
+                }
+            },
+            Payload::Whole(bytes) => {
+                let options =
+                    automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
+                let mut doc = match Automerge::load_with_options(&bytes, options) {
+                    Ok(doc) => doc,
+                    Err(e) => {
+                        return self.peer_error(
+                            peer,
+                            ErrorCode::BadDocument,
+                            format!("document does not load: {e}"),
+                            Some(id),
+                        );
+                    }
+                };
+                match self.touch(&id) {
+                    Touched::Live(live) => {
+                        if live.collection != collection {
+                            return self.peer_error(
+                                peer,
+                                ErrorCode::BadDocument,
+                                "document belongs to another collection".into(),
+                                Some(id),
+                            );
+                        }
+                        let before = live.doc.get_heads();
+                        if let Err(e) = live.doc.merge(&mut doc) {
+                            tracing::warn!(doc = %id, error = %e, "whole document did not merge cleanly");
+                        }
+                        if live.doc.get_heads() != before {
+                            let heads = self.record_change(now, id, &before, origin, fx);
+                            self.ack(peer, id, &heads);
+                        }
+                    }
+                    Touched::Absent => {
+                        doc.set_actor(self.actor.clone());
+                        let heads = doc.get_heads();
+                        let body = crate::json::materialize(&doc, None).to_string();
+                        self.insert_new(
+                            now,
+                            id,
+                            collection,
+                            heads.clone(),
+                            body,
+                            bytes,
+                            origin,
+                            fx,
+                        );
+                        self.ack(peer, id, &heads);
+                    }
+                    Touched::Deleted => self.push(
+                        peer,
+                        SyncItem {
+                            id,
+                            collection,
+                            payload: Payload::Tombstone,
+                        },
+                    ),
+                    Touched::Broken(reason) => self.peer_error(
+                        peer,
+                        ErrorCode::Internal,
+                        format!("document is unreadable here: {reason}"),
+                        Some(id),
+                    ),
+                }
+            }
+            Payload::Sync(bytes) => {
+                let message = match sync::Message::decode(&bytes) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        return self.peer_error(
+                            peer,
+                            ErrorCode::BadDocument,
+                            format!("sync message does not decode: {e}"),
+                            Some(id),
+                        );
+                    }
+                };
+                match self.touch(&id) {
+                    Touched::Live(_) => {
+                        self.receive_sync(now, peer, origin, id, collection, message, fx)
+                    }
+                    Touched::Absent => {
+                        // Start from an empty document; it becomes real once it has changes.
+                        let mut doc = self.empty.clone();
+                        let result = {
+                            let Some(p) = self.peers.get_mut(&peer) else {
+                                return;
+                            };
+                            let state = p.states.entry(id).or_default();
+                            match doc.receive_sync_message(state, message) {
+                                Err(e) => Err(format!("sync message rejected: {e}")),
+                                Ok(()) => {
+                                    if let Some(reply) = doc.generate_sync_message(state) {
+                                        p.outbox.push(SyncItem {
+                                            id,
+                                            collection: collection.clone(),
+                                            payload: Payload::Sync(reply.encode()),
+                                        });
+                                    }
+                                    Ok(())
+                                }
+                            }
+                        };
+                        if let Err(message) = result {
+                            return self.peer_error(
+                                peer,
+                                ErrorCode::BadDocument,
+                                message,
+                                Some(id),
+                            );
+                        }
+                        let heads = doc.get_heads();
+                        if !heads.is_empty() {
+                            let body = crate::json::materialize(&doc, None).to_string();
+                            let snapshot = doc.save();
+                            self.insert_new(
+                                now,
+                                id,
+                                collection,
+                                heads.clone(),
+                                body,
+                                snapshot,
+                                origin,
+                                fx,
+                            );
+                            self.ack(peer, id, &heads);
+                        }
+                    }
+                    Touched::Deleted => self.push(
+                        peer,
+                        SyncItem {
+                            id,
+                            collection,
+                            payload: Payload::Tombstone,
+                        },
+                    ),
+                    Touched::Broken(reason) => self.peer_error(
+                        peer,
+                        ErrorCode::Internal,
+                        format!("document is unreadable here: {reason}"),
+                        Some(id),
+                    ),
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn receive_sync(
+        &mut self,
+        now: i64,
+        peer: PeerId,
+        origin: Origin,
+        id: DocumentId,
+        collection: String,
+        message: sync::Message,
+        fx: &mut Effects,
+    ) {
+        let outcome = {
+            let Some(p) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            let Some(super::Entry {
+                state: DocState::Live(live),
+                ..
+            }) = self.docs.get_mut(&id)
+            else {
+                return;
+            };
+            if live.collection != collection {
+                Err("document belongs to another collection".to_owned())
+            } else {
+                let state = p.states.entry(id).or_default();
+                let before = live.doc.get_heads();
+                match live.doc.receive_sync_message(state, message) {
+                    Err(e) => Err(format!("sync message rejected: {e}")),
+                    Ok(()) => {
+                        if let Some(reply) = live.doc.generate_sync_message(state) {
+                            p.outbox.push(SyncItem {
+                                id,
+                                collection,
+                                payload: Payload::Sync(reply.encode()),
+                            });
+                        }
+                        Ok((live.doc.get_heads() != before).then_some(before))
+                    }
+                }
+            }
+        };
+        match outcome {
+            Err(message) => self.peer_error(peer, ErrorCode::BadDocument, message, Some(id)),
+            Ok(Some(before)) => {
+                let heads = self.record_change(now, id, &before, origin, fx);
+                self.ack(peer, id, &heads);
+            }
+            Ok(None) => {}
+        }
+    }
+
+    fn ack(&mut self, peer: PeerId, id: DocumentId, heads: &[ChangeHash]) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.persisted.push((id, heads.iter().map(|h| h.0).collect()));
+        }
+    }
+
+    fn peer_error(
+        &mut self,
+        peer: PeerId,
+        code: ErrorCode,
+        message: String,
+        doc: Option<DocumentId>,
+    ) {
+        tracing::warn!(?peer, ?code, %message, "rejected a sync item");
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.errors.push(Message::Error { code, message, doc });
+        }
+    }
+
+    /// Live fan-out of a committed change to every session in scope (the origin peer excepted
+    /// for whole documents and tombstones: it has them).
+    pub(crate) fn fan_out(
+        &mut self,
+        id: DocumentId,
+        collection: &str,
+        kind: super::ChangeKind,
+        origin: Origin,
+    ) {
+        if self.peers.is_empty() {
+            return;
+        }
+        let targets: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.scope.contains(collection))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in targets {
+            let from_this_peer = matches!(origin, Origin::Peer(r) if self.peers.get(&peer).is_some_and(|p| p.remote == r));
+            match kind {
+                super::ChangeKind::Deleted if !from_this_peer => self.push(
+                    peer,
+                    SyncItem {
+                        id,
+                        collection: collection.to_owned(),
+                        payload: Payload::Tombstone,
+                    },
+                ),
+                super::ChangeKind::Created if !from_this_peer => {
+                    if let Some((collection, bytes)) = self.whole(id) {
+                        self.push(
+                            peer,
+                            SyncItem {
+                                id,
+                                collection,
+                                payload: Payload::Whole(bytes),
+                            },
+                        );
+                    }
+                }
+                super::ChangeKind::Updated => {
+                    let Some(p) = self.peers.get_mut(&peer) else {
+                        continue;
+                    };
+                    let Some(super::Entry {
+                        state: DocState::Live(live),
+                        ..
+                    }) = self.docs.get_mut(&id)
+                    else {
+                        continue;
+                    };
+                    let state = p.states.entry(id).or_default();
+                    if let Some(msg) = live.doc.generate_sync_message(state) {
+                        p.busy = true;
+                        p.outbox.push(SyncItem {
+                            id,
+                            collection: collection.to_owned(),
+                            payload: Payload::Sync(msg.encode()),
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Moves every peer's pending items into frames.
+    pub(crate) fn flush_peers(&mut self, now: i64, fx: &mut Effects) {
+        for (peer, p) in self.peers.iter_mut() {
+            for error in p.errors.drain(..) {
+                fx.send.push((*peer, error));
+            }
+            if !p.persisted.is_empty() {
+                fx.send.push((
+                    *peer,
+                    Message::Persisted {
+                        docs: std::mem::take(&mut p.persisted),
+                    },
+                ));
+            }
+            if p.outbox.is_empty() {
+                continue;
+            }
+            p.last_activity = now;
+            let mut batch = Vec::new();
+            let mut size = 0;
+            for item in p.outbox.drain(..) {
+                let item_size = 40
+                    + item.collection.len()
+                    + match &item.payload {
+                        Payload::Sync(b) | Payload::Whole(b) => b.len(),
+                        Payload::Want | Payload::Tombstone => 0,
+                    };
+                if size + item_size > TARGET_FRAME_BYTES && !batch.is_empty() {
+                    fx.send.push((
+                        *peer,
+                        Message::Sync {
+                            batch: std::mem::take(&mut batch),
+                        },
+                    ));
+                    size = 0;
+                }
+                size += item_size;
+                batch.push(item);
+            }
+            fx.send.push((*peer, Message::Sync { batch }));
+        }
+    }
+}
+
+impl Peer {
+    fn outbox_error(&mut self, code: ErrorCode, message: String) {
+        self.errors.push(Message::Error {
+            code,
+            message,
+            doc: None,
+        });
+    }
+}
