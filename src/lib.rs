@@ -42,6 +42,8 @@ pub mod error;
 mod hooks;
 pub mod id;
 pub mod json;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod protocol;
 pub mod query;
 #[cfg(feature = "sqlite")]

@@ -56,6 +56,10 @@ enum Cmd {
     /// Compact the file: fold incremental chunks into snapshots, keep only the newest change-feed
     /// entry per document, reclaim free pages.
     Compact,
+    /// Run the relay: WebSocket sync endpoint, /healthz and /metrics on one port, until
+    /// SIGINT or SIGTERM.
+    #[cfg(feature = "net")]
+    Serve(ServeArgs),
     /// Print the change feed as NDJSON.
     Changes {
         /// Only entries with a sequence number greater than this.
@@ -68,6 +72,20 @@ enum Cmd {
         #[arg(long)]
         follow: bool,
     },
+}
+
+#[cfg(feature = "net")]
+#[derive(Args)]
+struct ServeArgs {
+    /// The address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    listen: String,
+    /// The relay's data directory (created if missing).
+    #[arg(long, default_value = "./weft-data")]
+    data: PathBuf,
+    /// Open WebSocket sessions at most.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
 }
 
 #[derive(Subcommand)]
@@ -259,6 +277,8 @@ fn run(cli: Cli) -> CliResult {
             collection,
             follow,
         } => changes(&cli.db, since, collection, follow),
+        #[cfg(feature = "net")]
+        Cmd::Serve(args) => serve(args),
         Cmd::Compact => {
             let replica = open(&cli.db)?;
             let before = file_size(&cli.db);
@@ -273,6 +293,55 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
     }
+}
+
+/// `weft serve`: binds, prints `weft relay listening on ws://ADDR`, runs until a signal.
+#[cfg(feature = "net")]
+fn serve(args: ServeArgs) -> CliResult {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io(format!("starting the runtime: {e}")))?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|e| CliError::Io(format!("listening on {}: {e}", args.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| CliError::Io(format!("listening on {}: {e}", args.listen)))?;
+        let mut config = weft::net::RelayConfig::new(args.data);
+        config.max_connections = args.max_connections;
+        out(&format!("weft relay listening on ws://{addr}"))?;
+        weft::net::run(listener, config, shutdown_signal())
+            .await
+            .map_err(|e| CliError::Io(e.to_string()))
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+#[cfg(feature = "net")]
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("shutting down");
 }
 
 /// Size of the database file plus its WAL.

@@ -1,0 +1,292 @@
+//! One WebSocket session: the `Hello` handshake, `Ping`/`Pong`, and closing with a code that says
+//! what was wrong when the peer misbehaves.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::time::timeout;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError as WsProtocolError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage};
+
+use super::http::Rewind;
+use super::metrics::ConnectionGauge;
+use super::rate::TokenBucket;
+use super::server::Shared;
+use crate::protocol::{self, ErrorCode, Message, ProtocolError, RejectCode};
+
+type Ws = WebSocketStream<Rewind>;
+
+/// How long closing may take: sending the close frame, then waiting for the peer to hang up.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Close reasons must fit a control frame (125 bytes, 2 of them the code).
+const MAX_REASON: usize = 120;
+
+/// Why the session ends from our side.
+struct Close {
+    code: CloseCode,
+    reason: String,
+}
+
+impl Close {
+    fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+        Close {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+enum Phase {
+    AwaitingHello,
+    Ready,
+}
+
+/// Runs a session until either side closes it or the relay shuts down.
+pub(crate) async fn session(
+    mut ws: Ws,
+    peer: SocketAddr,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) {
+    let gauge = ConnectionGauge::new(&shared.metrics);
+    tracing::debug!("session open");
+    let mut bucket = TokenBucket::new(shared.config.rate_limit, Instant::now());
+    let mut phase = Phase::AwaitingHello;
+    let hello_deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
+    let outcome: Option<Close> = loop {
+        let next = async {
+            match phase {
+                Phase::AwaitingHello => tokio::time::timeout_at(hello_deadline, ws.next())
+                    .await
+                    .map_err(|_| ()),
+                Phase::Ready => Ok(ws.next().await),
+            }
+        };
+        let incoming = tokio::select! {
+            _ = stop.wait_for(|stopping| *stopping) => {
+                break Some(Close::new(CloseCode::Away, "relay shutting down"));
+            }
+            incoming = next => incoming,
+        };
+        let incoming = match incoming {
+            Ok(incoming) => incoming,
+            Err(()) => break Some(Close::new(CloseCode::Policy, "no Hello in time")),
+        };
+        let message = match incoming {
+            None => break None,
+            Some(Ok(message)) => message,
+            Some(Err(e)) => break close_for_ws_error(e),
+        };
+        if message_counts(&message) {
+            shared.metrics.frame_in(message.len());
+            if !bucket.take(Instant::now()) {
+                break Some(Close::new(CloseCode::Policy, "rate limit exceeded"));
+            }
+        }
+        let bytes = match message {
+            WsMessage::Binary(bytes) => bytes,
+            WsMessage::Text(_) => {
+                break Some(Close::new(
+                    CloseCode::Unsupported,
+                    "text frames are not supported; send binary weft frames",
+                ));
+            }
+            // tungstenite answers pings and the peer's close by itself; the stream ends after.
+            _ => continue,
+        };
+        let frame = match protocol::decode(&bytes, shared.config.max_frame) {
+            Ok(frame) => frame,
+            Err(e) => break close_for_decode_error(&mut ws, shared, &phase, e).await,
+        };
+        match (&phase, frame) {
+            (
+                Phase::AwaitingHello,
+                Message::Hello {
+                    protocol: version,
+                    replica,
+                    scope,
+                    token: _,
+                },
+            ) => {
+                if version != u16::from(protocol::PROTOCOL_VERSION) {
+                    let reason = format!(
+                        "protocol version {version} is not supported (this relay speaks {})",
+                        protocol::PROTOCOL_VERSION
+                    );
+                    let reject = Message::Reject {
+                        code: RejectCode::ProtocolVersion,
+                        reason: reason.clone(),
+                    };
+                    if send(&mut ws, shared, &reject).await.is_err() {
+                        break None;
+                    }
+                    break Some(Close::new(CloseCode::Protocol, reason));
+                }
+                tracing::info!(client = %replica, "hello");
+                let welcome = Message::Welcome {
+                    replica: shared.relay_id,
+                    scope,
+                    max_frame: u32::try_from(shared.config.max_frame).unwrap_or(u32::MAX),
+                };
+                if send(&mut ws, shared, &welcome).await.is_err() {
+                    break None;
+                }
+                phase = Phase::Ready;
+            }
+            (Phase::AwaitingHello, other) => {
+                break Some(Close::new(
+                    CloseCode::Protocol,
+                    format!("the first frame must be Hello, not {}", kind(&other)),
+                ));
+            }
+            (Phase::Ready, Message::Hello { .. }) => {
+                break Some(Close::new(CloseCode::Protocol, "Hello sent twice"));
+            }
+            (Phase::Ready, Message::Ping { nonce }) => {
+                if send(&mut ws, shared, &Message::Pong { nonce })
+                    .await
+                    .is_err()
+                {
+                    break None;
+                }
+            }
+            (Phase::Ready, other) => {
+                tracing::debug!(kind = kind(&other), "not implemented yet");
+                let reply = Message::Error {
+                    code: ErrorCode::Internal,
+                    message: "sync not implemented yet".into(),
+                    doc: None,
+                };
+                if send(&mut ws, shared, &reply).await.is_err() {
+                    break None;
+                }
+            }
+        }
+    };
+    // Free the slot before the socket closes: a peer that saw the close may reconnect at once.
+    drop(permit);
+    drop(gauge);
+    if let Some(close) = outcome {
+        if close.code != CloseCode::Away {
+            shared
+                .metrics
+                .protocol_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tracing::info!(code = u16::from(close.code), reason = %close.reason, %peer, "closing");
+        close_with(ws, close).await;
+    } else {
+        tracing::debug!("session closed by peer");
+    }
+}
+
+/// Frames that count for metrics and the rate limit: everything the peer sends but its close.
+fn message_counts(message: &WsMessage) -> bool {
+    !matches!(message, WsMessage::Close(_) | WsMessage::Frame(_))
+}
+
+/// The variant name of a message, for logs and close reasons: the start of its `Debug` text,
+/// formatted into a small buffer that stops the formatter early (a `Sync` frame may carry
+/// megabytes, which must not be rendered just to be named).
+fn kind(message: &Message) -> String {
+    struct Prefix(String);
+    impl std::fmt::Write for Prefix {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            for c in s.chars() {
+                if !c.is_alphanumeric() || self.0.len() >= 32 {
+                    return Err(std::fmt::Error);
+                }
+                self.0.push(c);
+            }
+            Ok(())
+        }
+    }
+    let mut name = Prefix(String::new());
+    let _ = std::fmt::Write::write_fmt(&mut name, format_args!("{message:?}"));
+    name.0
+}
+
+/// A WebSocket-level read failure: a close code when the peer can still hear one.
+fn close_for_ws_error(e: WsError) -> Option<Close> {
+    match e {
+        WsError::Capacity(e) => Some(Close::new(CloseCode::Size, e.to_string())),
+        WsError::Utf8(e) => Some(Close::new(CloseCode::Invalid, e)),
+        WsError::Protocol(WsProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(e) => Some(Close::new(CloseCode::Protocol, e.to_string())),
+        e => {
+            tracing::debug!("connection lost: {e}");
+            None
+        }
+    }
+}
+
+/// A frame that does not decode. A frame of another protocol version gets a `Reject` first
+/// when it opens the session, so an old or new client can tell the user to upgrade.
+async fn close_for_decode_error(
+    ws: &mut Ws,
+    shared: &Shared,
+    phase: &Phase,
+    e: ProtocolError,
+) -> Option<Close> {
+    let code = match e {
+        ProtocolError::TooLarge { .. } => CloseCode::Size,
+        ProtocolError::Version { .. } => {
+            if matches!(phase, Phase::AwaitingHello) {
+                let reject = Message::Reject {
+                    code: RejectCode::ProtocolVersion,
+                    reason: e.to_string(),
+                };
+                send(ws, shared, &reject).await.ok()?;
+            }
+            CloseCode::Protocol
+        }
+        _ => CloseCode::Invalid,
+    };
+    Some(Close::new(code, e.to_string()))
+}
+
+async fn send(ws: &mut Ws, shared: &Shared, message: &Message) -> Result<(), WsError> {
+    let frame = protocol::encode(message);
+    let len = frame.len();
+    ws.send(WsMessage::Binary(Bytes::from(frame))).await?;
+    shared.metrics.frame_out(len);
+    Ok(())
+}
+
+/// Sends the close frame, then closes our half and discards whatever the peer still sends until
+/// it hangs up (bounded). Dropping a socket with unread bytes would make the kernel send a reset,
+/// which can destroy the close frame before the peer reads it — typical after an oversized frame,
+/// whose payload we never read.
+async fn close_with(mut ws: Ws, close: Close) {
+    let mut reason = close.reason;
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    let frame = CloseFrame {
+        code: close.code,
+        reason: reason.into(),
+    };
+    let _ = timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await;
+    let stream = ws.get_mut();
+    let _ = timeout(CLOSE_TIMEOUT, async {
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}

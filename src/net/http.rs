@@ -1,0 +1,185 @@
+//! The plain-HTTP side of the port: reading a request head, routing it, the small responses, and
+//! [`Rewind`], which hands the already-read head back to the WebSocket handshake.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The largest request head accepted.
+const MAX_HEAD: usize = 8 * 1024;
+const MAX_HEADERS: usize = 32;
+
+/// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Healthz,
+    Metrics,
+    /// A WebSocket upgrade on the sync endpoint.
+    Upgrade,
+    /// The sync endpoint without an upgrade.
+    UpgradeRequired,
+    MethodNotAllowed,
+    NotFound,
+    BadRequest,
+}
+
+/// Reads bytes until the end of the request head (`\r\n\r\n`); returns everything read (the head
+/// and any bytes after it). `Ok(None)` when the peer closed first.
+pub(crate) async fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let searched_from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if buf[searched_from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(Some(buf));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request head too large",
+            ));
+        }
+    }
+}
+
+/// Parses the head and decides what it asks for.
+pub(crate) fn route(head: &[u8]) -> Route {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Route::BadRequest,
+    }
+    let path = req.path.unwrap_or("/");
+    let path = path.split('?').next().unwrap_or(path);
+    let is_get = req.method == Some("GET");
+    let wants_upgrade = req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("upgrade")
+            && String::from_utf8_lossy(h.value)
+                .trim()
+                .eq_ignore_ascii_case("websocket")
+    });
+    match (path, is_get) {
+        ("/healthz" | "/metrics" | "/" | "/sync", false) => Route::MethodNotAllowed,
+        ("/healthz", true) => Route::Healthz,
+        ("/metrics", true) => Route::Metrics,
+        ("/" | "/sync", true) if wants_upgrade => Route::Upgrade,
+        ("/" | "/sync", true) => Route::UpgradeRequired,
+        _ => Route::NotFound,
+    }
+}
+
+/// Writes a complete response and closes our side (no keep-alive: these endpoints are polled
+/// rarely).
+pub(crate) async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    extra_headers: &str,
+    body: &str,
+) -> io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n{extra_headers}\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Shorthand for a plain-text response.
+pub(crate) async fn respond_text(
+    stream: &mut TcpStream,
+    status: &str,
+    body: &str,
+) -> io::Result<()> {
+    respond(stream, status, "text/plain; charset=utf-8", "", body).await
+}
+
+/// A stream that first yields bytes already read from it: the WebSocket handshake re-reads the
+/// request head that routing looked at.
+pub(crate) struct Rewind {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    pub(crate) fn new(prefix: Vec<u8>, inner: TcpStream) -> Self {
+        Rewind {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let get = |path: &str, extra: &str| {
+            route(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes())
+        };
+        assert_eq!(get("/healthz", ""), Route::Healthz);
+        assert_eq!(get("/metrics?x=1", ""), Route::Metrics);
+        assert_eq!(get("/", "Upgrade: WebSocket\r\n"), Route::Upgrade);
+        assert_eq!(get("/sync", "upgrade: websocket\r\n"), Route::Upgrade);
+        assert_eq!(get("/sync", ""), Route::UpgradeRequired);
+        assert_eq!(get("/nope", ""), Route::NotFound);
+        assert_eq!(
+            route(b"POST /healthz HTTP/1.1\r\n\r\n"),
+            Route::MethodNotAllowed
+        );
+        assert_eq!(route(b"\x00\x01garbage\r\n\r\n"), Route::BadRequest);
+    }
+}

@@ -1,0 +1,115 @@
+//! Counters for `/metrics`, rendered as Prometheus text.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// The relay's counters. Shared by every connection; all updates are relaxed atomics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub(crate) connections: AtomicU64,
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) frames_in: AtomicU64,
+    pub(crate) frames_out: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) protocol_errors: AtomicU64,
+}
+
+/// Keeps `weft_connections` counting one session while alive.
+pub(crate) struct ConnectionGauge<'a>(&'a Metrics);
+
+impl<'a> ConnectionGauge<'a> {
+    pub(crate) fn new(metrics: &'a Metrics) -> Self {
+        metrics.connections.fetch_add(1, Relaxed);
+        metrics.connections_total.fetch_add(1, Relaxed);
+        ConnectionGauge(metrics)
+    }
+}
+
+impl Drop for ConnectionGauge<'_> {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Metrics {
+    pub(crate) fn frame_in(&self, bytes: usize) {
+        self.frames_in.fetch_add(1, Relaxed);
+        self.bytes_in.fetch_add(bytes as u64, Relaxed);
+    }
+
+    pub(crate) fn frame_out(&self, bytes: usize) {
+        self.frames_out.fetch_add(1, Relaxed);
+        self.bytes_out.fetch_add(bytes as u64, Relaxed);
+    }
+
+    /// The Prometheus text exposition, with the stored-document count read from the replica.
+    pub fn render(&self, documents_stored: Option<u64>) -> String {
+        let mut out = String::with_capacity(1024);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
+        };
+        let get = |c: &AtomicU64| c.load(Relaxed);
+        metric(
+            "weft_connections",
+            "gauge",
+            "Open WebSocket sessions.",
+            get(&self.connections),
+        );
+        metric(
+            "weft_connections_total",
+            "counter",
+            "WebSocket sessions accepted.",
+            get(&self.connections_total),
+        );
+        metric(
+            "weft_connections_refused_total",
+            "counter",
+            "WebSocket upgrades refused at the connection limit.",
+            get(&self.connections_refused),
+        );
+        metric(
+            "weft_frames_in_total",
+            "counter",
+            "WebSocket messages received.",
+            get(&self.frames_in),
+        );
+        metric(
+            "weft_frames_out_total",
+            "counter",
+            "Protocol frames sent.",
+            get(&self.frames_out),
+        );
+        metric(
+            "weft_bytes_in_total",
+            "counter",
+            "Bytes of WebSocket messages received.",
+            get(&self.bytes_in),
+        );
+        metric(
+            "weft_bytes_out_total",
+            "counter",
+            "Bytes of protocol frames sent.",
+            get(&self.bytes_out),
+        );
+        metric(
+            "weft_protocol_errors_total",
+            "counter",
+            "Connections closed for bad input (malformed, oversized, text, rate, order).",
+            get(&self.protocol_errors),
+        );
+        if let Some(docs) = documents_stored {
+            metric(
+                "weft_documents_stored",
+                "gauge",
+                "Live documents in the relay's replica.",
+                docs,
+            );
+        }
+        out
+    }
+}

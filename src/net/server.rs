@@ -1,0 +1,220 @@
+//! The accept loop, per-TCP-connection routing, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tracing::Instrument;
+
+use super::http::{self, Rewind, Route};
+use super::{Metrics, NetError, RelayConfig, connection};
+use crate::{Replica, ReplicaId};
+
+/// The pause after a failed accept (typically out of file descriptors), so the loop does not spin.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub(crate) config: RelayConfig,
+    pub(crate) relay_id: ReplicaId,
+    pub(crate) replica: Replica,
+    pub(crate) metrics: Metrics,
+    /// One permit per open WebSocket session.
+    pub(crate) sessions: Arc<Semaphore>,
+}
+
+/// Runs the relay on `listener` until `shutdown` resolves, then closes every session with 1001
+/// (going away), waits up to `config.shutdown_grace` for them, and closes the replica.
+pub async fn run(
+    listener: TcpListener,
+    config: RelayConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NetError> {
+    let replica = open_replica(&config).await?;
+    let relay_id = replica.replica_id();
+    let local = listener.local_addr().ok();
+    tracing::info!(?local, relay = %relay_id, data = %config.data_dir.display(), "relay started");
+    let shared = Arc::new(Shared {
+        sessions: Arc::new(Semaphore::new(config.max_connections)),
+        config,
+        relay_id,
+        replica,
+        metrics: Metrics::default(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let span = tracing::info_span!("conn", %peer);
+                    let task = serve_tcp(stream, peer, shared.clone(), stop_rx.clone());
+                    tasks.spawn(task.instrument(span));
+                }
+                // Per-connection failures (the peer reset before accept, out of file
+                // descriptors): log and go on; a listener must not die of one bad accept.
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            // Reap finished tasks so the set does not grow with every connection ever served.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    drop(listener);
+    tracing::info!(open = tasks.len(), "shutting down");
+    let _ = stop_tx.send(true);
+    let grace = shared.config.shutdown_grace;
+    if timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = tasks.len(),
+            "sessions did not close in time; aborting them"
+        );
+        tasks.shutdown().await;
+    }
+    let replica = shared.replica.clone();
+    drop(shared);
+    tokio::task::spawn_blocking(move || replica.checkpoint())
+        .await
+        .map_err(|e| NetError::Io {
+            what: "closing the replica".into(),
+            source: std::io::Error::other(e),
+        })??;
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+async fn open_replica(config: &RelayConfig) -> Result<Replica, NetError> {
+    let dir = config.data_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir).map_err(|source| NetError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        Ok(Replica::open(dir.join("relay.db"))?)
+    })
+    .await
+    .map_err(|e| NetError::Io {
+        what: "opening the replica".into(),
+        source: std::io::Error::other(e),
+    })?
+}
+
+/// One TCP connection: read the request head, answer HTTP, or hand over to a WebSocket session.
+async fn serve_tcp(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let read = timeout(shared.config.request_timeout, http::read_head(&mut stream));
+    // A client still sending its request head when the relay stops is dropped at once.
+    let read = tokio::select! {
+        read = read => read,
+        _ = stop.wait_for(|stopping| *stopping) => return,
+    };
+    let head = match read {
+        Ok(Ok(Some(head))) => head,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!("bad request head: {e}");
+            let _ = http::respond_text(&mut stream, "400 Bad Request", "bad request\n").await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("no request head in time");
+            let _ = http::respond_text(&mut stream, "408 Request Timeout", "timeout\n").await;
+            return;
+        }
+    };
+    let route = http::route(&head);
+    tracing::debug!(?route, "request");
+    let result = match route {
+        Route::Healthz => http::respond_text(&mut stream, "200 OK", "ok\n").await,
+        Route::Metrics => {
+            let replica = shared.replica.clone();
+            let docs = tokio::task::spawn_blocking(move || replica.counts())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|(live, _, _)| live);
+            let body = shared.metrics.render(docs);
+            http::respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                "",
+                &body,
+            )
+            .await
+        }
+        Route::Upgrade => {
+            let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
+                shared.metrics.connections_refused.fetch_add(1, Relaxed);
+                tracing::info!("refused: at the connection limit");
+                let _ = http::respond(
+                    &mut stream,
+                    "503 Service Unavailable",
+                    "text/plain; charset=utf-8",
+                    "Retry-After: 1\r\n",
+                    "the relay is at its connection limit\n",
+                )
+                .await;
+                return;
+            };
+            let ws_config = WebSocketConfig::default()
+                .max_message_size(Some(shared.config.max_frame))
+                .max_frame_size(Some(shared.config.max_frame));
+            let handshake = tokio_tungstenite::accept_async_with_config(
+                Rewind::new(head, stream),
+                Some(ws_config),
+            );
+            match timeout(shared.config.request_timeout, handshake).await {
+                Ok(Ok(ws)) => {
+                    connection::session(ws, peer, &shared, stop, permit).await;
+                }
+                Ok(Err(e)) => tracing::debug!("WebSocket handshake failed: {e}"),
+                Err(_) => tracing::debug!("WebSocket handshake timed out"),
+            }
+            return;
+        }
+        Route::UpgradeRequired => {
+            http::respond(
+                &mut stream,
+                "426 Upgrade Required",
+                "text/plain; charset=utf-8",
+                "Upgrade: websocket\r\n",
+                "this endpoint speaks WebSocket\n",
+            )
+            .await
+        }
+        Route::MethodNotAllowed => {
+            http::respond_text(
+                &mut stream,
+                "405 Method Not Allowed",
+                "method not allowed\n",
+            )
+            .await
+        }
+        Route::NotFound => http::respond_text(&mut stream, "404 Not Found", "not found\n").await,
+        Route::BadRequest => {
+            http::respond_text(&mut stream, "400 Bad Request", "bad request\n").await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("writing response: {e}");
+    }
+}

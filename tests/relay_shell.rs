@@ -1,0 +1,488 @@
+//! The relay's network shell (`weft::net::run`, `weft serve`): HTTP endpoints, the Hello
+//! handshake, close codes for bad input (only the offending connection), the connection cap and
+//! graceful shutdown. Real servers on 127.0.0.1:0, real WebSocket clients; every wait is bounded.
+#![cfg(feature = "net")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message as WsMessage};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use weft::ReplicaId;
+use weft::net::{NetError, RelayConfig};
+use weft::protocol::{self, ErrorCode, Message, RejectCode, WireScope};
+
+type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The failure limit for any single wait.
+const LIMIT: Duration = Duration::from_secs(10);
+
+struct Relay {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), NetError>>,
+    dir: tempfile::TempDir,
+}
+
+impl Relay {
+    async fn start(tune: impl FnOnce(&mut RelayConfig)) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RelayConfig::new(dir.path().join("data"));
+        tune(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(weft::net::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        Relay {
+            addr,
+            stop: Some(stop),
+            task,
+            dir,
+        }
+    }
+
+    async fn connect(&self) -> Client {
+        let url = format!("ws://{}/sync", self.addr);
+        let (ws, _) = timeout(LIMIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
+        ws
+    }
+
+    /// A client past the handshake.
+    async fn session(&self) -> Client {
+        let mut ws = self.connect().await;
+        send(&mut ws, &hello(protocol::PROTOCOL_VERSION.into())).await;
+        assert!(matches!(recv(&mut ws).await, Message::Welcome { .. }));
+        ws
+    }
+
+    async fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.stop.take().unwrap().send(());
+        timeout(LIMIT, self.task)
+            .await
+            .expect("run did not return after shutdown")
+            .unwrap()
+            .expect("run failed");
+        self.dir
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        let (status, body) = http_get(self.addr, "/metrics").await;
+        assert!(status.contains("200"), "{status}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
+    }
+}
+
+fn hello(protocol: u16) -> Message {
+    Message::Hello {
+        protocol,
+        replica: ReplicaId::from_bytes([9; 16]),
+        token: None,
+        scope: WireScope::Collections(vec!["todos".into()]),
+    }
+}
+
+async fn send(ws: &mut Client, message: &Message) {
+    send_raw(ws, WsMessage::Binary(protocol::encode(message).into())).await;
+}
+
+async fn send_raw(ws: &mut Client, message: WsMessage) {
+    timeout(LIMIT, ws.send(message))
+        .await
+        .expect("send timed out")
+        .expect("send failed");
+}
+
+/// The next protocol frame from the relay.
+async fn recv(ws: &mut Client) -> Message {
+    loop {
+        let next = timeout(LIMIT, ws.next()).await.expect("recv timed out");
+        match next {
+            Some(Ok(WsMessage::Binary(bytes))) => {
+                return protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME).unwrap();
+            }
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads (skipping frames) until the relay's close frame, then until the relay hangs up;
+/// returns the close code and reason.
+async fn expect_close(ws: &mut Client) -> (CloseCode, String) {
+    loop {
+        match timeout(LIMIT, ws.next()).await.expect("close timed out") {
+            Some(Ok(WsMessage::Close(Some(frame)))) => {
+                while let Some(Ok(_)) = timeout(LIMIT, ws.next()).await.expect("no hang-up") {}
+                return (frame.code, frame.reason.to_string());
+            }
+            Some(Ok(WsMessage::Close(None))) => panic!("close without a code"),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// A well-behaved session still works: the bad one hurt only itself.
+async fn assert_healthy(ws: &mut Client, nonce: u64) {
+    send(ws, &Message::Ping { nonce }).await;
+    assert_eq!(recv(ws).await, Message::Pong { nonce });
+}
+
+/// One HTTP/1.1 GET on a raw socket: (status line, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    timeout(LIMIT, stream.read_to_string(&mut response))
+        .await
+        .expect("HTTP response timed out")
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("no head end");
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+#[tokio::test]
+async fn healthz_and_metrics_over_plain_http() {
+    let relay = Relay::start(|_| {}).await;
+    let (status, body) = http_get(relay.addr, "/healthz").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, "ok\n");
+    let (status, body) = http_get(relay.addr, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for name in [
+        "weft_connections",
+        "weft_frames_in_total",
+        "weft_frames_out_total",
+        "weft_bytes_in_total",
+        "weft_bytes_out_total",
+        "weft_protocol_errors_total",
+        "weft_documents_stored",
+    ] {
+        assert!(
+            body.contains(&format!("# TYPE {name} ")),
+            "{name} in\n{body}"
+        );
+    }
+    assert_eq!(relay.metric("weft_documents_stored").await, 0);
+    assert_eq!(
+        http_get(relay.addr, "/nope").await.0,
+        "HTTP/1.1 404 Not Found"
+    );
+    assert_eq!(
+        http_get(relay.addr, "/sync").await.0,
+        "HTTP/1.1 426 Upgrade Required"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn hello_gets_welcome_then_ping_pong_and_not_implemented_errors() {
+    let relay = Relay::start(|c| c.max_frame = 1 << 20).await;
+    let mut ws = relay.connect().await;
+    send(&mut ws, &hello(protocol::PROTOCOL_VERSION.into())).await;
+    let Message::Welcome {
+        replica,
+        scope,
+        max_frame,
+    } = recv(&mut ws).await
+    else {
+        panic!("expected Welcome")
+    };
+    assert_eq!(scope, WireScope::Collections(vec!["todos".into()]));
+    assert_eq!(max_frame, 1 << 20);
+    assert_healthy(&mut ws, 7).await;
+    send(
+        &mut ws,
+        &Message::Summary {
+            count: 0,
+            buckets: vec![0; 256],
+        },
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await,
+        Message::Error {
+            code: ErrorCode::Internal,
+            message: "sync not implemented yet".into(),
+            doc: None
+        }
+    );
+    // The session goes on after the error.
+    assert_healthy(&mut ws, 8).await;
+    assert_eq!(relay.metric("weft_connections").await, 1);
+    assert_eq!(relay.metric("weft_frames_in_total").await, 4);
+    assert_eq!(relay.metric("weft_frames_out_total").await, 4);
+    assert!(relay.metric("weft_bytes_in_total").await > 0);
+    assert!(relay.metric("weft_bytes_out_total").await > 0);
+    assert_eq!(relay.metric("weft_protocol_errors_total").await, 0);
+    // A clean close by the client is not an error.
+    ws.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) = timeout(LIMIT, ws.next()).await {}
+    assert_eq!(relay.metric("weft_protocol_errors_total").await, 0);
+    // The Welcome carried the id of the relay's stored replica.
+    let dir = relay.stop().await;
+    let stored = weft::Replica::open(dir.path().join("data/relay.db")).unwrap();
+    assert_eq!(stored.replica_id(), replica);
+}
+
+#[tokio::test]
+async fn wrong_protocol_version_is_rejected_and_closed() {
+    let relay = Relay::start(|_| {}).await;
+    let mut ws = relay.connect().await;
+    send(&mut ws, &hello(99)).await;
+    let Message::Reject { code, reason } = recv(&mut ws).await else {
+        panic!("expected Reject")
+    };
+    assert_eq!(code, RejectCode::ProtocolVersion);
+    assert!(reason.contains("99"), "{reason}");
+    assert_eq!(expect_close(&mut ws).await.0, CloseCode::Protocol);
+    drop(ws);
+    relay.stop().await;
+}
+
+/// Sends `bad` on one connection (after a Hello when `greet`) and checks it is closed with
+/// `code`, while a second session on the same relay keeps working.
+async fn bad_input_closes_only_that_connection(
+    tune: impl FnOnce(&mut RelayConfig),
+    greet: bool,
+    bad: Vec<WsMessage>,
+    code: CloseCode,
+) -> String {
+    let relay = Relay::start(tune).await;
+    let mut good = relay.session().await;
+    let mut bad_ws = if greet {
+        relay.session().await
+    } else {
+        relay.connect().await
+    };
+    for message in bad {
+        // feed, not send: a flood goes out without waiting for each flush.
+        timeout(LIMIT, bad_ws.feed(message))
+            .await
+            .expect("feed timed out")
+            .expect("feed failed");
+    }
+    let _ = timeout(LIMIT, bad_ws.flush())
+        .await
+        .expect("flush timed out");
+    let (got, reason) = expect_close(&mut bad_ws).await;
+    assert_eq!(got, code, "reason: {reason}");
+    assert_healthy(&mut good, 1).await;
+    assert_healthy(&mut good, 2).await;
+    assert_eq!(relay.metric("weft_protocol_errors_total").await, 1);
+    // A new session is welcome too.
+    let mut again = relay.session().await;
+    assert_healthy(&mut again, 3).await;
+    drop((good, bad_ws, again));
+    relay.stop().await;
+    reason
+}
+
+fn binary(bytes: &[u8]) -> Vec<WsMessage> {
+    vec![WsMessage::Binary(Bytes::copy_from_slice(bytes))]
+}
+
+#[tokio::test]
+async fn garbage_bytes_close_1007() {
+    let reason = bad_input_closes_only_that_connection(
+        |_| {},
+        false,
+        binary(b"\x00\x01\x02 not a frame"),
+        CloseCode::Invalid,
+    )
+    .await;
+    assert!(reason.contains("bad magic"), "{reason}");
+}
+
+#[tokio::test]
+async fn malformed_frame_after_hello_closes_1007() {
+    let reason = bad_input_closes_only_that_connection(
+        |_| {},
+        true,
+        binary(b"wf\x01\xff\xff\xff"),
+        CloseCode::Invalid,
+    )
+    .await;
+    assert!(reason.contains("malformed"), "{reason}");
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_1009() {
+    let limit = 64 * 1024;
+    bad_input_closes_only_that_connection(
+        |c| c.max_frame = limit,
+        true,
+        binary(&vec![7u8; limit + 1]),
+        CloseCode::Size,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn text_frame_closes_1003() {
+    bad_input_closes_only_that_connection(
+        |_| {},
+        true,
+        vec![WsMessage::Text("hello?".into())],
+        CloseCode::Unsupported,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn ping_flood_closes_1008() {
+    let flood = (0..2_000)
+        .map(|nonce| WsMessage::Binary(protocol::encode(&Message::Ping { nonce }).into()))
+        .collect();
+    let reason =
+        bad_input_closes_only_that_connection(|_| {}, true, flood, CloseCode::Policy).await;
+    assert!(reason.contains("rate"), "{reason}");
+}
+
+#[tokio::test]
+async fn first_frame_other_than_hello_closes_1002() {
+    let frame = protocol::encode(&Message::Ping { nonce: 1 });
+    let reason =
+        bad_input_closes_only_that_connection(|_| {}, false, binary(&frame), CloseCode::Protocol)
+            .await;
+    assert!(reason.contains("must be Hello, not Ping"), "{reason}");
+}
+
+#[tokio::test]
+async fn no_hello_in_time_closes_1008() {
+    let relay = Relay::start(|c| c.hello_timeout = Duration::from_millis(200)).await;
+    let mut ws = relay.connect().await;
+    let (code, reason) = expect_close(&mut ws).await;
+    assert_eq!(code, CloseCode::Policy);
+    assert!(reason.contains("Hello"), "{reason}");
+    drop(ws);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_refused_with_503() {
+    let relay = Relay::start(|c| c.max_connections = 2).await;
+    let mut first = relay.session().await;
+    let mut second = relay.session().await;
+    let url = format!("ws://{}/", relay.addr);
+    match timeout(LIMIT, tokio_tungstenite::connect_async(&url))
+        .await
+        .unwrap()
+    {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("expected HTTP 503, got {other:?}"),
+    }
+    assert_eq!(relay.metric("weft_connections_refused_total").await, 1);
+    // Plain HTTP is not counted against the cap.
+    assert_eq!(http_get(relay.addr, "/healthz").await.1, "ok\n");
+    // Closing one session frees its slot by the time the client sees the socket end.
+    first.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) = timeout(LIMIT, first.next()).await {}
+    let mut third = relay.session().await;
+    assert_healthy(&mut third, 1).await;
+    assert_healthy(&mut second, 2).await;
+    assert_eq!(relay.metric("weft_connections").await, 2);
+    drop((second, third));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_1001_and_run_returns() {
+    let relay = Relay::start(|_| {}).await;
+    let mut welcomed = relay.session().await;
+    let mut fresh = relay.connect().await;
+    // A client still sending its request head does not hold up the shutdown.
+    let mut slow = TcpStream::connect(relay.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let addr = relay.addr;
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(relay.stop());
+    let (code, reason) = expect_close(&mut welcomed).await;
+    assert_eq!(code, CloseCode::Away, "{reason}");
+    drop(welcomed);
+    assert_eq!(expect_close(&mut fresh).await.0, CloseCode::Away);
+    drop(fresh);
+    let mut rest = Vec::new();
+    let read = timeout(LIMIT, slow.read_to_end(&mut rest)).await.unwrap();
+    assert!(read.is_err() || rest.is_empty(), "{read:?} {rest:?}");
+    timeout(LIMIT, stopping).await.unwrap().unwrap();
+    // Well inside the 5 s grace: nothing was waited out.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // The listener is gone.
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[test]
+fn weft_serve_process_answers_healthz_and_exits_0_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay-data");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("weft relay listening on ws://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    assert!(!addr.ends_with(":0"), "{addr}");
+
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(response.ends_with("\r\n\r\nok\n"), "{response}");
+    assert!(data.join("relay.db").exists());
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("weft serve did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status:?}");
+}
