@@ -101,6 +101,8 @@ struct Inner {
 type Transport = Arc<dyn Fn(Vec<(PeerId, Message)>, Vec<(PeerId, PeerEvent)>) + Send + Sync>;
 
 struct Shared {
+    #[cfg(feature = "net")]
+    router: std::sync::OnceLock<Arc<crate::net::router::Router>>,
     inner: Mutex<Inner>,
     transport: Mutex<Option<Transport>>,
     clock: Clock,
@@ -162,6 +164,8 @@ impl Replica {
                 }),
                 hooks: Hooks::default(),
                 transport: Mutex::new(None),
+                #[cfg(feature = "net")]
+                router: std::sync::OnceLock::new(),
                 clock: options.clock.clone(),
                 path,
             }),
@@ -354,6 +358,15 @@ impl Replica {
             .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(transport));
     }
 
+    /// The network layer's router for this replica, created on first use.
+    #[cfg(feature = "net")]
+    pub(crate) fn net_router(
+        &self,
+        init: impl FnOnce() -> Arc<crate::net::router::Router>,
+    ) -> Arc<crate::net::router::Router> {
+        self.shared.router.get_or_init(init).clone()
+    }
+
     /// A session with `remote` is established (after the handshake).
     pub fn peer_connected(&self, peer: PeerId, remote: ReplicaId, scope: Scope, initiator: bool) {
         self.peer_input(Input::PeerConnected {
@@ -375,8 +388,12 @@ impl Replica {
     }
 
     /// Lets sessions notice that time passed (call every few milliseconds while connected).
+    /// Cheap when no session is waiting for time to pass.
     pub fn tick(&self) {
-        self.peer_input(Input::Tick);
+        let inner = self.lock();
+        if inner.engine.wants_tick(self.shared.clock.now()) {
+            let _ = self.step(inner, vec![Input::Tick], 0, 0);
+        }
     }
 
     fn peer_input(&self, input: Input) {

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message as WsMessa
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft::ReplicaId;
 use weft::net::{NetError, RelayConfig};
-use weft::protocol::{self, ErrorCode, Message, RejectCode, WireScope};
+use weft::protocol::{self, Message, RejectCode, WireScope};
 
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -191,7 +191,7 @@ async fn healthz_and_metrics_over_plain_http() {
 }
 
 #[tokio::test]
-async fn hello_gets_welcome_then_ping_pong_and_not_implemented_errors() {
+async fn hello_gets_welcome_then_ping_pong_and_reconciliation() {
     let relay = Relay::start(|c| c.max_frame = 1 << 20).await;
     let mut ws = relay.connect().await;
     send(&mut ws, &hello(protocol::PROTOCOL_VERSION.into())).await;
@@ -214,15 +214,15 @@ async fn hello_gets_welcome_then_ping_pong_and_not_implemented_errors() {
         },
     )
     .await;
+    // An empty catalog against an empty relay: in sync, said with an empty Entries.
     assert_eq!(
         recv(&mut ws).await,
-        Message::Error {
-            code: ErrorCode::Internal,
-            message: "sync not implemented yet".into(),
-            doc: None
+        Message::Entries {
+            buckets: vec![],
+            entries: vec![]
         }
     );
-    // The session goes on after the error.
+    // The session goes on.
     assert_healthy(&mut ws, 8).await;
     assert_eq!(relay.metric("weft_connections").await, 1);
     assert_eq!(relay.metric("weft_frames_in_total").await, 4);

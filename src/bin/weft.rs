@@ -60,6 +60,10 @@ enum Cmd {
     /// SIGINT or SIGTERM.
     #[cfg(feature = "net")]
     Serve(ServeArgs),
+    /// Sync with a relay: `--once` until both sides hold the same version of every document in
+    /// scope, or `--watch` to stay connected, pushing and receiving every change live.
+    #[cfg(feature = "net")]
+    Sync(SyncArgs),
     /// Print the change feed as NDJSON.
     Changes {
         /// Only entries with a sequence number greater than this.
@@ -86,6 +90,37 @@ struct ServeArgs {
     /// Open WebSocket sessions at most.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+}
+
+#[cfg(feature = "net")]
+#[derive(Args)]
+#[group(id = "mode", required = true, multiple = false)]
+struct SyncMode {
+    /// Sync until in sync, print a summary, exit.
+    #[arg(long)]
+    once: bool,
+    /// Stay connected (reconnecting as needed) and log what syncs, until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+}
+
+#[cfg(feature = "net")]
+#[derive(Args)]
+struct SyncArgs {
+    /// The relay's address, as `weft serve` prints it: ws://HOST:PORT.
+    #[arg(long)]
+    server: String,
+    /// A token, for relays that require one.
+    #[arg(long, env = "WEFT_TOKEN")]
+    token: Option<String>,
+    /// Only these collections (repeat); all when absent.
+    #[arg(long = "collection", short)]
+    collections: Vec<String>,
+    /// With --once: give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    #[command(flatten)]
+    mode: SyncMode,
 }
 
 #[derive(Subcommand)]
@@ -279,6 +314,8 @@ fn run(cli: Cli) -> CliResult {
         } => changes(&cli.db, since, collection, follow),
         #[cfg(feature = "net")]
         Cmd::Serve(args) => serve(args),
+        #[cfg(feature = "net")]
+        Cmd::Sync(args) => sync(&cli.db, args),
         Cmd::Compact => {
             let replica = open(&cli.db)?;
             let before = file_size(&cli.db);
@@ -315,6 +352,82 @@ fn serve(args: ServeArgs) -> CliResult {
         weft::net::run(listener, config, shutdown_signal())
             .await
             .map_err(|e| CliError::Io(e.to_string()))
+    })
+}
+
+/// `weft sync --once | --watch`.
+#[cfg(feature = "net")]
+fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
+    use weft::net::{ConnectOptions, Status};
+    let replica = open(db)?;
+    let scope = if args.collections.is_empty() {
+        weft::Scope::All
+    } else {
+        weft::Scope::Collections(args.collections.clone())
+    };
+    for c in &args.collections {
+        weft::engine::validate_collection(c)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io(format!("starting the runtime: {e}")))?;
+    let options = ConnectOptions {
+        scope: scope.clone(),
+        token: args.token.clone(),
+        reconnect: args.mode.watch,
+        ..ConnectOptions::default()
+    };
+    runtime.block_on(async {
+        let started = std::time::Instant::now();
+        let before = replica.last_seq();
+        let connection = replica.connect(&args.server, options);
+        if args.mode.once {
+            let result = tokio::time::timeout(Duration::from_secs(args.timeout), connection.wait_synced()).await;
+            let status = connection.status();
+            connection.close().await;
+            return match result {
+                Err(_) => Err(CliError::Io(format!("not in sync with {} after {} s", args.server, args.timeout))),
+                Ok(Err(Status::Rejected { reason })) => Err(CliError::Io(format!("{} rejected the session: {reason}", args.server))),
+                Ok(Err(Status::Offline { error })) => Err(CliError::Io(error)),
+                Ok(Err(other)) => Err(CliError::Io(format!("sync with {} failed: {other:?}", args.server))),
+                Ok(Ok(())) => {
+                    let _ = status;
+                    let summary = replica.catalog_summary(&scope)?;
+                    let received = replica.changes_since(before, usize::MAX, None)?.iter().filter(|e| matches!(e.origin, weft::Origin::Peer(_))).count();
+                    eprintln!(
+                        "in sync with {}: {} documents in scope, {} changes received, {:.2} s",
+                        args.server,
+                        summary.count,
+                        received,
+                        started.elapsed().as_secs_f64()
+                    );
+                    Ok(())
+                }
+            };
+        }
+        let mut status = connection.watch();
+        let _hook = replica.on_change(scope, |e| {
+            eprintln!("{} {:?} {} {}", e.origin, e.kind, e.collection, e.id);
+        });
+        loop {
+            tokio::select! {
+                changed = status.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let now = status.borrow().clone();
+                    eprintln!("status: {now:?}");
+                    if let Status::Rejected { reason } = now {
+                        return Err(CliError::Io(format!("{} rejected the session: {reason}", args.server)));
+                    }
+                }
+                () = shutdown_signal() => {
+                    connection.close().await;
+                    return Ok(());
+                }
+            }
+        }
     })
 }
 

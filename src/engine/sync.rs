@@ -175,14 +175,17 @@ impl Engine {
             .retain(|w| !matches!(w, Work::Peer(p, _) if *p == peer));
     }
 
+    /// Whether a `Tick` now would do anything (lets drivers skip a storage transaction).
+    pub fn wants_tick(&self, now: i64) -> bool {
+        self.peers.values().any(|p| p.due(now))
+    }
+
     /// Initiators whose session went quiet check again that they are in sync.
     pub(crate) fn peer_tick(&mut self, now: i64, fx: &mut Effects) {
         let due: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, p)| {
-                p.initiator && p.busy && !p.announced && now - p.last_activity >= RESYNC_QUIET_MS
-            })
+            .filter(|(_, p)| p.due(now))
             .map(|(id, _)| *id)
             .collect();
         for peer in due {
@@ -838,6 +841,14 @@ impl Engine {
 }
 
 impl Peer {
+    /// An initiator whose session has been quiet long enough to check again.
+    fn due(&self, now: i64) -> bool {
+        self.initiator
+            && self.busy
+            && !self.announced
+            && now - self.last_activity >= RESYNC_QUIET_MS
+    }
+
     fn outbox_error(&mut self, code: ErrorCode, message: String) {
         self.errors.push(Message::Error {
             code,

@@ -18,7 +18,19 @@ use super::http::Rewind;
 use super::metrics::ConnectionGauge;
 use super::rate::TokenBucket;
 use super::server::Shared;
-use crate::protocol::{self, ErrorCode, Message, ProtocolError, RejectCode};
+use tokio::sync::mpsc;
+
+use super::router::{Outbound, Router};
+use crate::Scope;
+use crate::engine::PeerId;
+use crate::protocol::{self, ErrorCode, Message, ProtocolError, RejectCode, WireScope};
+
+fn welcome_scope(welcome: &Message) -> WireScope {
+    match welcome {
+        Message::Welcome { scope, .. } => scope.clone(),
+        _ => WireScope::All,
+    }
+}
 
 type Ws = WebSocketStream<Rewind>;
 
@@ -59,6 +71,9 @@ pub(crate) async fn session(
     tracing::debug!("session open");
     let mut bucket = TokenBucket::new(shared.config.rate_limit, Instant::now());
     let mut phase = Phase::AwaitingHello;
+    let router = Router::of(&shared.replica);
+    // The replication session, once Welcome is sent: its id and the frames the replica sends it.
+    let mut sync: Option<(PeerId, mpsc::UnboundedReceiver<Outbound>)> = None;
     let hello_deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
     let outcome: Option<Close> = loop {
         let next = async {
@@ -69,9 +84,27 @@ pub(crate) async fn session(
                 Phase::Ready => Ok(ws.next().await),
             }
         };
+        let outbound = async {
+            match sync.as_mut() {
+                Some((_, rx)) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let incoming = tokio::select! {
-            _ = stop.wait_for(|stopping| *stopping) => {
+            () = stopped(&mut stop) => {
                 break Some(Close::new(CloseCode::Away, "relay shutting down"));
+            }
+            out = outbound => {
+                match out {
+                    Some(Outbound::Frame(message)) => {
+                        if send(&mut ws, shared, &message).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Some(Outbound::Event(event)) => tracing::debug!(?event, "session event"),
+                    None => break Some(Close::new(CloseCode::Error, "replica router closed")),
+                }
+                continue;
             }
             incoming = next => incoming,
         };
@@ -139,6 +172,17 @@ pub(crate) async fn session(
                     break None;
                 }
                 phase = Phase::Ready;
+                let (peer_id, rx) = router.register();
+                let local_scope = match welcome_scope(&welcome) {
+                    WireScope::All => Scope::All,
+                    WireScope::Collections(c) => Scope::Collections(c),
+                };
+                let relay = shared.replica.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    relay.peer_connected(peer_id, replica, local_scope, false)
+                })
+                .await;
+                sync = Some((peer_id, rx));
             }
             (Phase::AwaitingHello, other) => {
                 break Some(Close::new(
@@ -157,11 +201,35 @@ pub(crate) async fn session(
                     break None;
                 }
             }
+            (Phase::Ready, Message::Pong { .. }) => {}
+            (
+                Phase::Ready,
+                other @ (Message::Summary { .. }
+                | Message::Entries { .. }
+                | Message::Sync { .. }
+                | Message::Persisted { .. }
+                | Message::Error { .. }),
+            ) => {
+                let Some((peer_id, _)) = sync.as_ref() else {
+                    break None;
+                };
+                let (peer_id, relay) = (*peer_id, shared.replica.clone());
+                // SQLite work: off the async workers, in order (awaited before the next frame).
+                if tokio::task::spawn_blocking(move || relay.peer_message(peer_id, other))
+                    .await
+                    .is_err()
+                {
+                    break Some(Close::new(
+                        CloseCode::Error,
+                        "internal error while applying a frame",
+                    ));
+                }
+            }
             (Phase::Ready, other) => {
-                tracing::debug!(kind = kind(&other), "not implemented yet");
+                tracing::debug!(kind = kind(&other), "unexpected message");
                 let reply = Message::Error {
-                    code: ErrorCode::Internal,
-                    message: "sync not implemented yet".into(),
+                    code: ErrorCode::Malformed,
+                    message: format!("a client does not send {}", kind(&other)),
                     doc: None,
                 };
                 if send(&mut ws, shared, &reply).await.is_err() {
@@ -170,6 +238,11 @@ pub(crate) async fn session(
             }
         }
     };
+    if let Some((peer_id, _)) = sync.take() {
+        router.unregister(peer_id);
+        let relay = shared.replica.clone();
+        let _ = tokio::task::spawn_blocking(move || relay.peer_disconnected(peer_id)).await;
+    }
     // Free the slot before the socket closes: a peer that saw the close may reconnect at once.
     drop(permit);
     drop(gauge);
@@ -289,4 +362,9 @@ async fn close_with(mut ws: Ws, close: Close) {
         }
     })
     .await;
+}
+
+/// Resolves once `stop` turns true (or its sender is gone), without holding the watch guard.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

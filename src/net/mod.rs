@@ -1,9 +1,9 @@
 //! The relay's network shell: one TCP port serving `GET /healthz`, `GET /metrics` (Prometheus
 //! text) and the WebSocket endpoint (`/` or `/sync`) where replicas speak [`crate::protocol`].
 //!
-//! For now a session does the handshake (`Hello` -> `Welcome` or `Reject`), answers `Ping`, and
-//! replies to everything else with a typed "not implemented" error: the document sync is built
-//! on this shell by the replication issue. Bad input closes only the offending connection, with
+//! A session does the handshake (`Hello` -> `Welcome` or `Reject`), answers `Ping`, and hands
+//! session messages to the relay's replica, whose frames come back through the
+//! [`router::Router`]. The client side is [`client`]: `Replica::connect(url, options)`. Bad input closes only the offending connection, with
 //! a WebSocket close code saying why:
 //!
 //! | input | close code |
@@ -17,15 +17,18 @@
 //!
 //! The entry point is [`run`], which takes a bound listener, so tests run it on `127.0.0.1:0`.
 
+mod client;
 mod connection;
 mod http;
 mod metrics;
 mod rate;
+pub(crate) mod router;
 mod server;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use client::{ConnectOptions, Connection, Status};
 pub use metrics::Metrics;
 pub use server::run;
 
@@ -38,9 +41,11 @@ pub struct RateLimit {
 
 impl Default for RateLimit {
     fn default() -> Self {
+        // A live client sends a frame per local change it makes (plus sync rounds): allow
+        // bursts of bulk edits, cut off floods.
         RateLimit {
-            per_second: 100.0,
-            burst: 200.0,
+            per_second: 500.0,
+            burst: 1000.0,
         }
     }
 }

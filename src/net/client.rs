@@ -1,0 +1,335 @@
+//! The native client: `Replica::connect(url, options)` keeps a replica in sync with a relay.
+//!
+//! A background task connects, says `Hello`, waits for `Welcome`, then runs the session: frames
+//! from the relay go to the replica, the replica's frames (including every local change, pushed
+//! live) go to the relay. When the connection drops it reconnects with exponential backoff and
+//! jitter; edits made meanwhile are simply in the database and go out on reconnect.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::router::{Outbound, Router};
+use crate::engine::PeerEvent;
+use crate::protocol::{self, Message, RejectCode, WireScope};
+use crate::{Replica, Scope};
+
+/// How a connection behaves.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// The collections to sync (all by default).
+    pub scope: Scope,
+    /// A token for relays that require one.
+    pub token: Option<String>,
+    /// Reconnect after the connection drops (default). Without it the connection ends with
+    /// [`Status::Offline`] at the first failure.
+    pub reconnect: bool,
+    /// First reconnect delay; doubles up to `max_backoff`, with jitter.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// The largest frame accepted from the relay.
+    pub max_frame: usize,
+    /// How often the session checks whether a quiet sync needs a new reconciliation round.
+    pub tick: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            scope: Scope::All,
+            token: None,
+            reconnect: true,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+            max_frame: protocol::DEFAULT_MAX_FRAME,
+            tick: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Where a connection stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Dialing (or waiting for `Welcome`).
+    Connecting,
+    /// The session is up; reconciliation is running.
+    Connected,
+    /// Both sides hold the same version of every document in scope (as of this moment).
+    Synced,
+    /// Not connected; `error` says why. With reconnect on, a new attempt follows.
+    Offline { error: String },
+    /// The relay refused the session; no further attempt is made.
+    Rejected { reason: String },
+}
+
+/// A live connection to a relay. Dropping it disconnects.
+pub struct Connection {
+    status: watch::Receiver<Status>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Connection {
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub fn watch(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Waits until the replica is in sync with the relay. Fails when the relay rejects the
+    /// session, or (without reconnect) when the connection is lost.
+    pub async fn wait_synced(&self) -> Result<(), Status> {
+        let mut rx = self.status.clone();
+        let result = rx
+            .wait_for(|s| {
+                matches!(s, Status::Synced | Status::Rejected { .. })
+                    || matches!(s, Status::Offline { .. })
+                        && self.task.as_ref().is_some_and(|t| t.is_finished())
+            })
+            .await
+            .map(|s| s.clone());
+        match result {
+            Ok(Status::Synced) => Ok(()),
+            Ok(other) => Err(other),
+            Err(_) => Err(self.status()),
+        }
+    }
+
+    /// Closes the connection and waits for the session to end.
+    pub async fn close(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Replica {
+    /// Connects to a relay (`ws://host:port`) and keeps this replica in sync with it, in the
+    /// background, until the returned [`Connection`] is dropped. Must be called inside a tokio
+    /// runtime.
+    pub fn connect(&self, url: &str, options: ConnectOptions) -> Connection {
+        let (status_tx, status_rx) = watch::channel(Status::Connecting);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            self.clone(),
+            url.to_owned(),
+            options,
+            status_tx,
+            stop_rx,
+        ));
+        Connection {
+            status: status_rx,
+            stop: stop_tx,
+            task: Some(task),
+        }
+    }
+}
+
+/// Why one connection attempt ended.
+enum Ended {
+    /// We were asked to stop.
+    Stopped,
+    /// The relay refused us: do not retry.
+    Rejected(String),
+    /// Anything else: retry if allowed.
+    Lost(String),
+}
+
+async fn run(
+    replica: Replica,
+    url: String,
+    options: ConnectOptions,
+    status: watch::Sender<Status>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = options.initial_backoff;
+    let mut attempt: u64 = 0;
+    loop {
+        let _ = status.send(Status::Connecting);
+        match session(&replica, &url, &options, &status, &mut stop).await {
+            Ended::Stopped => return,
+            Ended::Rejected(reason) => {
+                tracing::error!(%url, %reason, "relay rejected the session");
+                let _ = status.send(Status::Rejected { reason });
+                return;
+            }
+            Ended::Lost(error) => {
+                tracing::info!(%url, %error, "offline");
+                let _ = status.send(Status::Offline { error });
+                if !options.reconnect {
+                    return;
+                }
+            }
+        }
+        // Exponential backoff with jitter (from the clock's low bits: spreading reconnects of
+        // many clients is all it is for).
+        attempt += 1;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let jitter = backoff.mul_f64(f64::from(nanos % 1000) / 2000.0);
+        tracing::debug!(attempt, delay = ?(backoff + jitter), "reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            () = stopped(&mut stop) => return,
+        }
+        backoff = (backoff * 2).min(options.max_backoff);
+    }
+}
+
+async fn session(
+    replica: &Replica,
+    url: &str,
+    options: &ConnectOptions,
+    status: &watch::Sender<Status>,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(options.max_frame))
+        .max_frame_size(Some(options.max_frame));
+    let connecting = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+    let ws = tokio::select! {
+        r = connecting => match r {
+            Ok((ws, _)) => ws,
+            Err(e) => return Ended::Lost(format!("cannot reach {url}: {e}")),
+        },
+        () = stopped(stop) => return Ended::Stopped,
+    };
+    let (mut sink, mut stream) = ws.split();
+    let scope = match &options.scope {
+        Scope::All => WireScope::All,
+        Scope::Collections(c) => WireScope::Collections(c.clone()),
+    };
+    let hello = Message::Hello {
+        protocol: u16::from(protocol::PROTOCOL_VERSION),
+        replica: replica.replica_id(),
+        token: options.token.clone(),
+        scope,
+    };
+    if let Err(e) = sink
+        .send(WsMessage::Binary(protocol::encode(&hello).into()))
+        .await
+    {
+        return Ended::Lost(format!("sending Hello: {e}"));
+    }
+    // The first frame must be Welcome or Reject.
+    let (remote, granted) = loop {
+        let next = tokio::select! {
+            n = tokio::time::timeout(Duration::from_secs(10), stream.next()) => n,
+            () = stopped(stop) => return Ended::Stopped,
+        };
+        match next {
+            Err(_) => return Ended::Lost("no Welcome from the relay within 10 s".into()),
+            Ok(None) => {
+                return Ended::Lost("the relay closed the connection during the handshake".into());
+            }
+            Ok(Some(Err(e))) => return Ended::Lost(format!("handshake: {e}")),
+            Ok(Some(Ok(WsMessage::Binary(bytes)))) => {
+                match protocol::decode(&bytes, options.max_frame) {
+                    Ok(Message::Welcome {
+                        replica: remote,
+                        scope,
+                        ..
+                    }) => break (remote, scope),
+                    Ok(Message::Reject { code, reason }) => {
+                        let reason = format!("{code:?}: {reason}");
+                        return match code {
+                            RejectCode::Busy => Ended::Lost(reason),
+                            _ => Ended::Rejected(reason),
+                        };
+                    }
+                    Ok(other) => return Ended::Lost(format!("expected Welcome, got {other:?}")),
+                    Err(e) => return Ended::Lost(format!("bad frame from the relay: {e}")),
+                }
+            }
+            Ok(Some(Ok(WsMessage::Close(frame)))) => {
+                return Ended::Rejected(
+                    frame
+                        .map(|f| f.reason.to_string())
+                        .unwrap_or_else(|| "closed".into()),
+                );
+            }
+            Ok(Some(Ok(_))) => continue,
+        }
+    };
+    let scope = match granted {
+        WireScope::All => Scope::All,
+        WireScope::Collections(c) => Scope::Collections(c),
+    };
+    let router = Router::of(replica);
+    let (peer, mut outbound) = router.register();
+    let _ = status.send(Status::Connected);
+    tracing::info!(%url, %remote, ?peer, "connected");
+    replica.peer_connected(peer, remote, scope, true);
+    let mut ticker = tokio::time::interval(options.tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let ended = loop {
+        tokio::select! {
+            out = outbound.recv() => match out {
+                Some(Outbound::Frame(message)) => {
+                    if let Err(e) = sink.send(WsMessage::Binary(protocol::encode(&message).into())).await {
+                        break Ended::Lost(format!("sending: {e}"));
+                    }
+                }
+                Some(Outbound::Event(PeerEvent::InSync)) => {
+                    let _ = status.send(Status::Synced);
+                }
+                Some(Outbound::Event(PeerEvent::Error { code, message, doc })) => {
+                    tracing::warn!(?code, %message, ?doc, "relay reported an error");
+                }
+                Some(Outbound::Event(PeerEvent::Persisted(_))) => {}
+                None => break Ended::Lost("router closed".into()),
+            },
+            incoming = stream.next() => match incoming {
+                None => break Ended::Lost("the relay closed the connection".into()),
+                Some(Err(e)) => break Ended::Lost(format!("connection error: {e}")),
+                Some(Ok(WsMessage::Binary(bytes))) => match protocol::decode(&bytes, options.max_frame) {
+                    Ok(Message::Ping { nonce }) => {
+                        let _ = sink.send(WsMessage::Binary(protocol::encode(&Message::Pong { nonce }).into())).await;
+                    }
+                    Ok(Message::Pong { .. }) => {}
+                    Ok(message) => {
+                        if matches!(message, Message::Sync { .. }) && *status.borrow() == Status::Synced {
+                            let _ = status.send(Status::Connected);
+                        }
+                        replica.peer_message(peer, message);
+                    }
+                    Err(e) => break Ended::Lost(format!("bad frame from the relay: {e}")),
+                },
+                Some(Ok(WsMessage::Close(frame))) => {
+                    break Ended::Lost(format!("the relay closed the connection: {}", frame.map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_default()));
+                }
+                Some(Ok(_)) => {}
+            },
+            _ = ticker.tick() => replica.tick(),
+            () = stopped(stop) => {
+                let _ = sink.send(WsMessage::Close(None)).await;
+                break Ended::Stopped;
+            }
+        }
+    };
+    router.unregister(peer);
+    replica.peer_disconnected(peer);
+    ended
+}
+
+/// Resolves once `stop` turns true (or its sender is gone), without holding the watch guard.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,277 @@
+//! Replication through a real relay on 127.0.0.1: real processes (`weft serve`, `weft sync
+//! --once`), and in-process clients (`Replica::connect`) for live propagation. Every wait is
+//! bounded; live delivery is awaited on a change subscription, never polled.
+#![cfg(feature = "net")]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use weft::net::{ConnectOptions, RelayConfig, Status};
+use weft::{Replica, Scope};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn weft(db: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_weft"))
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(db: &Path, args: &[&str]) -> String {
+    let out = weft(db, args);
+    assert!(
+        out.status.success(),
+        "weft {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn sorted_list(db: &Path) -> Vec<Value> {
+    let mut docs: Vec<Value> = ok(db, &["doc", "list", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    docs.sort_by_key(|d| d["id"].as_str().unwrap().to_owned());
+    docs
+}
+
+struct RelayProcess {
+    child: Child,
+    url: String,
+}
+
+impl RelayProcess {
+    fn start(data: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+        assert!(url.starts_with("ws://127.0.0.1:"), "{line}");
+        RelayProcess { child, url }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn three_cli_replicas_converge_through_a_relay_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let dbs: Vec<_> = ["a.db", "b.db", "c.db"]
+        .iter()
+        .map(|n| dir.path().join(n))
+        .collect();
+
+    // Offline edits on a and b (c starts empty).
+    let shared = ok(
+        &dbs[0],
+        &[
+            "doc",
+            "create",
+            "-c",
+            "todos",
+            "--json",
+            r#"{"title":"shared","n":0}"#,
+        ],
+    )
+    .trim()
+    .to_owned();
+    for i in 0..20 {
+        ok(
+            &dbs[0],
+            &[
+                "doc",
+                "create",
+                "-c",
+                "todos",
+                "--json",
+                &format!(r#"{{"a":{i}}}"#),
+            ],
+        );
+        ok(
+            &dbs[1],
+            &[
+                "doc",
+                "create",
+                "-c",
+                "notes",
+                "--json",
+                &format!(r#"{{"b":{i}}}"#),
+            ],
+        );
+    }
+    ok(&dbs[0], &["sync", "--server", &relay.url, "--once"]);
+    ok(&dbs[1], &["sync", "--server", &relay.url, "--once"]);
+    // Concurrent offline edits to the same document on a and b, and a delete on b.
+    ok(
+        &dbs[0],
+        &["doc", "update", &shared, "--merge", r#"{"from_a":true}"#],
+    );
+    ok(
+        &dbs[1],
+        &["doc", "update", &shared, "--merge", r#"{"from_b":true}"#],
+    );
+    let victim = sorted_list(&dbs[1])
+        .iter()
+        .find(|d| d["collection"] == "notes")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ok(&dbs[1], &["doc", "delete", &victim]);
+
+    for _ in 0..2 {
+        for db in &dbs {
+            let out = weft(db, &["sync", "--server", &relay.url, "--once"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(String::from_utf8_lossy(&out.stderr).contains("in sync with"));
+        }
+    }
+    let a = sorted_list(&dbs[0]);
+    assert_eq!(a.len(), 40, "21 todos + 20 notes - 1 deleted");
+    assert_eq!(a, sorted_list(&dbs[1]));
+    assert_eq!(a, sorted_list(&dbs[2]));
+    let merged: Value = serde_json::from_str(&ok(&dbs[2], &["doc", "get", &shared])).unwrap();
+    assert_eq!(
+        merged,
+        json!({"title": "shared", "n": 0, "from_a": true, "from_b": true})
+    );
+    let gone = weft(&dbs[2], &["doc", "get", &victim]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("deleted"));
+    // Same heads everywhere, not just bodies.
+    let heads = |db: &Path| -> Value {
+        serde_json::from_str::<Value>(&ok(db, &["doc", "get", "--meta", &shared])).unwrap()["heads"]
+            .clone()
+    };
+    assert_eq!(heads(&dbs[0]), heads(&dbs[2]));
+    assert_eq!(heads(&dbs[1]), heads(&dbs[2]));
+}
+
+#[test]
+fn sync_once_reports_an_unreachable_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port that was just free: nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = weft(
+        &dir.path().join("x.db"),
+        &[
+            "sync",
+            "--server",
+            &format!("ws://127.0.0.1:{port}"),
+            "--once",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach") && stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_changes_reach_connected_replicas_without_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(weft::net::run(
+        listener,
+        RelayConfig::new(dir.path().join("relay")),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let a = Replica::open(dir.path().join("a.db")).unwrap();
+    let b = Replica::open(dir.path().join("b.db")).unwrap();
+    let ca = a.connect(&url, ConnectOptions::default());
+    let cb = b.connect(&url, ConnectOptions::default());
+    tokio::time::timeout(LIMIT, ca.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(LIMIT, cb.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // b waits on its change feed for a's writes: delivered by push, no polling anywhere.
+    let mut feed = b.subscribe(Scope::All, b.last_seq());
+    let id = a.create("todos", json!({"title": "live"})).unwrap();
+    let created = tokio::task::spawn_blocking(move || {
+        let e = feed
+            .next_timeout(LIMIT)
+            .unwrap()
+            .expect("the creation reached b");
+        (e, feed)
+    })
+    .await
+    .unwrap();
+    let (event, mut feed) = created;
+    assert_eq!(event.id, id);
+    let heads = a.update(&id, json!({"done": true})).unwrap();
+    let event = tokio::task::spawn_blocking(move || {
+        feed.next_timeout(LIMIT)
+            .unwrap()
+            .expect("the edit reached b")
+    })
+    .await
+    .unwrap();
+    assert_eq!(event.id, id);
+    let mut got = b.get(&id).unwrap();
+    got.heads.sort();
+    let mut want = heads;
+    want.sort();
+    assert_eq!(got.heads, want);
+    assert_eq!(got.body, json!({"title": "live", "done": true}));
+    // After live traffic, the writer checks again and finds itself in sync.
+    tokio::time::timeout(LIMIT, ca.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ca.status(), Status::Synced);
+    assert_eq!(
+        a.catalog_summary(&Scope::All).unwrap(),
+        b.catalog_summary(&Scope::All).unwrap()
+    );
+
+    ca.close().await;
+    cb.close().await;
+    let _ = stop.send(());
+    tokio::time::timeout(LIMIT, relay)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
