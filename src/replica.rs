@@ -244,6 +244,11 @@ impl Replica {
                     let result = inner.store.load(&id).map_err(|e| e.to_string());
                     fx.extend(inner.engine.handle(now, Input::Loaded { id, result }));
                 }
+            } else if !fx.whole_reads.is_empty() {
+                for (peer, id) in std::mem::take(&mut fx.whole_reads) {
+                    let result = inner.store.load(&id).map_err(|e| e.to_string());
+                    fx.extend(inner.engine.handle(now, Input::Whole { peer, id, result }));
+                }
             } else if !fx.catalog_reads.is_empty() {
                 for read in std::mem::take(&mut fx.catalog_reads) {
                     let names = scope_names(&read.scope);
@@ -268,9 +273,11 @@ impl Replica {
                 break;
             }
         }
+        fx.extend(inner.engine.handle(now, Input::Flush));
         let Effects {
             loads: _,
             catalog_reads: _,
+            whole_reads: _,
             writes,
             events,
             completed,

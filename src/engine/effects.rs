@@ -36,6 +36,9 @@ pub struct Effects {
     pub completed: Vec<(CommandId, Result<Output, Error>)>,
     /// Catalog reads for replication sessions, to answer with `Input::Catalog`.
     pub catalog_reads: Vec<CatalogRead>,
+    /// Documents to send whole to a peer straight from storage (no Automerge work), to answer
+    /// with `Input::Whole`. Only asked for documents not in memory, so storage is current.
+    pub whole_reads: Vec<(PeerId, DocumentId)>,
     /// Messages to send to peers, after the commit, in order per peer.
     pub send: Vec<(PeerId, Message)>,
     /// Session events (in sync, persisted acknowledgements, peer errors), after the commit.
@@ -51,6 +54,7 @@ impl Effects {
             events,
             completed,
             catalog_reads,
+            whole_reads,
             send,
             peer_events,
         } = other;
@@ -59,6 +63,7 @@ impl Effects {
         self.events.extend(events);
         self.completed.extend(completed);
         self.catalog_reads.extend(catalog_reads);
+        self.whole_reads.extend(whole_reads);
         self.send.extend(send);
         self.peer_events.extend(peer_events);
     }
@@ -71,6 +76,7 @@ impl Effects {
             events,
             completed,
             catalog_reads,
+            whole_reads,
             send,
             peer_events,
         } = self;
@@ -79,6 +85,7 @@ impl Effects {
             && events.is_empty()
             && completed.is_empty()
             && catalog_reads.is_empty()
+            && whole_reads.is_empty()
             && send.is_empty()
             && peer_events.is_empty()
     }

@@ -118,6 +118,16 @@ pub enum Input {
     /// Time passed (drives re-checks of quiet sessions); send every few milliseconds while
     /// sessions are open.
     Tick,
+    /// The end of a driver step: pack the session items gathered during the step into as few
+    /// frames as possible (`Effects::send`). Send it once per step, after loads and catalog
+    /// reads are answered and before committing.
+    Flush,
+    /// The answer to a `whole_reads` request: the stored document (or none, or an error).
+    Whole {
+        peer: PeerId,
+        id: DocumentId,
+        result: Result<Option<StoredDoc>, String>,
+    },
 }
 
 /// Queued work: a caller's command, or a peer's request that needs a document in memory.
@@ -225,12 +235,13 @@ impl Engine {
                 answer,
             } => self.catalog_answer(peer, purpose, answer, &mut fx),
             Input::Tick => self.peer_tick(now, &mut fx),
+            Input::Flush => self.flush_peers(now, &mut fx),
+            Input::Whole { peer, id, result } => self.whole_from_storage(peer, id, result),
             Input::Loaded { id, result } => {
                 self.loading.remove(&id);
                 if self.docs.contains_key(&id) {
                     // Already in memory (possibly with newer, uncommitted state): keep that.
                     self.pump(now, &mut fx);
-                    self.flush_peers(now, &mut fx);
                     return fx;
                 }
                 let state = match result {
@@ -274,7 +285,6 @@ impl Engine {
             }
         }
         self.pump(now, &mut fx);
-        self.flush_peers(now, &mut fx);
         fx
     }
 

@@ -244,8 +244,12 @@ impl Engine {
                         );
                         continue;
                     }
-                    self.queue
-                        .push_back(Work::Peer(peer, PeerWork::Receive(item)));
+                    if matches!(item.payload, Payload::Want) && !self.docs.contains_key(&item.id) {
+                        fx.whole_reads.push((peer, item.id));
+                    } else {
+                        self.queue
+                            .push_back(Work::Peer(peer, PeerWork::Receive(item)));
+                    }
                 }
             }
             Message::Persisted { docs } => {
@@ -326,14 +330,20 @@ impl Engine {
             }
             (ReadPurpose::Diff, CatalogAnswer::Entries(ours)) => {
                 let theirs = p.their_entries.take().unwrap_or_default();
-                self.diff(peer, ours, theirs);
+                self.diff(peer, ours, theirs, fx);
             }
             (purpose, _) => tracing::error!(?peer, ?purpose, "catalog answer of the wrong kind"),
         }
     }
 
     /// Decides, document by document, what reconciliation found.
-    fn diff(&mut self, peer: PeerId, ours: Vec<CatalogEntry>, theirs: Vec<CatalogEntry>) {
+    fn diff(
+        &mut self,
+        peer: PeerId,
+        ours: Vec<CatalogEntry>,
+        theirs: Vec<CatalogEntry>,
+        fx: &mut Effects,
+    ) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -366,9 +376,14 @@ impl Engine {
                         payload: Payload::Tombstone,
                     }),
                 )),
-                (Some(_), None) => self
-                    .queue
-                    .push_back(Work::Peer(peer, PeerWork::SendWhole(id))),
+                (Some(_), None) => {
+                    if self.docs.contains_key(&id) {
+                        self.queue
+                            .push_back(Work::Peer(peer, PeerWork::SendWhole(id)));
+                    } else {
+                        fx.whole_reads.push((peer, id));
+                    }
+                }
                 (None, Some(t)) => p.outbox.push(SyncItem {
                     id,
                     collection: t.collection,
@@ -427,6 +442,43 @@ impl Engine {
                 }
             }
             PeerWork::Receive(item) => self.receive(now, peer, origin, item, fx),
+        }
+    }
+
+    /// Sends a document whole from its stored bytes (see `Effects::whole_reads`).
+    pub(crate) fn whole_from_storage(
+        &mut self,
+        peer: PeerId,
+        id: DocumentId,
+        result: Result<Option<super::StoredDoc>, String>,
+    ) {
+        match result {
+            Ok(Some(stored)) if stored.deleted => self.push(
+                peer,
+                SyncItem {
+                    id,
+                    collection: stored.collection,
+                    payload: Payload::Tombstone,
+                },
+            ),
+            Ok(Some(stored)) => {
+                let bytes = stored.chunks.into_iter().flat_map(|c| c.bytes).collect();
+                self.push(
+                    peer,
+                    SyncItem {
+                        id,
+                        collection: stored.collection,
+                        payload: Payload::Whole(bytes),
+                    },
+                );
+            }
+            Ok(None) => {}
+            Err(e) => self.peer_error(
+                peer,
+                ErrorCode::Internal,
+                format!("reading the document failed: {e}"),
+                Some(id),
+            ),
         }
     }
 
