@@ -26,7 +26,7 @@ cargo build -p weft-wasm --target wasm32-unknown-unknown
 step "tests"
 cargo test --workspace
 
-step "the README's main command (demo) runs"
+step "the quick-start demo runs"
 demo_dir=$(mktemp -d)
 cargo run --quiet --example demo -- "$demo_dir" >/dev/null
 rm -rf "$demo_dir"
