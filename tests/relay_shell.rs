@@ -486,3 +486,85 @@ fn weft_serve_process_answers_healthz_and_exits_0_on_sigterm() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// A well-formed frame whose Automerge content is garbage: typed errors for those documents, the
+/// session goes on, and the relay stores nothing of them (its good document is untouched).
+#[tokio::test]
+async fn garbage_automerge_in_a_valid_frame_is_refused_and_nothing_is_stored() {
+    use weft::automerge::AutoCommit;
+    use weft::protocol::{ErrorCode, Payload, SyncItem};
+    let relay = Relay::start(|_| {}).await;
+    let mut ws = relay.session().await;
+    let mut doc = AutoCommit::new();
+    weft::json::create_root(
+        &mut doc,
+        &weft::json::parse_object(r#"{"title":"good"}"#).unwrap(),
+    )
+    .unwrap();
+    let good = weft::DocumentId::from_bytes([1; 16]);
+    let heads = doc.get_heads();
+    let whole = doc.save();
+    let item = |id: [u8; 16], collection: &str, payload: Payload| SyncItem {
+        id: weft::DocumentId::from_bytes(id),
+        collection: collection.into(),
+        payload,
+    };
+    send(
+        &mut ws,
+        &Message::Sync {
+            batch: vec![item([1; 16], "todos", Payload::Whole(whole.clone()))],
+        },
+    )
+    .await;
+    let Message::Persisted { docs } = recv(&mut ws).await else {
+        panic!("expected Persisted")
+    };
+    assert_eq!(docs, vec![(good, heads.iter().map(|h| h.0).collect())]);
+
+    send(
+        &mut ws,
+        &Message::Sync {
+            batch: vec![
+                item(
+                    [2; 16],
+                    "todos",
+                    Payload::Whole(b"not automerge at all".to_vec()),
+                ),
+                item([1; 16], "todos", Payload::Sync(vec![0x42, 0, 1, 2, 3])),
+                item([3; 16], "notes", Payload::Whole(whole.clone())),
+            ],
+        },
+    )
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        match recv(&mut ws).await {
+            Message::Error { code, message, .. } => {
+                assert!(!message.is_empty());
+                codes.push(code);
+            }
+            other => panic!("expected an Error frame, got {other:?}"),
+        }
+    }
+    codes.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(
+        codes,
+        vec![
+            ErrorCode::BadDocument,
+            ErrorCode::BadDocument,
+            ErrorCode::Forbidden
+        ]
+    );
+    assert_healthy(&mut ws, 1).await;
+    drop(ws);
+    let dir = relay.stop().await;
+    let stored = weft::Replica::open(dir.path().join("data/relay.db")).unwrap();
+    assert_eq!(
+        stored.counts().unwrap(),
+        (1, 0, 1),
+        "only the good document, one feed entry"
+    );
+    let doc = stored.get(&good).unwrap();
+    assert_eq!(doc.body, serde_json::json!({"title": "good"}));
+    assert_eq!(doc.heads, heads);
+}

@@ -275,3 +275,128 @@ async fn live_changes_reach_connected_replicas_without_polling() {
         .unwrap()
         .unwrap();
 }
+
+/// The relay is killed (SIGKILL) in the middle of a large sync, restarted on the same data, and
+/// everything still converges; a client killed mid-sync recovers the same way.
+#[test]
+fn kill_9_of_relay_or_client_mid_sync_then_converge() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let a = dir.path().join("a.db");
+    let b = dir.path().join("b.db");
+    // ~1.5 KB per document: the push spans several frames, so the relay commits it in steps
+    // and the kill lands between them.
+    // (Incompressible padding: Automerge deflates its columns.)
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = |len: usize| -> String {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect()
+    };
+    let lines: String = (0..3000)
+        .map(|i| {
+            format!(
+                "{{\"title\":\"todo {i}\",\"n\":{i},\"pad\":\"{}\"}}\n",
+                noise(1500)
+            )
+        })
+        .collect();
+    let ndjson = dir.path().join("docs.ndjson");
+    std::fs::write(&ndjson, lines).unwrap();
+    ok(&a, &["import", ndjson.to_str().unwrap(), "-c", "todos"]);
+
+    // Kill the relay while a pushes its documents.
+    let mut relay = RelayProcess::start(&data);
+    let mut push = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .arg("--db")
+        .arg(&a)
+        .args(["sync", "--server", &relay.url, "--once"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the relay has stored part of the push (fault injection, not synchronization).
+    let relay_db = data.join("relay.db");
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let stored = live_documents(&relay_db);
+        if stored > 0 {
+            eprintln!("killing the relay with {stored} of 3000 documents stored");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay stored nothing"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    relay.child.kill().unwrap();
+    relay.child.wait().unwrap();
+    let _ = push.wait();
+
+    // The relay's file is intact; restart on the same data and finish.
+    weft::Replica::open(&relay_db)
+        .unwrap()
+        .integrity_check()
+        .unwrap();
+    let relay = RelayProcess::start(&data);
+    ok(&a, &["sync", "--server", &relay.url, "--once"]);
+
+    // Kill a fresh client while it pulls; its file stays intact and the next sync completes.
+    let mut pull = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .arg("--db")
+        .arg(&b)
+        .args(["sync", "--server", &relay.url, "--once"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let got = live_documents(&b);
+        if got > 0 || pull.try_wait().unwrap().is_some() {
+            eprintln!("killing the client with {got} of 3000 documents received");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client received nothing"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = pull.kill();
+    let _ = pull.wait();
+    weft::Replica::open(&b).unwrap().integrity_check().unwrap();
+    ok(&b, &["sync", "--server", &relay.url, "--once"]);
+
+    let listed = sorted_list(&a);
+    assert_eq!(listed.len(), 3000);
+    assert_eq!(listed, sorted_list(&b));
+    let relay_view = weft::Replica::open(&relay_db).unwrap();
+    assert_eq!(
+        relay_view.catalog_summary(&Scope::All).unwrap(),
+        weft::Replica::open(&a)
+            .unwrap()
+            .catalog_summary(&Scope::All)
+            .unwrap()
+    );
+}
+
+/// Documents stored in a weft file, read with a plain read-only SQLite connection (a WAL reader
+/// never blocks the writing process).
+fn live_documents(db: &Path) -> i64 {
+    let flags =
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    rusqlite::Connection::open_with_flags(db, flags)
+        .and_then(|c| {
+            c.query_row(
+                "SELECT count(*) FROM documents WHERE deleted = 0",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap_or(0)
+}
