@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> %s  (%ss so far)\n' "$*" "$SECONDS"; }
 
 step "toolchain: wasm32 target, clippy, rustfmt"
 rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
@@ -17,22 +17,22 @@ cargo fmt --all -- --check
 step "clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "the engine builds without IO (no default features)"
-cargo build --no-default-features
+# `check` rather than `build`: the question is whether the engine compiles without IO, and check
+# answers it without a second code-generation pass (CI's time budget is 15 minutes on 2 cores).
+step "the engine compiles without IO (no default features)"
+cargo check --no-default-features
 
-step "the engine builds for wasm32-unknown-unknown"
-cargo build -p weft-wasm --target wasm32-unknown-unknown
+step "the engine compiles for wasm32-unknown-unknown"
+cargo check -p weft-wasm --target wasm32-unknown-unknown
 
 step "tests"
 cargo test --workspace
 
-step "the quick-start demo runs"
+step "the examples run (demo, then the change-feed mirror on its output)"
 demo_dir=$(mktemp -d)
 cargo run --quiet --example demo -- "$demo_dir" >/dev/null
+cargo run --quiet --example mirror -- "$demo_dir/phone.db" "$demo_dir/mirror.sqlite"
 rm -rf "$demo_dir"
 
-step "benchmark smoke run (quick mode, debug build; real numbers: see BENCHMARKS.md)"
-WEFT_BENCH_QUICK=1 cargo test --quiet --bench foundation
-
 echo
-echo "all checks passed"
+echo "all checks passed in ${SECONDS}s"

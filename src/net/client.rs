@@ -283,6 +283,10 @@ async fn session(
         tokio::select! {
             out = outbound.recv() => match out {
                 Some(Outbound::Frame(message)) => {
+                    // Changes on their way out: not in sync until the relay confirms again.
+                    if matches!(message, Message::Sync { .. }) && *status.borrow() == Status::Synced {
+                        let _ = status.send(Status::Connected);
+                    }
                     if let Err(e) = sink.send(WsMessage::Binary(protocol::encode(&message).into())).await {
                         break Ended::Lost(format!("sending: {e}"));
                     }
