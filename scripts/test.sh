@@ -26,7 +26,7 @@ step "the engine compiles for wasm32-unknown-unknown"
 cargo check -p weft-wasm --target wasm32-unknown-unknown
 
 step "tests"
-cargo test --workspace
+cargo test
 
 step "the examples run (demo, then the change-feed mirror on its output)"
 demo_dir=$(mktemp -d)

@@ -276,7 +276,10 @@ async fn session(
     let (peer, mut outbound) = router.register();
     let _ = status.send(Status::Connected);
     tracing::info!(%url, %remote, ?peer, "connected");
-    replica.peer_connected(peer, remote, scope, true);
+    blocking(replica, move |r| {
+        r.peer_connected(peer, remote, scope, true)
+    })
+    .await;
     let mut ticker = tokio::time::interval(options.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let ended = loop {
@@ -312,7 +315,7 @@ async fn session(
                         if matches!(message, Message::Sync { .. }) && *status.borrow() == Status::Synced {
                             let _ = status.send(Status::Connected);
                         }
-                        replica.peer_message(peer, message);
+                        blocking(replica, move |r| r.peer_message(peer, message)).await;
                     }
                     Err(e) => break Ended::Lost(format!("bad frame from the relay: {e}")),
                 },
@@ -321,7 +324,7 @@ async fn session(
                 }
                 Some(Ok(_)) => {}
             },
-            _ = ticker.tick() => replica.tick(),
+            _ = ticker.tick() => blocking(replica, |r| r.tick()).await,
             () = stopped(stop) => {
                 let _ = sink.send(WsMessage::Close(None)).await;
                 break Ended::Stopped;
@@ -329,8 +332,17 @@ async fn session(
         }
     };
     router.unregister(peer);
-    replica.peer_disconnected(peer);
+    blocking(replica, move |r| r.peer_disconnected(peer)).await;
     ended
+}
+
+/// Runs replica work (SQLite) off the async workers; awaited, so a session's frames are applied
+/// in order.
+async fn blocking(replica: &Replica, f: impl FnOnce(&Replica) + Send + 'static) {
+    let replica = replica.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || f(&replica)).await {
+        tracing::error!(error = %e, "replica work failed");
+    }
 }
 
 /// Resolves once `stop` turns true (or its sender is gone), without holding the watch guard.
