@@ -98,7 +98,10 @@ struct Inner {
     next_command: u64,
 }
 
-type Transport = Arc<dyn Fn(Vec<(PeerId, Message)>, Vec<(PeerId, PeerEvent)>) + Send + Sync>;
+/// Receives a step's frames and session events; returns the peers whose outgoing queue just
+/// went over its high-water mark (see [`Replica::peer_flow`]).
+type Transport =
+    Arc<dyn Fn(Vec<(PeerId, Message)>, Vec<(PeerId, PeerEvent)>) -> Vec<PeerId> + Send + Sync>;
 
 struct Shared {
     #[cfg(feature = "net")]
@@ -336,7 +339,15 @@ impl Replica {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             match transport {
-                Some(t) => t(send, peer_events),
+                Some(t) => {
+                    for peer in t(send, peer_events) {
+                        // Pausing only changes session state: no effects, nothing to commit.
+                        let fx = inner
+                            .engine
+                            .handle(now, Input::PeerFlow { peer, paused: true });
+                        debug_assert!(fx.is_empty());
+                    }
+                }
                 None => {
                     tracing::debug!(frames = send.len(), "no transport attached; frames dropped")
                 }
@@ -353,10 +364,16 @@ impl Replica {
     // ----- replication sessions (driven by a network layer or a simulation) ------------------
 
     /// Where session frames and events go. The network layer (or a test's simulated network)
-    /// attaches one; it is called after each commit, under the replica's lock, in order.
+    /// attaches one; it is called after each commit, under the replica's lock, in order. It
+    /// returns the peers whose outgoing queue it finds too long after taking these frames:
+    /// those sessions are paused (their live changes coalesce per document) until the driver
+    /// calls [`Replica::peer_flow`]`(peer, false)`.
     pub fn set_transport(
         &self,
-        transport: impl Fn(Vec<(PeerId, Message)>, Vec<(PeerId, PeerEvent)>) + Send + Sync + 'static,
+        transport: impl Fn(Vec<(PeerId, Message)>, Vec<(PeerId, PeerEvent)>) -> Vec<PeerId>
+        + Send
+        + Sync
+        + 'static,
     ) {
         *self
             .shared
@@ -392,6 +409,13 @@ impl Replica {
     /// The session ended.
     pub fn peer_disconnected(&self, peer: PeerId) {
         self.peer_input(Input::PeerDisconnected { peer });
+    }
+
+    /// Flow control for a session: `paused` while the peer reads slower than we write (its
+    /// live changes are then remembered per document instead of queued per change), `false`
+    /// once its queue drained — everything held back is sent in its latest version.
+    pub fn peer_flow(&self, peer: PeerId, paused: bool) {
+        self.peer_input(Input::PeerFlow { peer, paused });
     }
 
     /// Lets sessions notice that time passed (call every few milliseconds while connected).

@@ -24,6 +24,11 @@ struct Net {
     links: BTreeMap<(usize, usize), VecDeque<Message>>,
     in_sync: BTreeMap<usize, usize>,
     frames: usize,
+    /// Flow control: a link with more than this many frames in flight pauses its sender's
+    /// session (live changes coalesce) until it drains to one.
+    pause_at: usize,
+    paused: std::collections::BTreeSet<(usize, usize)>,
+    pauses: usize,
 }
 
 struct Sim {
@@ -45,7 +50,10 @@ impl Sim {
         let mut sim = Sim {
             dir: tempfile::tempdir().unwrap(),
             clock: Arc::new(AtomicI64::new(1_700_000_000_000)),
-            net: Arc::new(Mutex::new(Net::default())),
+            net: Arc::new(Mutex::new(Net {
+                pause_at: 2 + (seed % 6) as usize,
+                ..Net::default()
+            })),
             nodes: Vec::new(),
             connected: vec![false; clients + 1],
             rng: StdRng::seed_from_u64(seed),
@@ -78,18 +86,23 @@ impl Sim {
         // Node n talks to node m over PeerId(m).
         r.set_transport(move |send, events| {
             let mut net = net.lock().unwrap();
+            let mut pause = Vec::new();
             for (peer, message) in send {
                 net.frames += 1;
-                net.links
-                    .entry((node, peer.0 as usize))
-                    .or_default()
-                    .push_back(message);
+                let link = (node, peer.0 as usize);
+                let queue = net.links.entry(link).or_default();
+                queue.push_back(message);
+                if queue.len() > net.pause_at && net.paused.insert(link) {
+                    net.pauses += 1;
+                    pause.push(peer);
+                }
             }
             for (_, event) in events {
                 if event == PeerEvent::InSync {
                     *net.in_sync.entry(node).or_default() += 1;
                 }
             }
+            pause
         });
         r
     }
@@ -114,6 +127,8 @@ impl Sim {
             let mut net = self.net.lock().unwrap();
             net.links.remove(&(client, RELAY));
             net.links.remove(&(RELAY, client));
+            net.paused.remove(&(client, RELAY));
+            net.paused.remove(&(RELAY, client));
         }
         self.nodes[RELAY].peer_disconnected(PeerId(client as u64));
         self.nodes[client].peer_disconnected(PeerId(RELAY as u64));
@@ -140,12 +155,18 @@ impl Sim {
                 return false;
             }
             let link = busy[self.rng.random_range(0..busy.len())];
-            net.links
-                .get_mut(&link)
-                .and_then(|q| q.pop_front())
-                .map(|m| (link, m))
+            let queue = net.links.get_mut(&link);
+            let (message, left) = match queue {
+                Some(q) => (q.pop_front(), q.len()),
+                None => (None, 0),
+            };
+            let resume = left <= 1 && net.paused.remove(&link);
+            message.map(|m| (link, m, resume))
         };
-        if let Some(((from, to), message)) = next {
+        if let Some(((from, to), message, resume)) = next {
+            if resume {
+                self.nodes[from].peer_flow(PeerId(to as u64), false);
+            }
             if std::env::var("WEFT_SIM_TRACE").is_ok() {
                 let what = match &message {
                     Message::Sync { batch } => format!(
@@ -294,7 +315,8 @@ fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
     heads
 }
 
-fn run(seed: u64) {
+/// Runs one seed; returns how many times flow control paused a session.
+fn run(seed: u64) -> usize {
     let mut sim = Sim::new(seed, 5);
     for client in 1..sim.nodes.len() {
         if sim.rng.random_range(0..3) > 0 {
@@ -327,6 +349,7 @@ fn run(seed: u64) {
     }
     sim.settle();
     sim.assert_converged();
+    sim.net.lock().map(|net| net.pauses).unwrap()
 }
 
 fn seeds() -> Vec<u64> {
@@ -348,14 +371,76 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn random_sessions_converge() {
-    for seed in seeds() {
+    let seeds = seeds();
+    let mut pauses = 0;
+    for &seed in &seeds {
         eprintln!("seed = {seed}");
-        let result = std::panic::catch_unwind(|| run(seed));
-        if let Err(panic) = result {
-            eprintln!("FAILED seed = {seed}; replay with WEFT_SEED={seed} cargo test --test sim");
-            std::panic::resume_unwind(panic);
+        match std::panic::catch_unwind(|| run(seed)) {
+            Ok(p) => pauses += p,
+            Err(panic) => {
+                eprintln!(
+                    "FAILED seed = {seed}; replay with WEFT_SEED={seed} cargo test --test sim"
+                );
+                std::panic::resume_unwind(panic);
+            }
         }
     }
+    eprintln!("{} seeds, {pauses} flow-control pauses", seeds.len());
+    if seeds.len() >= 50 {
+        assert!(pauses > 0, "the seeds never exercised flow control");
+    }
+}
+
+#[test]
+fn a_paused_peer_gets_many_changes_coalesced_into_one_message() {
+    let mut sim = Sim::new(3, 2);
+    sim.net.lock().unwrap().pause_at = usize::MAX;
+    let id = sim.nodes[1].create("todos", json!({"n": 0})).unwrap();
+    sim.settle();
+    // The relay's link to node 2 is congested: its live changes must wait, per document.
+    sim.nodes[RELAY].peer_flow(PeerId(2), true);
+    let frames_to = |sim: &Sim, to: usize| {
+        sim.net
+            .lock()
+            .unwrap()
+            .links
+            .get(&(RELAY, to))
+            .map_or(0, |q| q.len())
+    };
+    let mut last = Vec::new();
+    for n in 1..=100 {
+        last = sim.nodes[1].update(&id, json!({ "n": n })).unwrap();
+        // Deliver node 1's frames to the relay and the relay's answers to node 1 only.
+        loop {
+            let next = {
+                let mut net = sim.net.lock().unwrap();
+                [(1, RELAY), (RELAY, 1)].into_iter().find_map(|l| {
+                    net.links
+                        .get_mut(&l)
+                        .and_then(|q| q.pop_front())
+                        .map(|m| (l, m))
+                })
+            };
+            let Some(((from, to), message)) = next else {
+                break;
+            };
+            sim.nodes[to].peer_message(PeerId(from as u64), message);
+        }
+    }
+    assert_eq!(sim.nodes[RELAY].get(&id).unwrap().body, json!({"n": 100}));
+    assert_eq!(frames_to(&sim, 2), 0, "nothing queued for the paused peer");
+    sim.nodes[RELAY].peer_flow(PeerId(2), false);
+    assert_eq!(frames_to(&sim, 2), 1, "one frame for 100 changes");
+    let items = match sim.net.lock().unwrap().links[&(RELAY, 2)].front() {
+        Some(Message::Sync { batch }) => batch.len(),
+        other => panic!("expected a Sync frame, got {other:?}"),
+    };
+    assert_eq!(items, 1, "one sync item for the document");
+    sim.settle();
+    let doc = sim.nodes[2].get(&id).unwrap();
+    assert_eq!(doc.body, json!({"n": 100}));
+    assert_eq!(sorted(doc.heads), sorted(last));
+    sim.assert_converged();
 }
 
 #[test]

@@ -109,6 +109,11 @@ pub enum Input {
     PeerMessage { peer: PeerId, message: Message },
     /// The connection is gone.
     PeerDisconnected { peer: PeerId },
+    /// Flow control from the driver: `paused` when the connection's outgoing queue passed its
+    /// high-water mark (the peer reads slower than we write), `!paused` once it drained. While
+    /// paused, live changes for the peer are coalesced — remembered per document, not queued
+    /// per change — and sent when it resumes.
+    PeerFlow { peer: PeerId, paused: bool },
     /// The answer to a [`CatalogRead`].
     Catalog {
         peer: PeerId,
@@ -229,6 +234,7 @@ impl Engine {
             } => self.peer_connected(now, peer, remote, scope, initiator, &mut fx),
             Input::PeerMessage { peer, message } => self.peer_message(now, peer, message, &mut fx),
             Input::PeerDisconnected { peer } => self.peer_disconnected(peer),
+            Input::PeerFlow { peer, paused } => self.peer_flow(peer, paused, &mut fx),
             Input::Catalog {
                 peer,
                 purpose,

@@ -121,6 +121,22 @@ pub(crate) struct Peer {
     /// A Summary is out and its answer not yet in (initiator).
     announced: bool,
     last_activity: i64,
+    /// The driver's outgoing queue for this peer is over its high-water mark.
+    paused: bool,
+    /// While paused: the documents whose live changes the peer has not been sent yet, and
+    /// what to send (one entry per document however many changes it had: coalescing).
+    held: BTreeMap<DocumentId, (Held, String)>,
+}
+
+/// What a paused peer is owed for one document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Held {
+    /// Changes: an Automerge sync message from the session's sync state.
+    Changes,
+    /// The document is new to the peer: whole.
+    Whole,
+    /// It was deleted.
+    Tombstone,
 }
 
 impl Engine {
@@ -149,6 +165,8 @@ impl Engine {
                 busy: false,
                 announced: false,
                 last_activity: now,
+                paused: false,
+                held: BTreeMap::new(),
             },
         );
         if initiator {
@@ -173,6 +191,40 @@ impl Engine {
         self.peers.remove(&peer);
         self.queue
             .retain(|w| !matches!(w, Work::Peer(p, _) if *p == peer));
+    }
+
+    /// Flow control (see [`super::Input::PeerFlow`]). On resume, every held document is sent
+    /// in its current version.
+    pub(crate) fn peer_flow(&mut self, peer: PeerId, paused: bool, fx: &mut Effects) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.paused = paused;
+        if paused {
+            tracing::debug!(?peer, "peer paused: coalescing its live changes");
+            return;
+        }
+        let held = std::mem::take(&mut p.held);
+        tracing::debug!(?peer, documents = held.len(), "peer resumed");
+        for (id, (what, collection)) in held {
+            match what {
+                Held::Tombstone => self.push(
+                    peer,
+                    SyncItem {
+                        id,
+                        collection,
+                        payload: Payload::Tombstone,
+                    },
+                ),
+                Held::Whole if !self.docs.contains_key(&id) => fx.whole_reads.push((peer, id)),
+                Held::Whole => self
+                    .queue
+                    .push_back(Work::Peer(peer, PeerWork::SendWhole(id))),
+                Held::Changes => self
+                    .queue
+                    .push_back(Work::Peer(peer, PeerWork::SendSync(id))),
+            }
+        }
     }
 
     /// Whether a `Tick` now would do anything (lets drivers skip a storage transaction).
@@ -801,6 +853,21 @@ impl Engine {
             .collect();
         for peer in targets {
             let from_this_peer = matches!(origin, Origin::Peer(r) if self.peers.get(&peer).is_some_and(|p| p.remote == r));
+            if let Some(p) = self.peers.get_mut(&peer).filter(|p| p.paused) {
+                let what = match kind {
+                    super::ChangeKind::Deleted if !from_this_peer => Held::Tombstone,
+                    super::ChangeKind::Created if !from_this_peer => Held::Whole,
+                    super::ChangeKind::Updated => Held::Changes,
+                    _ => continue,
+                };
+                // The stronger need wins: a tombstone over anything, whole over changes.
+                let slot = p
+                    .held
+                    .entry(id)
+                    .or_insert_with(|| (what, collection.to_owned()));
+                slot.0 = slot.0.max(what);
+                continue;
+            }
             match kind {
                 super::ChangeKind::Deleted if !from_this_peer => self.push(
                     peer,

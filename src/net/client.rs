@@ -273,7 +273,8 @@ async fn session(
         WireScope::Collections(c) => Scope::Collections(c),
     };
     let router = Router::of(replica);
-    let (peer, mut outbound) = router.register();
+    let mut session = router.register();
+    let peer = session.peer;
     let _ = status.send(Status::Connected);
     tracing::info!(%url, %remote, ?peer, "connected");
     blocking(replica, move |r| {
@@ -284,14 +285,18 @@ async fn session(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let ended = loop {
         tokio::select! {
-            out = outbound.recv() => match out {
-                Some(Outbound::Frame(message)) => {
+            out = session.rx.recv() => match out {
+                Some(Outbound::Frame(frame)) => {
                     // Changes on their way out: not in sync until the relay confirms again.
-                    if matches!(message, Message::Sync { .. }) && *status.borrow() == Status::Synced {
+                    if frame.sync && *status.borrow() == Status::Synced {
                         let _ = status.send(Status::Connected);
                     }
-                    if let Err(e) = sink.send(WsMessage::Binary(protocol::encode(&message).into())).await {
+                    let len = frame.bytes.len();
+                    if let Err(e) = sink.send(WsMessage::Binary(frame.bytes)).await {
                         break Ended::Lost(format!("sending: {e}"));
+                    }
+                    if session.flow.written(len) {
+                        blocking(replica, move |r| r.peer_flow(peer, false)).await;
                     }
                 }
                 Some(Outbound::Event(PeerEvent::InSync)) => {

@@ -18,11 +18,9 @@ use super::http::Rewind;
 use super::metrics::ConnectionGauge;
 use super::rate::TokenBucket;
 use super::server::Shared;
-use tokio::sync::mpsc;
 
-use super::router::{Outbound, Router};
+use super::router::{Frame, Outbound, Router, Session};
 use crate::Scope;
-use crate::engine::PeerId;
 use crate::protocol::{self, ErrorCode, Message, ProtocolError, RejectCode, WireScope};
 
 fn welcome_scope(welcome: &Message) -> WireScope {
@@ -73,7 +71,7 @@ pub(crate) async fn session(
     let mut phase = Phase::AwaitingHello;
     let router = Router::of(&shared.replica);
     // The replication session, once Welcome is sent: its id and the frames the replica sends it.
-    let mut sync: Option<(PeerId, mpsc::UnboundedReceiver<Outbound>)> = None;
+    let mut sync: Option<Session> = None;
     let hello_deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
     let outcome: Option<Close> = loop {
         let next = async {
@@ -86,7 +84,7 @@ pub(crate) async fn session(
         };
         let outbound = async {
             match sync.as_mut() {
-                Some((_, rx)) => rx.recv().await,
+                Some(session) => session.rx.recv().await,
                 None => std::future::pending().await,
             }
         };
@@ -96,9 +94,9 @@ pub(crate) async fn session(
             }
             out = outbound => {
                 match out {
-                    Some(Outbound::Frame(message)) => {
-                        if send(&mut ws, shared, &message).await.is_err() {
-                            break None;
+                    Some(Outbound::Frame(frame)) => {
+                        if let Err(close) = send_queued(&mut ws, shared, sync.as_ref(), frame).await {
+                            break close;
                         }
                     }
                     Some(Outbound::Event(event)) => tracing::debug!(?event, "session event"),
@@ -172,7 +170,8 @@ pub(crate) async fn session(
                     break None;
                 }
                 phase = Phase::Ready;
-                let (peer_id, rx) = router.register();
+                let session = router.register();
+                let peer_id = session.peer;
                 let local_scope = match welcome_scope(&welcome) {
                     WireScope::All => Scope::All,
                     WireScope::Collections(c) => Scope::Collections(c),
@@ -182,7 +181,7 @@ pub(crate) async fn session(
                     relay.peer_connected(peer_id, replica, local_scope, false)
                 })
                 .await;
-                sync = Some((peer_id, rx));
+                sync = Some(session);
             }
             (Phase::AwaitingHello, other) => {
                 break Some(Close::new(
@@ -210,10 +209,10 @@ pub(crate) async fn session(
                 | Message::Persisted { .. }
                 | Message::Error { .. }),
             ) => {
-                let Some((peer_id, _)) = sync.as_ref() else {
+                let Some(session) = sync.as_ref() else {
                     break None;
                 };
-                let (peer_id, relay) = (*peer_id, shared.replica.clone());
+                let (peer_id, relay) = (session.peer, shared.replica.clone());
                 // SQLite work: off the async workers, in order (awaited before the next frame).
                 if tokio::task::spawn_blocking(move || relay.peer_message(peer_id, other))
                     .await
@@ -238,7 +237,7 @@ pub(crate) async fn session(
             }
         }
     };
-    if let Some((peer_id, _)) = sync.take() {
+    if let Some(Session { peer: peer_id, .. }) = sync.take() {
         router.unregister(peer_id);
         let relay = shared.replica.clone();
         let _ = tokio::task::spawn_blocking(move || relay.peer_disconnected(peer_id)).await;
@@ -323,6 +322,40 @@ async fn close_for_decode_error(
         _ => CloseCode::Invalid,
     };
     Some(Close::new(code, e.to_string()))
+}
+
+/// Writes a frame the replica queued for this session, within the send timeout, and resumes
+/// the session if this drained its queue (see `router`). `Err(None)`: the connection is gone.
+async fn send_queued(
+    ws: &mut Ws,
+    shared: &Shared,
+    session: Option<&Session>,
+    frame: Frame,
+) -> Result<(), Option<Close>> {
+    let len = frame.bytes.len();
+    match timeout(
+        shared.config.send_timeout,
+        ws.send(WsMessage::Binary(frame.bytes)),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(Some(Close::new(
+                CloseCode::Policy,
+                format!(
+                    "the client did not read for {:?}",
+                    shared.config.send_timeout
+                ),
+            )));
+        }
+        Ok(Err(_)) => return Err(None),
+        Ok(Ok(())) => shared.metrics.frame_out(len),
+    }
+    if let Some(session) = session.filter(|s| s.flow.written(len)) {
+        let (peer, relay) = (session.peer, shared.replica.clone());
+        let _ = tokio::task::spawn_blocking(move || relay.peer_flow(peer, false)).await;
+    }
+    Ok(())
 }
 
 async fn send(ws: &mut Ws, shared: &Shared, message: &Message) -> Result<(), WsError> {

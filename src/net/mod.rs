@@ -67,6 +67,9 @@ pub struct RelayConfig {
     pub request_timeout: Duration,
     /// On shutdown, how long to wait for sessions to close before abandoning them.
     pub shutdown_grace: Duration,
+    /// How long writing one frame to a client may take; a client that stops reading for
+    /// longer is disconnected (its queue is freed; it reconciles when it reconnects).
+    pub send_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -80,6 +83,7 @@ impl RelayConfig {
             hello_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
