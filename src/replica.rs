@@ -36,6 +36,9 @@ pub struct ReplicaOptions {
     pub durability: Durability,
     /// Documents kept in memory when idle.
     pub max_loaded_docs: usize,
+    /// Documents unused for this long are unloaded (on the next step or [`Replica::tick`]),
+    /// so memory follows the active set.
+    pub idle_unload: std::time::Duration,
     /// Seed for the engine's random choices; `None` takes one from the OS. Fix it only to replay.
     pub seed: Option<u64>,
     /// Where time comes from (milliseconds since the Unix epoch); the system clock by default.
@@ -48,6 +51,7 @@ impl Default for ReplicaOptions {
         Self {
             durability: Durability::default(),
             max_loaded_docs: 1000,
+            idle_unload: std::time::Duration::from_secs(60),
             seed: None,
             clock: Clock::system(),
         }
@@ -156,6 +160,7 @@ impl Replica {
         };
         let mut config = EngineConfig::new(store.replica_id(), seed, store.max_seq()? + 1);
         config.max_loaded_docs = options.max_loaded_docs;
+        config.idle_unload_ms = i64::try_from(options.idle_unload.as_millis()).unwrap_or(i64::MAX);
         let engine = Engine::new(config);
         tracing::debug!(path = %path.display(), replica = %engine.replica_id(), "replica opened");
         Ok(Self {
@@ -418,8 +423,13 @@ impl Replica {
         self.peer_input(Input::PeerFlow { peer, paused });
     }
 
-    /// Lets sessions notice that time passed (call every few milliseconds while connected).
-    /// Cheap when no session is waiting for time to pass.
+    /// How many documents are in memory (loaded or kept as their saved bytes).
+    pub fn loaded_documents(&self) -> usize {
+        self.lock().engine.loaded_docs()
+    }
+
+    /// Lets sessions notice that time passed (call every few milliseconds while connected)
+    /// and unloads idle documents. Cheap when there is nothing to do.
     pub fn tick(&self) {
         let inner = self.lock();
         if inner.engine.wants_tick(self.shared.clock.now()) {

@@ -1408,3 +1408,36 @@ fn a_panicking_hook_costs_no_one_else_an_event() {
     let rest = drain(&mut sub);
     assert_eq!(rest, expected[1..], "no gap in the subscription");
 }
+
+#[test]
+fn idle_documents_are_unloaded_so_memory_follows_the_active_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Arc::new(std::sync::atomic::AtomicI64::new(1_700_000_000_000));
+    let clock = now.clone();
+    let options = weft::ReplicaOptions {
+        idle_unload: std::time::Duration::from_secs(10),
+        clock: weft::Clock::from_fn(move || clock.load(std::sync::atomic::Ordering::SeqCst)),
+        ..Default::default()
+    };
+    let r = Replica::open_with(dir.path().join("r.db"), options).unwrap();
+    let ids: Vec<_> = (0..20)
+        .map(|i| r.create("todos", json!({ "i": i })).unwrap())
+        .collect();
+    assert_eq!(r.loaded_documents(), 20);
+    let advance = |ms| now.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    advance(6_000);
+    r.update(&ids[0], json!({"touched": true})).unwrap();
+    advance(6_000);
+    r.tick();
+    // Only the document used within the last 10 s stays.
+    assert_eq!(r.loaded_documents(), 1);
+    advance(11_000);
+    r.tick();
+    assert_eq!(r.loaded_documents(), 0);
+    // Unloading loses nothing: every document loads again on use.
+    assert_eq!(
+        r.get(&ids[0]).unwrap().body,
+        json!({"i": 0, "touched": true})
+    );
+    assert_eq!(r.get(&ids[19]).unwrap().body, json!({"i": 19}));
+}

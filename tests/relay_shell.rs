@@ -172,6 +172,8 @@ async fn healthz_and_metrics_over_plain_http() {
         "weft_bytes_out_total",
         "weft_protocol_errors_total",
         "weft_documents_stored",
+        "weft_documents_loaded",
+        "weft_sync_latency_seconds",
     ] {
         assert!(
             body.contains(&format!("# TYPE {name} ")),
@@ -230,6 +232,14 @@ async fn hello_gets_welcome_then_ping_pong_and_reconciliation() {
     assert!(relay.metric("weft_bytes_in_total").await > 0);
     assert!(relay.metric("weft_bytes_out_total").await > 0);
     assert_eq!(relay.metric("weft_protocol_errors_total").await, 0);
+    // The Summary was one session frame applied: one latency observation.
+    assert_eq!(relay.metric("weft_sync_latency_seconds_count").await, 1);
+    assert_eq!(
+        relay
+            .metric("weft_sync_latency_seconds_bucket{le=\"+Inf\"}")
+            .await,
+        1
+    );
     // A clean close by the client is not an error.
     ws.close(None).await.unwrap();
     while let Ok(Some(Ok(_))) = timeout(LIMIT, ws.next()).await {}

@@ -61,6 +61,9 @@ pub struct EngineConfig {
     /// How many documents to keep in memory when idle; more are evicted, least recently used
     /// first. Evicting is always safe: everything is in storage.
     pub max_loaded_docs: usize,
+    /// Documents unused for this long (milliseconds) are unloaded, so memory follows the
+    /// active set (drivers send `Tick`s; see [`Engine::wants_tick`]).
+    pub idle_unload_ms: i64,
     /// When to compact a document's storage.
     pub compaction: CompactionPolicy,
 }
@@ -73,6 +76,7 @@ impl EngineConfig {
             seed,
             next_seq,
             max_loaded_docs: 1000,
+            idle_unload_ms: 60_000,
             compaction: CompactionPolicy::default(),
         }
     }
@@ -152,7 +156,10 @@ impl Work {
 
 struct Entry {
     state: DocState,
+    /// `Engine::tick` at the last use (LRU order).
     last_used: u64,
+    /// `now` at the last use (idle unloading).
+    used_at: i64,
 }
 
 /// The state machine. See the module docs for how to drive it.
@@ -177,6 +184,10 @@ pub struct Engine {
     /// per input (O(cache size) per command, O(batch x cache) per bulk create).
     broken: bool,
     tick: u64,
+    /// The `now` of the input being handled.
+    now: i64,
+    /// When idle documents were last unloaded.
+    last_sweep: i64,
 }
 
 impl Engine {
@@ -198,6 +209,8 @@ impl Engine {
             dirty: HashSet::new(),
             broken: false,
             tick: 0,
+            now: 0,
+            last_sweep: 0,
         }
     }
 
@@ -223,6 +236,7 @@ impl Engine {
 
     /// Advances the state machine by one input. `now` is milliseconds since the Unix epoch.
     pub fn handle(&mut self, now: i64, input: Input) -> Effects {
+        self.now = now;
         let mut fx = Effects::default();
         match input {
             Input::Command(id, command) => self.queue.push_back(Work::Command(id, command)),
@@ -272,6 +286,7 @@ impl Engine {
                     Entry {
                         state,
                         last_used: self.tick,
+                        used_at: now,
                     },
                 );
             }
@@ -330,7 +345,26 @@ impl Engine {
         }
     }
 
+    /// Unloads documents: those unused for `idle_unload_ms` (checked every quarter of that),
+    /// then the least recently used beyond `max_loaded_docs`. Never one with uncommitted
+    /// writes, never while work is queued.
     fn evict_idle(&mut self) {
+        if !self.queue.is_empty() {
+            return;
+        }
+        if self.sweep_due(self.now) {
+            self.last_sweep = self.now;
+            let cutoff = self.now - self.config.idle_unload_ms;
+            let before = self.docs.len();
+            self.docs
+                .retain(|id, e| e.used_at > cutoff || self.dirty.contains(id));
+            if self.docs.len() < before {
+                tracing::debug!(
+                    unloaded = before - self.docs.len(),
+                    "unloaded idle documents"
+                );
+            }
+        }
         let cap = self.config.max_loaded_docs;
         if self.docs.len() <= cap + cap / 4 || !self.queue.is_empty() {
             return;
@@ -402,6 +436,7 @@ impl Engine {
             return Touched::Absent;
         };
         entry.last_used = tick;
+        entry.used_at = self.now;
         if let DocState::Saved {
             collection,
             snapshot,
@@ -538,6 +573,7 @@ impl Engine {
                     snapshot,
                 },
                 last_used: self.tick,
+                used_at: now,
             },
         );
         self.dirty.insert(id);
@@ -688,6 +724,7 @@ impl Engine {
             Entry {
                 state: DocState::Deleted,
                 last_used: self.tick,
+                used_at: now,
             },
         );
         self.dirty.insert(id);

@@ -229,7 +229,17 @@ impl Engine {
 
     /// Whether a `Tick` now would do anything (lets drivers skip a storage transaction).
     pub fn wants_tick(&self, now: i64) -> bool {
-        self.peers.values().any(|p| p.due(now))
+        self.peers.values().any(|p| p.due(now)) || self.sweep_due(now)
+    }
+
+    /// Whether idle documents are loaded and due to be unloaded.
+    pub(crate) fn sweep_due(&self, now: i64) -> bool {
+        !self.docs.is_empty()
+            && now - self.last_sweep >= (self.config.idle_unload_ms / 4).max(1)
+            && self
+                .docs
+                .values()
+                .any(|e| now - e.used_at >= self.config.idle_unload_ms)
     }
 
     /// Initiators whose session went quiet check again that they are in sync.

@@ -213,11 +213,12 @@ pub(crate) async fn session(
                     break None;
                 };
                 let (peer_id, relay) = (session.peer, shared.replica.clone());
+                let arrived = Instant::now();
                 // SQLite work: off the async workers, in order (awaited before the next frame).
-                if tokio::task::spawn_blocking(move || relay.peer_message(peer_id, other))
-                    .await
-                    .is_err()
-                {
+                let applied =
+                    tokio::task::spawn_blocking(move || relay.peer_message(peer_id, other)).await;
+                shared.metrics.sync_latency.observe(arrived.elapsed());
+                if applied.is_err() {
                     break Some(Close::new(
                         CloseCode::Error,
                         "internal error while applying a frame",

@@ -14,6 +14,49 @@ pub struct Metrics {
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
+    pub(crate) sync_latency: Histogram,
+}
+
+/// Upper bounds (seconds) of the sync latency histogram's buckets.
+const LATENCY_BOUNDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A Prometheus histogram with fixed buckets: counts per bucket (not cumulative; rendering
+/// accumulates), the sum in microseconds.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub(crate) fn observe(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BOUNDS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[LATENCY_BOUNDS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
 }
 
 /// Keeps `weft_connections` counting one session while alive.
@@ -44,8 +87,8 @@ impl Metrics {
         self.bytes_out.fetch_add(bytes as u64, Relaxed);
     }
 
-    /// The Prometheus text exposition, with the stored-document count read from the replica.
-    pub fn render(&self, documents_stored: Option<u64>) -> String {
+    /// The Prometheus text exposition, with the document counts read from the replica.
+    pub fn render(&self, documents_stored: Option<u64>, documents_loaded: usize) -> String {
         let mut out = String::with_capacity(1024);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = write!(
@@ -110,6 +153,17 @@ impl Metrics {
                 docs,
             );
         }
+        metric(
+            "weft_documents_loaded",
+            "gauge",
+            "Documents held in memory (the active set; idle ones are unloaded).",
+            documents_loaded as u64,
+        );
+        self.sync_latency.render(
+            &mut out,
+            "weft_sync_latency_seconds",
+            "Time from a session frame's arrival to its changes being committed and queued for the other peers.",
+        );
         out
     }
 }

@@ -18,6 +18,8 @@ use crate::{Replica, ReplicaId};
 
 /// The pause after a failed accept (typically out of file descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often the relay ticks its replica (idle-document unloading).
+const HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What every connection task shares.
 pub(crate) struct Shared {
@@ -48,6 +50,7 @@ pub async fn run(
         metrics: Metrics::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    let housekeeping = tokio::spawn(housekeep(shared.replica.clone(), stop_rx.clone()));
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -84,6 +87,7 @@ pub async fn run(
         );
         tasks.shutdown().await;
     }
+    let _ = housekeeping.await;
     let replica = shared.replica.clone();
     drop(shared);
     tokio::task::spawn_blocking(move || replica.checkpoint())
@@ -94,6 +98,22 @@ pub async fn run(
         })??;
     tracing::info!("relay stopped");
     Ok(())
+}
+
+/// Ticks the replica once a second so idle documents are unloaded even when no client is
+/// active (the relay's memory follows the active set).
+async fn housekeep(replica: Replica, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(HOUSEKEEPING);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let r = replica.clone();
+                let _ = tokio::task::spawn_blocking(move || r.tick()).await;
+            }
+            () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
 }
 
 async fn open_replica(config: &RelayConfig) -> Result<Replica, NetError> {
@@ -146,12 +166,13 @@ async fn serve_tcp(
         Route::Healthz => http::respond_text(&mut stream, "200 OK", "ok\n").await,
         Route::Metrics => {
             let replica = shared.replica.clone();
-            let docs = tokio::task::spawn_blocking(move || replica.counts())
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .map(|(live, _, _)| live);
-            let body = shared.metrics.render(docs);
+            let (stored, loaded) = tokio::task::spawn_blocking(move || {
+                let stored = replica.counts().ok().map(|(live, _, _)| live);
+                (stored, replica.loaded_documents())
+            })
+            .await
+            .unwrap_or((None, 0));
+            let body = shared.metrics.render(stored, loaded);
             http::respond(
                 &mut stream,
                 "200 OK",
