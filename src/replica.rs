@@ -257,6 +257,18 @@ impl Replica {
                     let result = inner.store.load(&id).map_err(|e| e.to_string());
                     fx.extend(inner.engine.handle(now, Input::Whole { peer, id, result }));
                 }
+            } else if !fx.sync_state_reads.is_empty() {
+                for (peer, remote, id) in std::mem::take(&mut fx.sync_state_reads) {
+                    let result = inner
+                        .store
+                        .load_sync_state(&remote, &id)
+                        .map_err(|e| e.to_string());
+                    fx.extend(
+                        inner
+                            .engine
+                            .handle(now, Input::SyncState { peer, id, result }),
+                    );
+                }
             } else if !fx.catalog_reads.is_empty() {
                 for read in std::mem::take(&mut fx.catalog_reads) {
                     let names = scope_names(&read.scope);
@@ -286,6 +298,7 @@ impl Replica {
             loads: _,
             catalog_reads: _,
             whole_reads: _,
+            sync_state_reads: _,
             writes,
             events,
             completed,

@@ -1441,3 +1441,36 @@ fn idle_documents_are_unloaded_so_memory_follows_the_active_set() {
     );
     assert_eq!(r.get(&ids[19]).unwrap().body, json!({"i": 19}));
 }
+
+#[test]
+fn a_schema_1_file_from_the_previous_release_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let id = {
+        let r = Replica::open(&path).unwrap();
+        r.create("todos", json!({"title": "kept"})).unwrap()
+    };
+    // Make it look like a file written before migration 2 (sync states) existed.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE sync_states; PRAGMA user_version = 1;")
+            .unwrap();
+    }
+    let r = Replica::open(&path).unwrap();
+    assert_eq!(r.get(&id).unwrap().body, json!({"title": "kept"}));
+    r.integrity_check().unwrap();
+    drop(r);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, weft::store::sqlite::SCHEMA_VERSION);
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'sync_states'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 1);
+}

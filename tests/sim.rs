@@ -24,6 +24,8 @@ struct Net {
     links: BTreeMap<(usize, usize), VecDeque<Message>>,
     in_sync: BTreeMap<usize, usize>,
     frames: usize,
+    /// Encoded size of every frame sent (measured only when set).
+    bytes: Option<usize>,
     /// Flow control: a link with more than this many frames in flight pauses its sender's
     /// session (live changes coalesce) until it drains to one.
     pause_at: usize,
@@ -89,6 +91,9 @@ impl Sim {
             let mut pause = Vec::new();
             for (peer, message) in send {
                 net.frames += 1;
+                if let Some(bytes) = net.bytes.as_mut() {
+                    *bytes += weft::protocol::encode(&message).len();
+                }
                 let link = (node, peer.0 as usize);
                 let queue = net.links.entry(link).or_default();
                 queue.push_back(message);
@@ -512,4 +517,47 @@ fn reconnect_with_nothing_changed_is_two_small_frames() {
             .unwrap_or(0)
             >= 1
     );
+}
+
+#[test]
+fn a_reconnect_resumes_each_documents_sync_from_the_persisted_shared_heads() {
+    let mut sim = Sim::new(5, 1);
+    sim.net.lock().unwrap().pause_at = usize::MAX;
+    sim.connect(1);
+    let ids: Vec<DocumentId> = (0..20)
+        .map(|i| sim.nodes[1].create("todos", json!({ "i": i })).unwrap())
+        .collect();
+    // A long history on both sides: 400 changes per document.
+    for n in 0..400 {
+        for id in &ids {
+            sim.nodes[1].update(id, json!({ "n": n })).unwrap();
+        }
+        if n % 50 == 49 {
+            sim.settle();
+        }
+    }
+    sim.disconnect(1);
+    // Both sides wrote down where they stand with the other.
+    for node in [RELAY, 1] {
+        let conn =
+            rusqlite::Connection::open(sim.dir.path().join(format!("node{node}.db"))).unwrap();
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM sync_states", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 20, "node {node}");
+    }
+    // A restart loses nothing of it.
+    sim.restart(1);
+    for id in &ids {
+        sim.nodes[1].update(id, json!({ "offline": true })).unwrap();
+    }
+    sim.net.lock().unwrap().bytes = Some(0);
+    sim.settle();
+    sim.assert_converged();
+    let bytes = sim.net.lock().unwrap().bytes.unwrap();
+    eprintln!("reconnect with one new change in each of 20 documents: {bytes} bytes");
+    // Without the persisted states, each document's first sync message carries a Bloom filter
+    // of its whole history (400 changes: ~500 bytes) each way, 20,000 bytes more in all
+    // (measured: 33 KB without, 13 KB with).
+    assert!(bytes < 20_000, "{bytes} bytes");
 }

@@ -39,6 +39,9 @@ pub struct Effects {
     /// Documents to send whole to a peer straight from storage (no Automerge work), to answer
     /// with `Input::Whole`. Only asked for documents not in memory, so storage is current.
     pub whole_reads: Vec<(PeerId, DocumentId)>,
+    /// Persisted sync states to read (the session's peer, its replica, the document), to
+    /// answer with `Input::SyncState`.
+    pub sync_state_reads: Vec<(PeerId, ReplicaId, DocumentId)>,
     /// Messages to send to peers, after the commit, in order per peer.
     pub send: Vec<(PeerId, Message)>,
     /// Session events (in sync, persisted acknowledgements, peer errors), after the commit.
@@ -55,6 +58,7 @@ impl Effects {
             completed,
             catalog_reads,
             whole_reads,
+            sync_state_reads,
             send,
             peer_events,
         } = other;
@@ -64,6 +68,7 @@ impl Effects {
         self.completed.extend(completed);
         self.catalog_reads.extend(catalog_reads);
         self.whole_reads.extend(whole_reads);
+        self.sync_state_reads.extend(sync_state_reads);
         self.send.extend(send);
         self.peer_events.extend(peer_events);
     }
@@ -77,10 +82,12 @@ impl Effects {
             completed,
             catalog_reads,
             whole_reads,
+            sync_state_reads,
             send,
             peer_events,
         } = self;
         loads.is_empty()
+            && sync_state_reads.is_empty()
             && writes.is_empty()
             && events.is_empty()
             && completed.is_empty()
@@ -168,6 +175,13 @@ pub enum StorageOp {
     PurgeChunks { id: DocumentId },
     /// Append an entry to the durable change feed.
     AppendChange(ChangeEvent),
+    /// Remember the Automerge sync state (`automerge::sync::State::encode`: the shared heads)
+    /// of a stored document with a peer replica. Ignored for a document not stored.
+    PutSyncState {
+        peer: ReplicaId,
+        id: DocumentId,
+        state: Vec<u8>,
+    },
 }
 
 impl StorageOp {
@@ -178,7 +192,8 @@ impl StorageOp {
             | StorageOp::PutDocument { id, .. }
             | StorageOp::AppendChunk { id, .. }
             | StorageOp::ReplaceChunks { id, .. }
-            | StorageOp::PurgeChunks { id } => *id,
+            | StorageOp::PurgeChunks { id }
+            | StorageOp::PutSyncState { id, .. } => *id,
             StorageOp::AppendChange(event) => event.id,
         }
     }

@@ -113,6 +113,12 @@ pub enum Input {
     PeerMessage { peer: PeerId, message: Message },
     /// The connection is gone.
     PeerDisconnected { peer: PeerId },
+    /// The answer to a `sync_state_reads` request: the stored state, if any.
+    SyncState {
+        peer: PeerId,
+        id: DocumentId,
+        result: Result<Option<Vec<u8>>, String>,
+    },
     /// Flow control from the driver: `paused` when the connection's outgoing queue passed its
     /// high-water mark (the peer reads slower than we write), `!paused` once it drained. While
     /// paused, live changes for the peer are coalesced — remembered per document, not queued
@@ -161,6 +167,9 @@ struct Entry {
     /// `now` at the last use (idle unloading).
     used_at: i64,
 }
+
+/// How far ahead of a blocked work item loads are requested (batched into one step).
+const LOOKAHEAD: usize = 256;
 
 /// The state machine. See the module docs for how to drive it.
 pub struct Engine {
@@ -247,7 +256,8 @@ impl Engine {
                 initiator,
             } => self.peer_connected(now, peer, remote, scope, initiator, &mut fx),
             Input::PeerMessage { peer, message } => self.peer_message(now, peer, message, &mut fx),
-            Input::PeerDisconnected { peer } => self.peer_disconnected(peer),
+            Input::PeerDisconnected { peer } => self.peer_disconnected(peer, &mut fx),
+            Input::SyncState { peer, id, result } => self.state_loaded(peer, id, result),
             Input::PeerFlow { peer, paused } => self.peer_flow(peer, paused, &mut fx),
             Input::Catalog {
                 peer,
@@ -313,8 +323,11 @@ impl Engine {
     /// the first one that is blocked (and looks ahead to batch the loads of those behind it).
     fn pump(&mut self, now: i64, fx: &mut Effects) {
         while let Some(work) = self.queue.front() {
-            if work.needs().iter().any(|id| !self.docs.contains_key(id)) {
+            let docs_missing = work.needs().iter().any(|id| !self.docs.contains_key(id));
+            let state_missing = matches!(work, Work::Peer(peer, w) if self.state_missing(*peer, w));
+            if docs_missing || state_missing {
                 self.request_loads(fx);
+                self.request_states(LOOKAHEAD, fx);
                 return;
             }
             match self.queue.pop_front() {
@@ -335,7 +348,6 @@ impl Engine {
     }
 
     fn request_loads(&mut self, fx: &mut Effects) {
-        const LOOKAHEAD: usize = 256;
         for work in self.queue.iter().take(LOOKAHEAD) {
             for id in work.needs() {
                 if !self.docs.contains_key(&id) && self.loading.insert(id) {

@@ -19,7 +19,7 @@
 //! delete as a tombstone. Items for one peer produced in one step go out in as few frames as
 //! [`TARGET_FRAME_BYTES`] allows.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash};
@@ -101,6 +101,15 @@ impl PeerWork {
             PeerWork::SendWhole(id) | PeerWork::SendSync(id) => *id,
         }
     }
+
+    /// Whether this work uses the session's Automerge sync state for its document.
+    fn needs_state(&self) -> bool {
+        match self {
+            PeerWork::SendSync(_) => true,
+            PeerWork::Receive(item) => matches!(item.payload, Payload::Sync(_)),
+            PeerWork::SendWhole(_) => false,
+        }
+    }
 }
 
 /// One session.
@@ -108,7 +117,13 @@ pub(crate) struct Peer {
     remote: ReplicaId,
     scope: Scope,
     initiator: bool,
+    /// Automerge sync state per document, loaded from storage on first use in the session.
     states: HashMap<DocumentId, sync::State>,
+    /// Sync states being read from storage.
+    loading_states: HashSet<DocumentId>,
+    /// The shared heads each state had when read from storage: on disconnect, only states
+    /// that moved on are written back.
+    stored_heads: HashMap<DocumentId, Vec<ChangeHash>>,
     their_summary: Option<Vec<u64>>,
     their_entries: Option<Vec<CatalogEntry>>,
     /// Responder: the differing buckets whose entries are being read.
@@ -156,6 +171,8 @@ impl Engine {
                 scope: scope.clone(),
                 initiator,
                 states: HashMap::new(),
+                loading_states: HashSet::new(),
+                stored_heads: HashMap::new(),
                 their_summary: None,
                 their_entries: None,
                 reply_buckets: Vec::new(),
@@ -187,10 +204,81 @@ impl Engine {
         }
     }
 
-    pub(crate) fn peer_disconnected(&mut self, peer: PeerId) {
-        self.peers.remove(&peer);
+    /// The session ended: its sync states that advanced are persisted, its queued work dropped.
+    pub(crate) fn peer_disconnected(&mut self, peer: PeerId, fx: &mut Effects) {
         self.queue
             .retain(|w| !matches!(w, Work::Peer(p, _) if *p == peer));
+        let Some(p) = self.peers.remove(&peer) else {
+            return;
+        };
+        for (id, state) in p.states {
+            if !state.shared_heads.is_empty()
+                && p.stored_heads.get(&id) != Some(&state.shared_heads)
+            {
+                fx.writes.push(super::StorageOp::PutSyncState {
+                    peer: p.remote,
+                    id,
+                    state: state.encode(),
+                });
+            }
+        }
+    }
+
+    /// Whether `work` waits for a sync state that is not in memory yet.
+    pub(crate) fn state_missing(&self, peer: PeerId, work: &PeerWork) -> bool {
+        work.needs_state()
+            && self
+                .peers
+                .get(&peer)
+                .is_some_and(|p| !p.states.contains_key(&work.doc()))
+    }
+
+    /// Asks for the sync states that queued work needs (looking ahead, to batch the reads).
+    pub(crate) fn request_states(&mut self, lookahead: usize, fx: &mut Effects) {
+        for work in self.queue.iter().take(lookahead) {
+            let Work::Peer(peer, w) = work else {
+                continue;
+            };
+            if !w.needs_state() {
+                continue;
+            }
+            let Some(p) = self.peers.get_mut(peer) else {
+                continue;
+            };
+            let id = w.doc();
+            if !p.states.contains_key(&id) && p.loading_states.insert(id) {
+                fx.sync_state_reads.push((*peer, p.remote, id));
+            }
+        }
+    }
+
+    /// The answer to a sync state read. An unreadable state is replaced by a fresh one: the
+    /// sync protocol then starts from nothing, which costs bytes, not correctness.
+    pub(crate) fn state_loaded(
+        &mut self,
+        peer: PeerId,
+        id: DocumentId,
+        result: Result<Option<Vec<u8>>, String>,
+    ) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.loading_states.remove(&id);
+        let state = match result {
+            Ok(Some(bytes)) => sync::State::decode(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(doc = %id, error = %e, "stored sync state does not decode; starting over");
+                sync::State::new()
+            }),
+            Ok(None) => sync::State::new(),
+            Err(e) => {
+                tracing::warn!(doc = %id, error = %e, "reading the sync state failed; starting over");
+                sync::State::new()
+            }
+        };
+        if !state.shared_heads.is_empty() {
+            p.stored_heads.insert(id, state.shared_heads.clone());
+        }
+        p.states.entry(id).or_insert(state);
     }
 
     /// Flow control (see [`super::Input::PeerFlow`]). On resume, every held document is sent
@@ -903,6 +991,14 @@ impl Engine {
                     let Some(p) = self.peers.get_mut(&peer) else {
                         continue;
                     };
+                    if !p.states.contains_key(&id) {
+                        // First change of this document in the session: its stored sync state
+                        // must be read first.
+                        p.busy = true;
+                        self.queue
+                            .push_back(Work::Peer(peer, PeerWork::SendSync(id)));
+                        continue;
+                    }
                     let Some(super::Entry {
                         state: DocState::Live(live),
                         ..

@@ -53,6 +53,15 @@ const MIGRATIONS: &[&str] = &[
         origin  TEXT NOT NULL,
         at      INTEGER NOT NULL
     );",
+    // 2: per-peer Automerge sync state (the heads both sides are known to share), so a session
+    // with a peer seen before resumes each document's sync from there instead of from nothing.
+    "CREATE TABLE sync_states (
+        peer    BLOB NOT NULL,
+        doc_key INTEGER NOT NULL,
+        state   BLOB NOT NULL,
+        PRIMARY KEY (peer, doc_key)
+    ) WITHOUT ROWID;
+    CREATE INDEX sync_states_by_doc ON sync_states (doc_key);",
 ];
 
 /// The schema version this build writes.
@@ -203,6 +212,25 @@ impl SqliteStore {
     }
 
     /// Reads what the engine needs to bring a document into memory.
+    /// The persisted sync state of `id` with `peer` (see `StorageOp::PutSyncState`).
+    pub fn load_sync_state(
+        &self,
+        peer: &ReplicaId,
+        id: &DocumentId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT s.state FROM sync_states s JOIN documents d ON d.doc_key = s.doc_key
+                 WHERE s.peer = ?1 AND d.doc_id = ?2",
+            )?
+            .query_row(
+                params![peer.as_bytes().as_slice(), id.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     pub fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
         let row = self
             .conn
@@ -369,6 +397,21 @@ impl SqliteStore {
                         .execute([key])?;
                     conn.prepare_cached("DELETE FROM chunks WHERE doc_key = ?1")?
                         .execute([key])?;
+                    conn.prepare_cached("DELETE FROM sync_states WHERE doc_key = ?1")?
+                        .execute([key])?;
+                }
+                StorageOp::PutSyncState { peer, id, state } => {
+                    // A document that is not stored (yet) has no state worth keeping.
+                    conn.prepare_cached(
+                        "INSERT INTO sync_states (peer, doc_key, state)
+                         SELECT ?1, doc_key, ?3 FROM documents WHERE doc_id = ?2 AND deleted = 0
+                         ON CONFLICT (peer, doc_key) DO UPDATE SET state = excluded.state",
+                    )?
+                    .execute(params![
+                        peer.as_bytes().as_slice(),
+                        id.as_bytes().as_slice(),
+                        state
+                    ])?;
                 }
                 StorageOp::AppendChange(event) => {
                     let key = key_of(&mut keys, &event.id)?;
