@@ -323,11 +323,21 @@ impl Engine {
     /// the first one that is blocked (and looks ahead to batch the loads of those behind it).
     fn pump(&mut self, now: i64, fx: &mut Effects) {
         while let Some(work) = self.queue.front() {
-            let docs_missing = work.needs().iter().any(|id| !self.docs.contains_key(id));
+            let needs = work.needs();
+            let docs_missing = needs.iter().any(|id| !self.docs.contains_key(id));
             let state_missing = matches!(work, Work::Peer(peer, w) if self.state_missing(*peer, w));
             if docs_missing || state_missing {
-                self.request_loads(fx);
-                self.request_states(LOOKAHEAD, fx);
+                // Look ahead only when the blocked item's reads are not requested yet: every
+                // answer runs the pump again, and rescanning then would make a batch quadratic.
+                let requested = needs
+                    .iter()
+                    .all(|id| self.docs.contains_key(id) || self.loading.contains(id))
+                    && (!state_missing
+                        || matches!(work, Work::Peer(peer, w) if self.state_requested(*peer, w)));
+                if !requested {
+                    self.request_loads(fx);
+                    self.request_states(LOOKAHEAD, fx);
+                }
                 return;
             }
             match self.queue.pop_front() {

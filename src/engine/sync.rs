@@ -233,6 +233,13 @@ impl Engine {
                 .is_some_and(|p| !p.states.contains_key(&work.doc()))
     }
 
+    /// Whether the sync state `work` waits for is being read.
+    pub(crate) fn state_requested(&self, peer: PeerId, work: &PeerWork) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.loading_states.contains(&work.doc()))
+    }
+
     /// Asks for the sync states that queued work needs (looking ahead, to batch the reads).
     pub(crate) fn request_states(&mut self, lookahead: usize, fx: &mut Effects) {
         for work in self.queue.iter().take(lookahead) {
