@@ -1,6 +1,6 @@
 //! The `weft` command line, run as a real process against real SQLite files.
 //!
-//! The contract under test is the doc comments of `src/bin/weft.rs`: results on stdout (ids,
+//! The contract under test is the doc comments of `src/bin/weft/main.rs`: results on stdout (ids,
 //! JSON bodies, NDJSON), messages on stderr, exit status 0 ok / 1 runtime error / 2 usage error.
 
 mod support;

@@ -13,6 +13,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 use weft::{BundleScope, ChangeEvent, DocumentId, Filter, Path as DocPath, Query, Replica};
 
+#[cfg(feature = "net")]
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "weft",
@@ -64,6 +67,10 @@ enum Cmd {
     /// scope, or `--watch` to stay connected, pushing and receiving every change live.
     #[cfg(feature = "net")]
     Sync(SyncArgs),
+    /// Load generators for replication against a running relay (benchmarks, not tests).
+    #[cfg(feature = "net")]
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Print the change feed as NDJSON.
     Changes {
         /// Only entries with a sequence number greater than this.
@@ -121,6 +128,56 @@ struct SyncArgs {
     timeout: u64,
     #[command(flatten)]
     mode: SyncMode,
+}
+
+#[cfg(feature = "net")]
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Live fan-out (W3): one writer and N receiving replicas in this process; the writer edits
+    /// one document at a fixed rate and every receiver records when each edit arrived. Prints
+    /// latency percentiles; exits 1 if any receiver missed a change.
+    Fanout {
+        /// The relay's address, as `weft serve` prints it: ws://HOST:PORT.
+        #[arg(long)]
+        server: String,
+        /// Receiving replicas (the writer comes on top).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+        clients: u32,
+        /// Edits the writer makes.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+        changes: u64,
+        /// Edits per second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// The collection of the benchmark document.
+        #[arg(long, default_value = "bench")]
+        collection: String,
+        /// Where to put the replicas' files (a fresh subdirectory, removed afterwards; default:
+        /// the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Seconds the receivers may take to see the last edit after it was made.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Relay memory with idle clients: N raw WebSocket sessions that say Hello, announce the
+    /// catalog summary of `--from` (a replica in sync with the relay), get "in sync", then stay
+    /// connected and idle.
+    Idle {
+        /// The relay's address, as `weft serve` prints it: ws://HOST:PORT.
+        #[arg(long)]
+        server: String,
+        /// Sessions to open.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+        clients: u32,
+        /// A replica already in sync with the relay (its catalog equals the relay's).
+        #[arg(long, value_name = "DB")]
+        from: PathBuf,
+        /// Seconds to stay connected after all sessions are in sync; until SIGINT/SIGTERM when
+        /// absent.
+        #[arg(long, value_name = "SECS")]
+        hold: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -316,6 +373,8 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Serve(args) => serve(args),
         #[cfg(feature = "net")]
         Cmd::Sync(args) => sync(&cli.db, args),
+        #[cfg(feature = "net")]
+        Cmd::Bench(cmd) => bench_cmd(cmd),
         Cmd::Compact => {
             let replica = open(&cli.db)?;
             let before = file_size(&cli.db);
@@ -353,6 +412,41 @@ fn serve(args: ServeArgs) -> CliResult {
             .await
             .map_err(|e| CliError::Io(e.to_string()))
     })
+}
+
+/// `weft bench fanout | idle` (the load generators live in `bench.rs`).
+#[cfg(feature = "net")]
+fn bench_cmd(cmd: BenchCmd) -> CliResult {
+    match cmd {
+        BenchCmd::Fanout {
+            server,
+            clients,
+            changes,
+            rate,
+            collection,
+            dir,
+            timeout,
+        } => bench::fanout(bench::FanoutOptions {
+            server,
+            clients: clients as usize,
+            changes,
+            rate,
+            collection,
+            dir,
+            timeout: Duration::from_secs(timeout),
+        }),
+        BenchCmd::Idle {
+            server,
+            clients,
+            from,
+            hold,
+        } => bench::idle(bench::IdleOptions {
+            server,
+            clients: clients as usize,
+            from,
+            hold: hold.map(Duration::from_secs),
+        }),
+    }
 }
 
 /// `weft sync --once | --watch`.
