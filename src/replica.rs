@@ -450,6 +450,17 @@ impl Replica {
         }
     }
 
+    /// Whether [`tick`](Self::tick) has something to do now. Never waits: false while another
+    /// thread is using the replica (it will be asked again).
+    pub fn tick_wanted(&self) -> bool {
+        let inner = match self.shared.inner.try_lock() {
+            Ok(inner) => inner,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        inner.engine.wants_tick(self.shared.clock.now())
+    }
+
     fn peer_input(&self, input: Input) {
         let inner = self.lock();
         let _ = self.step(inner, vec![input], 0, 0);

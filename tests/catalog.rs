@@ -94,3 +94,42 @@ fn scope_limits_the_summary() {
             .is_empty()
     );
 }
+
+#[test]
+fn cached_summaries_follow_every_write_in_scope_and_other_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let a = Replica::open(&path).unwrap();
+    let other = Replica::open(&path).unwrap();
+    let todo = a.create("todos", json!({"n": 0})).unwrap();
+    let note = a.create("notes", json!({"n": 0})).unwrap();
+    let todos = Scope::Collections(vec!["todos".into()]);
+    let notes = Scope::Collections(vec!["notes".into()]);
+    let (all0, todos0, notes0) = (
+        a.catalog_summary(&Scope::All).unwrap(),
+        a.catalog_summary(&todos).unwrap(),
+        a.catalog_summary(&notes).unwrap(),
+    );
+    // Asked again with nothing written: the same answer.
+    assert_eq!(a.catalog_summary(&Scope::All).unwrap(), all0);
+    // A write in `todos` changes All and todos, not notes.
+    a.update(&todo, json!({"n": 1})).unwrap();
+    assert_ne!(a.catalog_summary(&Scope::All).unwrap(), all0);
+    assert_ne!(a.catalog_summary(&todos).unwrap(), todos0);
+    assert_eq!(a.catalog_summary(&notes).unwrap(), notes0);
+    // Another connection to the same file writes a note: seen at once.
+    other.update(&note, json!({"n": 1})).unwrap();
+    assert_ne!(a.catalog_summary(&notes).unwrap(), notes0);
+    assert_eq!(
+        a.catalog_summary(&Scope::All).unwrap(),
+        other.catalog_summary(&Scope::All).unwrap()
+    );
+    // Deletes count too.
+    let before = a.catalog_summary(&todos).unwrap();
+    a.delete(&todo).unwrap();
+    assert_ne!(a.catalog_summary(&todos).unwrap(), before);
+    assert_eq!(
+        a.catalog_summary(&todos).unwrap(),
+        other.catalog_summary(&todos).unwrap()
+    );
+}

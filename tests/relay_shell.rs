@@ -578,3 +578,36 @@ async fn garbage_automerge_in_a_valid_frame_is_refused_and_nothing_is_stored() {
     assert_eq!(doc.body, serde_json::json!({"title": "good"}));
     assert_eq!(doc.heads, heads);
 }
+
+#[tokio::test]
+async fn a_silent_client_is_pinged_then_closed_and_a_listening_one_is_kept() {
+    let keepalive = Duration::from_millis(150);
+    let relay = Relay::start(|c| c.keepalive = keepalive).await;
+    let mut silent = relay.session().await;
+    let mut listening = relay.session().await;
+    // The listening client reads (tungstenite answers each ping with a pong while reading)
+    // for well over two keepalive periods and sees the relay's pings.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + keepalive * 5;
+    while let Ok(next) = tokio::time::timeout_at(until, listening.next()).await {
+        match next {
+            Some(Ok(WsMessage::Ping(_))) => pings += 1,
+            other => panic!("expected pings only, got {other:?}"),
+        }
+    }
+    assert!(pings >= 1, "the relay pinged a quiet session");
+    assert_healthy(&mut listening, 1).await;
+    // The silent client never read, so it never answered: it was closed as gone.
+    let close = loop {
+        match timeout(LIMIT, silent.next()).await.expect("no close") {
+            Some(Ok(WsMessage::Ping(_))) => continue,
+            Some(Ok(WsMessage::Close(Some(frame)))) => break frame,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::Away);
+    assert!(close.reason.contains("no traffic"), "{}", close.reason);
+    assert_eq!(relay.metric("weft_connections").await, 1);
+    assert_eq!(relay.metric("weft_protocol_errors_total").await, 0);
+    relay.stop().await;
+}

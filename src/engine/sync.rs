@@ -919,8 +919,12 @@ impl Engine {
         }
     }
 
+    /// Acknowledges stored changes to the peer. Only the responder (the relay) acknowledges:
+    /// its `Persisted` tells a client that its writes are durable on the relay. The relay
+    /// keeps no per-client durability record, so acks from the initiator would be a frame
+    /// and a relay step per received change for nothing.
     fn ack(&mut self, peer: PeerId, id: DocumentId, heads: &[ChangeHash]) {
-        if let Some(p) = self.peers.get_mut(&peer) {
+        if let Some(p) = self.peers.get_mut(&peer).filter(|p| !p.initiator) {
             p.persisted.push((id, heads.iter().map(|h| h.0).collect()));
         }
     }

@@ -35,6 +35,9 @@ pub struct ConnectOptions {
     pub max_frame: usize,
     /// How often the session checks whether a quiet sync needs a new reconciliation round.
     pub tick: Duration,
+    /// A relay silent for this long gets a WebSocket ping; silent for twice as long, the
+    /// connection counts as lost (and is reconnected).
+    pub keepalive: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -47,6 +50,7 @@ impl Default for ConnectOptions {
             max_backoff: Duration::from_secs(30),
             max_frame: protocol::DEFAULT_MAX_FRAME,
             tick: Duration::from_millis(5),
+            keepalive: Duration::from_secs(30),
         }
     }
 }
@@ -281,6 +285,8 @@ async fn session(
         r.peer_connected(peer, remote, scope, true)
     })
     .await;
+    let mut last_heard = std::time::Instant::now();
+    let mut last_ping = last_heard;
     let mut ticker = tokio::time::interval(options.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let ended = loop {
@@ -308,28 +314,46 @@ async fn session(
                 Some(Outbound::Event(PeerEvent::Persisted(_))) => {}
                 None => break Ended::Lost("router closed".into()),
             },
-            incoming = stream.next() => match incoming {
-                None => break Ended::Lost("the relay closed the connection".into()),
-                Some(Err(e)) => break Ended::Lost(format!("connection error: {e}")),
-                Some(Ok(WsMessage::Binary(bytes))) => match protocol::decode(&bytes, options.max_frame) {
-                    Ok(Message::Ping { nonce }) => {
-                        let _ = sink.send(WsMessage::Binary(protocol::encode(&Message::Pong { nonce }).into())).await;
-                    }
-                    Ok(Message::Pong { .. }) => {}
-                    Ok(message) => {
-                        if matches!(message, Message::Sync { .. }) && *status.borrow() == Status::Synced {
-                            let _ = status.send(Status::Connected);
+            incoming = stream.next() => {
+                last_heard = std::time::Instant::now();
+                match incoming {
+                    None => break Ended::Lost("the relay closed the connection".into()),
+                    Some(Err(e)) => break Ended::Lost(format!("connection error: {e}")),
+                    Some(Ok(WsMessage::Binary(bytes))) => match protocol::decode(&bytes, options.max_frame) {
+                        Ok(Message::Ping { nonce }) => {
+                            let _ = sink.send(WsMessage::Binary(protocol::encode(&Message::Pong { nonce }).into())).await;
                         }
-                        blocking(replica, move |r| r.peer_message(peer, message)).await;
+                        Ok(Message::Pong { .. }) => {}
+                        Ok(message) => {
+                            if matches!(message, Message::Sync { .. }) && *status.borrow() == Status::Synced {
+                                let _ = status.send(Status::Connected);
+                            }
+                            blocking(replica, move |r| r.peer_message(peer, message)).await;
+                        }
+                        Err(e) => break Ended::Lost(format!("bad frame from the relay: {e}")),
+                    },
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        break Ended::Lost(format!("the relay closed the connection: {}", frame.map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_default()));
                     }
-                    Err(e) => break Ended::Lost(format!("bad frame from the relay: {e}")),
-                },
-                Some(Ok(WsMessage::Close(frame))) => {
-                    break Ended::Lost(format!("the relay closed the connection: {}", frame.map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_default()));
+                    Some(Ok(_)) => {}
                 }
-                Some(Ok(_)) => {}
-            },
-            _ = ticker.tick() => blocking(replica, |r| r.tick()).await,
+            }
+            _ = ticker.tick() => {
+                let silent = last_heard.elapsed();
+                if silent >= options.keepalive * 2 {
+                    break Ended::Lost(format!("the relay was silent for {} s", silent.as_secs()));
+                }
+                if silent >= options.keepalive && last_ping.elapsed() >= options.keepalive {
+                    last_ping = std::time::Instant::now();
+                    if let Err(e) = sink.send(WsMessage::Ping(Default::default())).await {
+                        break Ended::Lost(format!("sending: {e}"));
+                    }
+                }
+                // Checked without waiting for the replica: most ticks have nothing to do.
+                if replica.tick_wanted() {
+                    blocking(replica, |r| r.tick()).await;
+                }
+            }
             () = stopped(stop) => {
                 let _ = sink.send(WsMessage::Close(None)).await;
                 break Ended::Stopped;

@@ -73,6 +73,13 @@ pub(crate) async fn session(
     // The replication session, once Welcome is sent: its id and the frames the replica sends it.
     let mut sync: Option<Session> = None;
     let hello_deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
+    let keepalive_every = shared.config.keepalive;
+    let mut keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + keepalive_every,
+        keepalive_every,
+    );
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
     let outcome: Option<Close> = loop {
         let next = async {
             match phase {
@@ -91,6 +98,21 @@ pub(crate) async fn session(
         let incoming = tokio::select! {
             () = stopped(&mut stop) => {
                 break Some(Close::new(CloseCode::Away, "relay shutting down"));
+            }
+            _ = keepalive.tick() => {
+                let silent = last_heard.elapsed();
+                if silent >= keepalive_every * 2 {
+                    break Some(Close::new(
+                        CloseCode::Away,
+                        format!("no traffic for {} s", silent.as_secs()),
+                    ));
+                }
+                if silent >= keepalive_every
+                    && ws.send(WsMessage::Ping(Bytes::new())).await.is_err()
+                {
+                    break None;
+                }
+                continue;
             }
             out = outbound => {
                 match out {
@@ -112,7 +134,10 @@ pub(crate) async fn session(
         };
         let message = match incoming {
             None => break None,
-            Some(Ok(message)) => message,
+            Some(Ok(message)) => {
+                last_heard = Instant::now();
+                message
+            }
             Some(Err(e)) => break close_for_ws_error(e),
         };
         if message_counts(&message) {
@@ -201,12 +226,16 @@ pub(crate) async fn session(
                 }
             }
             (Phase::Ready, Message::Pong { .. }) => {}
+            // Clients do not acknowledge (see the engine's `ack`); one that does is heard
+            // without a replica step.
+            (Phase::Ready, Message::Persisted { docs }) => {
+                tracing::debug!(docs = docs.len(), "client acknowledged");
+            }
             (
                 Phase::Ready,
                 other @ (Message::Summary { .. }
                 | Message::Entries { .. }
                 | Message::Sync { .. }
-                | Message::Persisted { .. }
                 | Message::Error { .. }),
             ) => {
                 let Some(session) = sync.as_ref() else {

@@ -70,6 +70,9 @@ pub struct RelayConfig {
     /// How long writing one frame to a client may take; a client that stops reading for
     /// longer is disconnected (its queue is freed; it reconciles when it reconnects).
     pub send_timeout: Duration,
+    /// A session silent for this long gets a WebSocket ping; silent for twice as long, it is
+    /// closed (a vanished client must not hold a session forever).
+    pub keepalive: Duration,
 }
 
 impl RelayConfig {
@@ -84,6 +87,7 @@ impl RelayConfig {
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             send_timeout: Duration::from_secs(30),
+            keepalive: Duration::from_secs(30),
         }
     }
 }

@@ -92,6 +92,28 @@ pub struct SqliteStore {
     replica_id: ReplicaId,
     /// `PRAGMA data_version` at our last transaction: it changes when another connection commits.
     data_version: i64,
+    /// Catalog summaries per scope (collection names; `None` = all), valid while no write
+    /// touched a collection in the scope and no other connection committed (`summary_version`
+    /// is the `data_version` they were computed at). A live session re-announces its summary
+    /// after every burst of changes; without the cache each announcement scans the catalog.
+    summaries: std::cell::RefCell<SummaryCache>,
+}
+
+#[derive(Default)]
+struct SummaryCache {
+    version: i64,
+    by_scope: std::collections::HashMap<Option<Vec<String>>, CatalogSummary>,
+}
+
+impl SummaryCache {
+    /// A document of `collection` was written.
+    fn invalidate(&mut self, collection: &str) {
+        self.by_scope.retain(|scope, _| {
+            scope
+                .as_ref()
+                .is_some_and(|names| !names.iter().any(|n| n == collection))
+        });
+    }
 }
 
 fn random_replica_id() -> Result<ReplicaId, StoreError> {
@@ -141,6 +163,7 @@ impl SqliteStore {
             conn,
             replica_id: ReplicaId::from_bytes([0; 16]),
             data_version: 0,
+            summaries: Default::default(),
         };
         let tx = store
             .conn
@@ -362,6 +385,7 @@ impl SqliteStore {
                         )?
                         .query_row(params![id.as_bytes().as_slice(), collection, deleted, encode_heads(heads), sql_int(*seq), body], |r| r.get(0))?;
                     keys.insert(*id, key);
+                    self.summaries.borrow_mut().invalidate(collection);
                 }
                 StorageOp::InsertDocument {
                     id,
@@ -378,6 +402,7 @@ impl SqliteStore {
                         )?
                         .query_row(params![id.as_bytes().as_slice(), collection, encode_heads(heads), sql_int(*seq), body, snapshot], |r| r.get(0))?;
                     keys.insert(*id, key);
+                    self.summaries.borrow_mut().invalidate(collection);
                 }
                 StorageOp::ReplaceChunks { id, snapshot } => {
                     let key = key_of(&mut keys, id)?;
@@ -563,8 +588,26 @@ impl SqliteStore {
         &self,
         collections: Option<&[String]>,
     ) -> Result<CatalogSummary, StoreError> {
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let key = collections.map(<[String]>::to_vec);
+        {
+            let mut cache = self.summaries.borrow_mut();
+            if cache.version != version {
+                cache.by_scope.clear();
+                cache.version = version;
+            }
+            if let Some(summary) = cache.by_scope.get(&key) {
+                return Ok(summary.clone());
+            }
+        }
         let mut summary = CatalogSummary::empty();
         self.scan_catalog(collections, |id, _, digest, _| summary.add(&id, digest))?;
+        self.summaries
+            .borrow_mut()
+            .by_scope
+            .insert(key, summary.clone());
         Ok(summary)
     }
 
