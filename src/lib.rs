@@ -62,6 +62,8 @@ pub use id::{DocumentId, ReplicaId};
 pub use json::{JsonError, Path, PathSeg};
 pub use query::{CmpOp, FieldPath, Filter, Query};
 #[cfg(feature = "sqlite")]
-pub use replica::{Clock, CompactReport, Document, Durability, Replica, ReplicaOptions};
+pub use replica::{
+    Clock, CompactReport, Document, Durability, Replica, ReplicaOptions, SessionInput,
+};
 pub use scope::Scope;
 pub use store::StoreError;

@@ -29,6 +29,29 @@ use crate::store::{DocRecord, StoreError};
 
 pub use crate::store::sqlite::Durability;
 
+/// One input of a replication session, for [`Replica::peer_batch`]; the same as calling
+/// `peer_connected`, `peer_message`, `peer_disconnected` or `peer_flow`.
+#[derive(Debug)]
+pub enum SessionInput {
+    Connected {
+        peer: PeerId,
+        remote: ReplicaId,
+        scope: Scope,
+        initiator: bool,
+    },
+    Message {
+        peer: PeerId,
+        message: Message,
+    },
+    Disconnected {
+        peer: PeerId,
+    },
+    Flow {
+        peer: PeerId,
+        paused: bool,
+    },
+}
+
 /// Options for [`Replica::open_with`].
 #[derive(Clone, Debug)]
 pub struct ReplicaOptions {
@@ -407,6 +430,33 @@ impl Replica {
         init: impl FnOnce() -> Arc<crate::net::router::Router>,
     ) -> Arc<crate::net::router::Router> {
         self.shared.router.get_or_init(init).clone()
+    }
+
+    /// Applies session inputs of any number of sessions in one step: one storage transaction,
+    /// one commit (group commit for a relay with many busy sessions). Each session's inputs
+    /// keep their order.
+    pub fn peer_batch(&self, inputs: Vec<SessionInput>) {
+        let inputs = inputs
+            .into_iter()
+            .map(|input| match input {
+                SessionInput::Connected {
+                    peer,
+                    remote,
+                    scope,
+                    initiator,
+                } => Input::PeerConnected {
+                    peer,
+                    remote,
+                    scope,
+                    initiator,
+                },
+                SessionInput::Message { peer, message } => Input::PeerMessage { peer, message },
+                SessionInput::Disconnected { peer } => Input::PeerDisconnected { peer },
+                SessionInput::Flow { peer, paused } => Input::PeerFlow { peer, paused },
+            })
+            .collect();
+        let inner = self.lock();
+        let _ = self.step(inner, inputs, 0, 0);
     }
 
     /// A session with `remote` is established (after the handshake).

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use super::router::{Outbound, Router};
 use crate::engine::PeerEvent;
 use crate::protocol::{self, Message, RejectCode, WireScope};
-use crate::{Replica, Scope};
+use crate::{Replica, Scope, SessionInput};
 
 /// How a connection behaves.
 #[derive(Clone, Debug)]
@@ -316,26 +316,40 @@ async fn session(
             },
             incoming = stream.next() => {
                 last_heard = std::time::Instant::now();
-                match incoming {
-                    None => break Ended::Lost("the relay closed the connection".into()),
-                    Some(Err(e)) => break Ended::Lost(format!("connection error: {e}")),
-                    Some(Ok(WsMessage::Binary(bytes))) => match protocol::decode(&bytes, options.max_frame) {
-                        Ok(Message::Ping { nonce }) => {
-                            let _ = sink.send(WsMessage::Binary(protocol::encode(&Message::Pong { nonce }).into())).await;
+                // Take every frame that has already arrived (up to MAX_BATCH) and apply them
+                // in one replica step: one commit for a burst instead of one per frame.
+                let mut batch = Vec::new();
+                let mut ended = None;
+                let mut next = Some(incoming);
+                while let Some(incoming) = next.take() {
+                    match read(incoming, options.max_frame) {
+                        Read::Session(message) => batch.push(message),
+                        Read::Ping(nonce) => {
+                            let pong = protocol::encode(&Message::Pong { nonce });
+                            let _ = sink.send(WsMessage::Binary(pong.into())).await;
                         }
-                        Ok(Message::Pong { .. }) => {}
-                        Ok(message) => {
-                            if matches!(message, Message::Sync { .. }) && *status.borrow() == Status::Synced {
-                                let _ = status.send(Status::Connected);
-                            }
-                            blocking(replica, move |r| r.peer_message(peer, message)).await;
+                        Read::Nothing => {}
+                        Read::End(reason) => {
+                            ended = Some(reason);
+                            break;
                         }
-                        Err(e) => break Ended::Lost(format!("bad frame from the relay: {e}")),
-                    },
-                    Some(Ok(WsMessage::Close(frame))) => {
-                        break Ended::Lost(format!("the relay closed the connection: {}", frame.map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_default()));
                     }
-                    Some(Ok(_)) => {}
+                    if batch.len() < MAX_BATCH {
+                        next = stream.next().now_or_never();
+                    }
+                }
+                if !batch.is_empty() {
+                    if batch.iter().any(|m| matches!(m, Message::Sync { .. })) && *status.borrow() == Status::Synced {
+                        let _ = status.send(Status::Connected);
+                    }
+                    let inputs = batch
+                        .into_iter()
+                        .map(|message| SessionInput::Message { peer, message })
+                        .collect();
+                    blocking(replica, move |r| r.peer_batch(inputs)).await;
+                }
+                if let Some(reason) = ended {
+                    break Ended::Lost(reason);
                 }
             }
             _ = ticker.tick() => {
@@ -363,6 +377,44 @@ async fn session(
     router.unregister(peer);
     blocking(replica, move |r| r.peer_disconnected(peer)).await;
     ended
+}
+
+/// Frames applied per replica step at most.
+const MAX_BATCH: usize = 64;
+
+/// What one read from the relay's socket amounts to.
+enum Read {
+    /// A session message, for the replica.
+    Session(Message),
+    /// A protocol ping, to answer.
+    Ping(u64),
+    /// Nothing to do (a WebSocket control frame, a pong).
+    Nothing,
+    /// The connection is over, and why.
+    End(String),
+}
+
+fn read(
+    incoming: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
+    max_frame: usize,
+) -> Read {
+    match incoming {
+        None => Read::End("the relay closed the connection".into()),
+        Some(Err(e)) => Read::End(format!("connection error: {e}")),
+        Some(Ok(WsMessage::Binary(bytes))) => match protocol::decode(&bytes, max_frame) {
+            Ok(Message::Ping { nonce }) => Read::Ping(nonce),
+            Ok(Message::Pong { .. }) => Read::Nothing,
+            Ok(message) => Read::Session(message),
+            Err(e) => Read::End(format!("bad frame from the relay: {e}")),
+        },
+        Some(Ok(WsMessage::Close(frame))) => Read::End(format!(
+            "the relay closed the connection: {}",
+            frame
+                .map(|f| format!("{} {}", f.code, f.reason))
+                .unwrap_or_default()
+        )),
+        Some(Ok(_)) => Read::Nothing,
+    }
 }
 
 /// Runs replica work (SQLite) off the async workers; awaited, so a session's frames are applied

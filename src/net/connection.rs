@@ -20,8 +20,8 @@ use super::rate::TokenBucket;
 use super::server::Shared;
 
 use super::router::{Frame, Outbound, Router, Session};
-use crate::Scope;
 use crate::protocol::{self, ErrorCode, Message, ProtocolError, RejectCode, WireScope};
+use crate::{Scope, SessionInput};
 
 fn welcome_scope(welcome: &Message) -> WireScope {
     match welcome {
@@ -201,11 +201,15 @@ pub(crate) async fn session(
                     WireScope::All => Scope::All,
                     WireScope::Collections(c) => Scope::Collections(c),
                 };
-                let relay = shared.replica.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    relay.peer_connected(peer_id, replica, local_scope, false)
-                })
-                .await;
+                let connected = SessionInput::Connected {
+                    peer: peer_id,
+                    remote: replica,
+                    scope: local_scope,
+                    initiator: false,
+                };
+                if shared.applier.apply(connected).await.is_err() {
+                    break Some(Close::new(CloseCode::Error, "relay is shutting down"));
+                }
                 sync = Some(session);
             }
             (Phase::AwaitingHello, other) => {
@@ -241,11 +245,16 @@ pub(crate) async fn session(
                 let Some(session) = sync.as_ref() else {
                     break None;
                 };
-                let (peer_id, relay) = (session.peer, shared.replica.clone());
                 let arrived = Instant::now();
-                // SQLite work: off the async workers, in order (awaited before the next frame).
-                let applied =
-                    tokio::task::spawn_blocking(move || relay.peer_message(peer_id, other)).await;
+                // Applied by the relay's single writer, together with whatever other sessions
+                // sent meanwhile; awaited, so this session's frames are applied in order.
+                let applied = shared
+                    .applier
+                    .apply(SessionInput::Message {
+                        peer: session.peer,
+                        message: other,
+                    })
+                    .await;
                 shared.metrics.sync_latency.observe(arrived.elapsed());
                 if applied.is_err() {
                     break Some(Close::new(
@@ -269,8 +278,10 @@ pub(crate) async fn session(
     };
     if let Some(Session { peer: peer_id, .. }) = sync.take() {
         router.unregister(peer_id);
-        let relay = shared.replica.clone();
-        let _ = tokio::task::spawn_blocking(move || relay.peer_disconnected(peer_id)).await;
+        let _ = shared
+            .applier
+            .apply(SessionInput::Disconnected { peer: peer_id })
+            .await;
     }
     // Free the slot before the socket closes: a peer that saw the close may reconnect at once.
     drop(permit);
@@ -382,8 +393,11 @@ async fn send_queued(
         Ok(Ok(())) => shared.metrics.frame_out(len),
     }
     if let Some(session) = session.filter(|s| s.flow.written(len)) {
-        let (peer, relay) = (session.peer, shared.replica.clone());
-        let _ = tokio::task::spawn_blocking(move || relay.peer_flow(peer, false)).await;
+        let resumed = SessionInput::Flow {
+            peer: session.peer,
+            paused: false,
+        };
+        let _ = shared.applier.apply(resumed).await;
     }
     Ok(())
 }

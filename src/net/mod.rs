@@ -17,6 +17,7 @@
 //!
 //! The entry point is [`run`], which takes a bound listener, so tests run it on `127.0.0.1:0`.
 
+mod applier;
 mod client;
 mod connection;
 mod http;

@@ -12,6 +12,7 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument;
 
+use super::applier::Applier;
 use super::http::{self, Rewind, Route};
 use super::{Metrics, NetError, RelayConfig, connection};
 use crate::{Replica, ReplicaId};
@@ -29,6 +30,8 @@ pub(crate) struct Shared {
     pub(crate) relay_id: ReplicaId,
     pub(crate) replica: Replica,
     pub(crate) metrics: Metrics,
+    /// Applies every session's inputs (see `applier`).
+    pub(crate) applier: Applier,
     /// One permit per open WebSocket session.
     pub(crate) sessions: Arc<Semaphore>,
 }
@@ -44,7 +47,13 @@ pub async fn run(
     let relay_id = replica.replica_id();
     let local = listener.local_addr().ok();
     tracing::info!(?local, relay = %relay_id, data = %config.data_dir.display(), "relay started");
+    let (applier, applier_thread) =
+        Applier::start(replica.clone()).map_err(|source| NetError::Io {
+            what: "starting the applier thread".into(),
+            source,
+        })?;
     let shared = Arc::new(Shared {
+        applier,
         sessions: Arc::new(Semaphore::new(config.max_connections)),
         config,
         relay_id,
@@ -91,7 +100,9 @@ pub async fn run(
     }
     let _ = housekeeping.await;
     let replica = shared.replica.clone();
+    // The last handle to the applier: its thread finishes what is queued and stops.
     drop(shared);
+    let _ = tokio::task::spawn_blocking(move || applier_thread.join()).await;
     tokio::task::spawn_blocking(move || replica.checkpoint())
         .await
         .map_err(|e| NetError::Io {

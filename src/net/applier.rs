@@ -1,0 +1,70 @@
+//! The relay's single writer: every session's inputs go through one thread that applies
+//! whatever has queued up in one replica step (group commit).
+//!
+//! With many busy sessions, a step per frame meant a storage transaction, a thread hand-off
+//! and a fight for the replica's lock per frame. Here a session awaits its input being applied
+//! (so it reads no faster than the relay applies — backpressure — and its frames stay in
+//! order), while the inputs of all sessions that arrived meanwhile share one step.
+
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Replica, SessionInput};
+
+/// Inputs applied per step at most (bounds a step's duration).
+const MAX_BATCH: usize = 256;
+
+type Job = (SessionInput, oneshot::Sender<()>);
+
+/// Handle to the applier thread; it stops once every handle is dropped.
+pub(crate) struct Applier {
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl Applier {
+    /// Starts the thread.
+    pub(crate) fn start(replica: Replica) -> std::io::Result<(Applier, JoinHandle<()>)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("weft-applier".into())
+            .spawn(move || run(replica, rx))?;
+        Ok((Applier { tx }, thread))
+    }
+
+    /// Applies `input` (with whatever else is queued) and returns once it is committed and its
+    /// frames are queued. `Err` if the applier is gone.
+    pub(crate) async fn apply(&self, input: SessionInput) -> Result<(), ()> {
+        let (done, applied) = oneshot::channel();
+        self.tx.send((input, done)).map_err(|_| ())?;
+        applied.await.map_err(|_| ())
+    }
+}
+
+fn run(replica: Replica, mut rx: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut inputs = vec![first.0];
+        let mut waiting = vec![first.1];
+        while inputs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok((input, done)) => {
+                    inputs.push(input);
+                    waiting.push(done);
+                }
+                Err(_) => break,
+            }
+        }
+        tracing::trace!(inputs = inputs.len(), "applying");
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| replica.peer_batch(inputs)));
+        match applied {
+            // Dropping the senders tells the sessions it failed: they close.
+            Err(_) => tracing::error!("applying session inputs panicked"),
+            Ok(()) => {
+                for done in waiting {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+}
