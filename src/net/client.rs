@@ -204,7 +204,9 @@ async fn session(
     status: &watch::Sender<Status>,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
+    // A small read buffer: tungstenite zero-fills the free part of it before every read.
     let config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
         .max_message_size(Some(options.max_frame))
         .max_frame_size(Some(options.max_frame));
     let connecting = tokio_tungstenite::connect_async_with_config(url, Some(config), true);

@@ -305,8 +305,12 @@ impl SqliteStore {
         // transaction open; without this every later write would fail with "cannot start a
         // transaction within a transaction". Nothing of it was committed, so roll it back.
         self.rollback();
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let version: i64 = match self.conn.query_row("PRAGMA data_version", [], |r| r.get(0)) {
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let version: i64 = match self
+            .conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        {
             Ok(v) => v,
             Err(e) => {
                 self.rollback();
@@ -320,7 +324,7 @@ impl SqliteStore {
 
     /// Commits the transaction opened by [`begin`](Self::begin).
     pub fn commit(&mut self) -> Result<(), StoreError> {
-        self.conn.execute_batch("COMMIT")?;
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
         Ok(())
     }
 
