@@ -126,6 +126,12 @@ impl CatalogSummary {
         self.buckets[usize::from(bucket_of(id))] ^= digest;
     }
 
+    /// Takes one document's digest out again (the inverse of [`add`](Self::add)).
+    pub fn remove(&mut self, id: &DocumentId, digest: Digest) {
+        self.count = self.count.saturating_sub(1);
+        self.buckets[usize::from(bucket_of(id))] ^= digest;
+    }
+
     /// The buckets whose digests differ from `other`'s (all 256 if `other` is malformed).
     pub fn differing(&self, other: &[Digest]) -> Vec<u8> {
         if other.len() != 256 {

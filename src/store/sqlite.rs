@@ -92,10 +92,11 @@ pub struct SqliteStore {
     replica_id: ReplicaId,
     /// `PRAGMA data_version` at our last transaction: it changes when another connection commits.
     data_version: i64,
-    /// Catalog summaries per scope (collection names; `None` = all), valid while no write
-    /// touched a collection in the scope and no other connection committed (`summary_version`
-    /// is the `data_version` they were computed at). A live session re-announces its summary
-    /// after every burst of changes; without the cache each announcement scans the catalog.
+    /// Catalog summaries per scope (collection names; `None` = all), kept current by our own
+    /// writes (XOR out the old digest, XOR in the new) and dropped when another connection
+    /// committed (`version` is the `data_version` they are valid at) or a transaction rolled
+    /// back. A live session re-announces its summary after every burst of changes; without
+    /// the cache each announcement scans the whole catalog.
     summaries: std::cell::RefCell<SummaryCache>,
 }
 
@@ -106,13 +107,29 @@ struct SummaryCache {
 }
 
 impl SummaryCache {
-    /// A document of `collection` was written.
-    fn invalidate(&mut self, collection: &str) {
-        self.by_scope.retain(|scope, _| {
-            scope
-                .as_ref()
-                .is_some_and(|names| !names.iter().any(|n| n == collection))
-        });
+    /// Whether a cached summary covers documents of `collection`.
+    fn covers(&self, collection: &str) -> bool {
+        self.by_scope.keys().any(|scope| match scope {
+            None => true,
+            Some(names) => names.iter().any(|n| n == collection),
+        })
+    }
+
+    /// A document of `collection` went from digest `old` (`None`: new) to `new`: every
+    /// cached summary covering it is updated in place (XOR), so no rescan is needed.
+    fn update(&mut self, collection: &str, id: &DocumentId, old: Option<Digest>, new: Digest) {
+        for (scope, summary) in self.by_scope.iter_mut() {
+            let covered = match scope {
+                None => true,
+                Some(names) => names.iter().any(|n| n == collection),
+            };
+            if covered {
+                if let Some(old) = old {
+                    summary.remove(id, old);
+                }
+                summary.add(id, new);
+            }
+        }
     }
 }
 
@@ -330,10 +347,12 @@ impl SqliteStore {
 
     /// Abandons the transaction opened by [`begin`](Self::begin), if any.
     pub fn rollback(&mut self) {
-        if !self.conn.is_autocommit()
-            && let Err(e) = self.conn.execute_batch("ROLLBACK")
-        {
-            tracing::error!(error = %e, "rollback failed");
+        if !self.conn.is_autocommit() {
+            // The cached summaries may hold writes of this transaction.
+            self.summaries.borrow_mut().by_scope.clear();
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::error!(error = %e, "rollback failed");
+            }
         }
     }
 
@@ -380,6 +399,22 @@ impl SqliteStore {
                     body,
                     seq,
                 } => {
+                    // The version this write replaces, for the cached summaries.
+                    let old = if self.summaries.borrow().covers(collection) {
+                        conn.prepare_cached(
+                            "SELECT deleted, heads FROM documents WHERE doc_id = ?1",
+                        )?
+                        .query_row([id.as_bytes().as_slice()], |r| {
+                            Ok((r.get::<_, bool>(0)?, r.get::<_, Vec<u8>>(1)?))
+                        })
+                        .optional()?
+                        .map(|(deleted, heads)| {
+                            decode_heads(&heads).map(|heads| doc_digest(id, &heads, deleted))
+                        })
+                        .transpose()?
+                    } else {
+                        None
+                    };
                     let key: i64 = conn
                         .prepare_cached(
                             "INSERT INTO documents (doc_id, collection, deleted, heads, updated_seq, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -389,7 +424,12 @@ impl SqliteStore {
                         )?
                         .query_row(params![id.as_bytes().as_slice(), collection, deleted, encode_heads(heads), sql_int(*seq), body], |r| r.get(0))?;
                     keys.insert(*id, key);
-                    self.summaries.borrow_mut().invalidate(collection);
+                    self.summaries.borrow_mut().update(
+                        collection,
+                        id,
+                        old,
+                        doc_digest(id, heads, *deleted),
+                    );
                 }
                 StorageOp::InsertDocument {
                     id,
@@ -406,7 +446,12 @@ impl SqliteStore {
                         )?
                         .query_row(params![id.as_bytes().as_slice(), collection, encode_heads(heads), sql_int(*seq), body, snapshot], |r| r.get(0))?;
                     keys.insert(*id, key);
-                    self.summaries.borrow_mut().invalidate(collection);
+                    self.summaries.borrow_mut().update(
+                        collection,
+                        id,
+                        None,
+                        doc_digest(id, heads, false),
+                    );
                 }
                 StorageOp::ReplaceChunks { id, snapshot } => {
                     let key = key_of(&mut keys, id)?;
