@@ -611,3 +611,33 @@ async fn a_silent_client_is_pinged_then_closed_and_a_listening_one_is_kept() {
     assert_eq!(relay.metric("weft_protocol_errors_total").await, 0);
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_answers_keepalive_pings_and_stays_connected() {
+    let keepalive = Duration::from_millis(100);
+    let relay = Relay::start(|c| c.keepalive = keepalive).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replica = weft::Replica::open(dir.path().join("client.db")).unwrap();
+    let options = weft::net::ConnectOptions {
+        // The client's own keepalive stays out of the way: the relay's pings are under test.
+        keepalive: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let connection = replica.connect(&format!("ws://{}", relay.addr), options);
+    timeout(LIMIT, connection.wait_synced())
+        .await
+        .expect("sync timed out")
+        .expect("sync failed");
+    // Idle for ten keepalive periods: the relay pings, the client's pongs keep it open. (The
+    // passing of time is what is under test here, so this sleep is the test, not a wait.)
+    tokio::time::sleep(keepalive * 10).await;
+    assert_eq!(relay.metric("weft_connections").await, 1);
+    assert_eq!(
+        relay.metric("weft_connections_total").await,
+        1,
+        "never reconnected"
+    );
+    assert_eq!(connection.status(), weft::net::Status::Synced);
+    connection.close().await;
+    relay.stop().await;
+}

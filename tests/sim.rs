@@ -204,6 +204,55 @@ impl Sim {
         true
     }
 
+    /// Delivers every frame in flight to one random node (up to 3 per link, FIFO per link) in
+    /// one `peer_batch` step, as the network drivers do with frames that arrive together.
+    fn deliver_batch(&mut self) {
+        let (to, inputs, resumed) = {
+            let mut net = self.net.lock().unwrap();
+            let targets: Vec<usize> = net
+                .links
+                .iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(|((_, to), _)| *to)
+                .collect();
+            if targets.is_empty() {
+                return;
+            }
+            let to = targets[self.rng.random_range(0..targets.len())];
+            let links: Vec<(usize, usize)> = net
+                .links
+                .keys()
+                .filter(|(_, t)| *t == to)
+                .copied()
+                .collect();
+            let mut inputs = Vec::new();
+            let mut resumed = Vec::new();
+            for link in links {
+                let take = self.rng.random_range(1..=3);
+                let Some(queue) = net.links.get_mut(&link) else {
+                    continue;
+                };
+                for _ in 0..take {
+                    if let Some(message) = queue.pop_front() {
+                        inputs.push(weft::SessionInput::Message {
+                            peer: PeerId(link.0 as u64),
+                            message,
+                        });
+                    }
+                }
+                let left = queue.len();
+                if left <= 1 && net.paused.remove(&link) {
+                    resumed.push(link);
+                }
+            }
+            (to, inputs, resumed)
+        };
+        self.nodes[to].peer_batch(inputs);
+        for (from, to) in resumed {
+            self.nodes[from].peer_flow(PeerId(to as u64), false);
+        }
+    }
+
     fn tick_all(&mut self, ms: i64) {
         self.clock.fetch_add(ms, Ordering::SeqCst);
         for n in &self.nodes {
@@ -331,9 +380,10 @@ fn run(seed: u64) -> usize {
     for _ in 0..300 {
         match sim.rng.random_range(0..100) {
             0..=39 => sim.random_edit(),
-            40..=79 => {
+            40..=69 => {
                 sim.deliver_one();
             }
+            70..=79 => sim.deliver_batch(),
             80..=87 => {
                 let ms = sim.rng.random_range(1..40);
                 sim.tick_all(ms);

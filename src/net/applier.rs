@@ -12,10 +12,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{Replica, SessionInput};
 
-/// Inputs applied per step at most (bounds a step's duration).
+/// Inputs applied per step at most (bounds a step's duration)...
 const MAX_BATCH: usize = 256;
+/// ...and their frames' bytes: big frames (a client pushing its documents) go one per step,
+/// which keeps the relay's memory flat.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
 
-type Job = (SessionInput, oneshot::Sender<()>);
+/// An input, the size of the frame it came in, and who waits for it.
+type Job = (SessionInput, usize, oneshot::Sender<()>);
 
 /// Handle to the applier thread; it stops once every handle is dropped.
 pub(crate) struct Applier {
@@ -33,22 +37,24 @@ impl Applier {
     }
 
     /// Applies `input` (with whatever else is queued) and returns once it is committed and its
-    /// frames are queued. `Err` if the applier is gone.
-    pub(crate) async fn apply(&self, input: SessionInput) -> Result<(), ()> {
+    /// frames are queued. `bytes`: the size of the frame it came in (0 for session events).
+    /// `Err` if the applier is gone.
+    pub(crate) async fn apply(&self, input: SessionInput, bytes: usize) -> Result<(), ()> {
         let (done, applied) = oneshot::channel();
-        self.tx.send((input, done)).map_err(|_| ())?;
+        self.tx.send((input, bytes, done)).map_err(|_| ())?;
         applied.await.map_err(|_| ())
     }
 }
 
 fn run(replica: Replica, mut rx: mpsc::UnboundedReceiver<Job>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut inputs = vec![first.0];
-        let mut waiting = vec![first.1];
-        while inputs.len() < MAX_BATCH {
+    while let Some((input, mut bytes, done)) = rx.blocking_recv() {
+        let mut inputs = vec![input];
+        let mut waiting = vec![done];
+        while inputs.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok((input, done)) => {
+                Ok((input, size, done)) => {
                     inputs.push(input);
+                    bytes += size;
                     waiting.push(done);
                 }
                 Err(_) => break,

@@ -74,10 +74,11 @@ pub(crate) async fn session(
     let mut sync: Option<Session> = None;
     let hello_deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
     let keepalive_every = shared.config.keepalive;
-    let mut keepalive = tokio::time::interval_at(
-        tokio::time::Instant::now() + keepalive_every,
-        keepalive_every,
-    );
+    // Checked four times per period: a session is pinged at most 1.25 periods after it went
+    // quiet, well before the two periods after which it is closed.
+    let check = keepalive_every / 4;
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + check, check);
+    let mut last_ping = Instant::now();
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let outcome: Option<Close> = loop {
@@ -107,10 +108,11 @@ pub(crate) async fn session(
                         format!("no traffic for {} s", silent.as_secs()),
                     ));
                 }
-                if silent >= keepalive_every
-                    && ws.send(WsMessage::Ping(Bytes::new())).await.is_err()
-                {
-                    break None;
+                if silent >= keepalive_every && last_ping.elapsed() >= keepalive_every {
+                    last_ping = Instant::now();
+                    if ws.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                        break None;
+                    }
                 }
                 continue;
             }
@@ -154,9 +156,10 @@ pub(crate) async fn session(
                     "text frames are not supported; send binary weft frames",
                 ));
             }
-            // tungstenite answers pings and the peer's close by itself; the stream ends after.
+            // tungstenite answers pings (while reading) and the peer's close by itself.
             _ => continue,
         };
+        let frame_len = bytes.len();
         let frame = match protocol::decode(&bytes, shared.config.max_frame) {
             Ok(frame) => frame,
             Err(e) => break close_for_decode_error(&mut ws, shared, &phase, e).await,
@@ -207,7 +210,7 @@ pub(crate) async fn session(
                     scope: local_scope,
                     initiator: false,
                 };
-                if shared.applier.apply(connected).await.is_err() {
+                if shared.applier.apply(connected, 0).await.is_err() {
                     break Some(Close::new(CloseCode::Error, "relay is shutting down"));
                 }
                 sync = Some(session);
@@ -250,10 +253,13 @@ pub(crate) async fn session(
                 // sent meanwhile; awaited, so this session's frames are applied in order.
                 let applied = shared
                     .applier
-                    .apply(SessionInput::Message {
-                        peer: session.peer,
-                        message: other,
-                    })
+                    .apply(
+                        SessionInput::Message {
+                            peer: session.peer,
+                            message: other,
+                        },
+                        frame_len,
+                    )
                     .await;
                 shared.metrics.sync_latency.observe(arrived.elapsed());
                 if applied.is_err() {
@@ -280,7 +286,7 @@ pub(crate) async fn session(
         router.unregister(peer_id);
         let _ = shared
             .applier
-            .apply(SessionInput::Disconnected { peer: peer_id })
+            .apply(SessionInput::Disconnected { peer: peer_id }, 0)
             .await;
     }
     // Free the slot before the socket closes: a peer that saw the close may reconnect at once.
@@ -397,7 +403,7 @@ async fn send_queued(
             peer: session.peer,
             paused: false,
         };
-        let _ = shared.applier.apply(resumed).await;
+        let _ = shared.applier.apply(resumed, 0).await;
     }
     Ok(())
 }
