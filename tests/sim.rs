@@ -204,6 +204,20 @@ impl Sim {
         true
     }
 
+    /// Takes the next frame of the first of `links` that has one.
+    fn pop_first(
+        &self,
+        links: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Option<((usize, usize), Message)> {
+        let mut net = self.net.lock().unwrap();
+        links.into_iter().find_map(|l| {
+            net.links
+                .get_mut(&l)
+                .and_then(|q| q.pop_front())
+                .map(|m| (l, m))
+        })
+    }
+
     /// Delivers every frame in flight to one random node (up to 3 per link, FIFO per link) in
     /// one `peer_batch` step, as the network drivers do with frames that arrive together.
     fn deliver_batch(&mut self) {
@@ -467,15 +481,7 @@ fn a_paused_peer_gets_many_changes_coalesced_into_one_message() {
         last = sim.nodes[1].update(&id, json!({ "n": n })).unwrap();
         // Deliver node 1's frames to the relay and the relay's answers to node 1 only.
         loop {
-            let next = {
-                let mut net = sim.net.lock().unwrap();
-                [(1, RELAY), (RELAY, 1)].into_iter().find_map(|l| {
-                    net.links
-                        .get_mut(&l)
-                        .and_then(|q| q.pop_front())
-                        .map(|m| (l, m))
-                })
-            };
+            let next = sim.pop_first([(1, RELAY), (RELAY, 1)]);
             let Some(((from, to), message)) = next else {
                 break;
             };
@@ -534,20 +540,8 @@ fn reconnect_with_nothing_changed_is_two_small_frames() {
     sim.connect(1);
     let mut sizes = Vec::new();
     loop {
-        let next = {
-            let mut net = sim.net.lock().unwrap();
-            let link = net
-                .links
-                .iter()
-                .find(|(_, q)| !q.is_empty())
-                .map(|(k, _)| *k);
-            link.and_then(|l| {
-                net.links
-                    .get_mut(&l)
-                    .and_then(|q| q.pop_front())
-                    .map(|m| (l, m))
-            })
-        };
+        let links: Vec<(usize, usize)> = sim.net.lock().unwrap().links.keys().copied().collect();
+        let next = sim.pop_first(links);
         let Some(((from, to), message)) = next else {
             break;
         };

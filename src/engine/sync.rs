@@ -754,21 +754,9 @@ impl Engine {
                         }
                     }
                     Touched::Absent => {
-                        doc.set_actor(self.actor.clone());
-                        let heads = doc.get_heads();
-                        let body = crate::json::materialize(&doc, None).to_string();
-                        self.insert_new(
-                            now,
-                            id,
-                            collection,
-                            heads.clone(),
-                            body,
-                            bytes,
-                            origin,
-                            fx,
-                        );
-                        self.ack(peer, id, &heads);
+                        self.insert_received(now, peer, origin, id, collection, &doc, bytes, fx)
                     }
+                    // A tombstone is final: content for a deleted id is answered with it.
                     Touched::Deleted => self.push(
                         peer,
                         SyncItem {
@@ -777,12 +765,7 @@ impl Engine {
                             payload: Payload::Tombstone,
                         },
                     ),
-                    Touched::Broken(reason) => self.peer_error(
-                        peer,
-                        ErrorCode::Internal,
-                        format!("document is unreadable here: {reason}"),
-                        Some(id),
-                    ),
+                    Touched::Broken(reason) => self.unreadable(peer, id, &reason),
                 }
             }
             Payload::Sync(bytes) => {
@@ -831,23 +814,14 @@ impl Engine {
                                 Some(id),
                             );
                         }
-                        let heads = doc.get_heads();
-                        if !heads.is_empty() {
-                            let body = crate::json::materialize(&doc, None).to_string();
+                        if !doc.get_heads().is_empty() {
                             let snapshot = doc.save();
-                            self.insert_new(
-                                now,
-                                id,
-                                collection,
-                                heads.clone(),
-                                body,
-                                snapshot,
-                                origin,
-                                fx,
+                            self.insert_received(
+                                now, peer, origin, id, collection, &doc, snapshot, fx,
                             );
-                            self.ack(peer, id, &heads);
                         }
                     }
+                    // A tombstone is final: content for a deleted id is answered with it.
                     Touched::Deleted => self.push(
                         peer,
                         SyncItem {
@@ -856,15 +830,39 @@ impl Engine {
                             payload: Payload::Tombstone,
                         },
                     ),
-                    Touched::Broken(reason) => self.peer_error(
-                        peer,
-                        ErrorCode::Internal,
-                        format!("document is unreadable here: {reason}"),
-                        Some(id),
-                    ),
+                    Touched::Broken(reason) => self.unreadable(peer, id, &reason),
                 }
             }
         }
+    }
+
+    /// A document new here, received from `peer`: stored as `bytes` (its saved form) and
+    /// acknowledged.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_received(
+        &mut self,
+        now: i64,
+        peer: PeerId,
+        origin: Origin,
+        id: DocumentId,
+        collection: String,
+        doc: &Automerge,
+        bytes: Vec<u8>,
+        fx: &mut Effects,
+    ) {
+        let heads = doc.get_heads();
+        let body = crate::json::materialize(doc, None).to_string();
+        self.insert_new(now, id, collection, heads.clone(), body, bytes, origin, fx);
+        self.ack(peer, id, &heads);
+    }
+
+    fn unreadable(&mut self, peer: PeerId, id: DocumentId, reason: &str) {
+        self.peer_error(
+            peer,
+            ErrorCode::Internal,
+            format!("document is unreadable here: {reason}"),
+            Some(id),
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
