@@ -973,7 +973,7 @@ impl Engine {
                 let what = match kind {
                     super::ChangeKind::Deleted if !from_this_peer => Held::Tombstone,
                     super::ChangeKind::Created if !from_this_peer => Held::Whole,
-                    super::ChangeKind::Updated => Held::Changes,
+                    super::ChangeKind::Updated if !from_this_peer => Held::Changes,
                     _ => continue,
                 };
                 // The stronger need wins: a tombstone over anything, whole over changes.

@@ -210,10 +210,11 @@ pub(crate) async fn session(
                     scope: local_scope,
                     initiator: false,
                 };
+                // Set first, so that the session is unregistered however this ends.
+                sync = Some(session);
                 if shared.applier.apply(connected, 0).await.is_err() {
                     break Some(Close::new(CloseCode::Error, "relay is shutting down"));
                 }
-                sync = Some(session);
             }
             (Phase::AwaitingHello, other) => {
                 break Some(Close::new(
