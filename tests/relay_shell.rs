@@ -641,3 +641,71 @@ async fn an_idle_client_answers_keepalive_pings_and_stays_connected() {
     connection.close().await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_while_others_keep_syncing() {
+    let relay = Relay::start(|c| c.send_timeout = Duration::from_secs(1)).await;
+    // A session that reconciles (empty catalog: in sync) and then never reads again.
+    let mut stuck = relay.session().await;
+    send(
+        &mut stuck,
+        &Message::Summary {
+            count: 0,
+            buckets: vec![0; 256],
+        },
+    )
+    .await;
+    // A writer pushes far more than the kernel's socket buffers hold: every document is fanned
+    // out to the stuck session (in its scope), which cannot take it.
+    let dir = tempfile::tempdir().unwrap();
+    let writer = weft::Replica::open(dir.path().join("writer.db")).unwrap();
+    let connection = writer.connect(
+        &format!("ws://{}", relay.addr),
+        weft::net::ConnectOptions::default(),
+    );
+    // Incompressible (Automerge deflates long values): ~400 KB stored per document.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for i in 0..60 {
+        let blob: String = (0..512 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(alphabet[(x % 64) as usize])
+            })
+            .collect();
+        writer
+            .create("todos", serde_json::json!({ "i": i, "blob": blob }))
+            .unwrap();
+    }
+    timeout(LIMIT, connection.wait_synced())
+        .await
+        .expect("the writer did not get in sync")
+        .expect("sync failed");
+    // The stuck session is closed once a write to it has waited for send_timeout; the writer's
+    // session goes on.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while relay.metric("weft_connections").await > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck session was never cut off: {} bytes out, {} stored",
+            relay.metric("weft_bytes_out_total").await,
+            relay.metric("weft_documents_stored").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(relay.metric("weft_documents_stored").await, 60);
+    assert_eq!(relay.metric("weft_protocol_errors_total").await, 1);
+    writer
+        .create("todos", serde_json::json!({"after": true}))
+        .unwrap();
+    timeout(LIMIT, connection.wait_synced())
+        .await
+        .expect("the writer stopped syncing")
+        .expect("sync failed");
+    assert_eq!(relay.metric("weft_documents_stored").await, 61);
+    connection.close().await;
+    drop(stuck);
+    relay.stop().await;
+}

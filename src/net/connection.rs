@@ -75,8 +75,9 @@ pub(crate) async fn session(
     let hello_deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
     let keepalive_every = shared.config.keepalive;
     // Checked four times per period: a session is pinged at most 1.25 periods after it went
-    // quiet, well before the two periods after which it is closed.
-    let check = keepalive_every / 4;
+    // quiet, well before the two periods after which it is closed. (And often enough to notice
+    // a client paused for longer than the send timeout.)
+    let check = (keepalive_every / 4).min(shared.config.send_timeout / 4);
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + check, check);
     let mut last_ping = Instant::now();
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -101,6 +102,18 @@ pub(crate) async fn session(
                 break Some(Close::new(CloseCode::Away, "relay shutting down"));
             }
             _ = keepalive.tick() => {
+                // A client that has not read its queue down for the send timeout: its frames
+                // fit the socket buffers, so no single write timed out, but it is not reading.
+                if let Some(paused) = sync
+                    .as_ref()
+                    .and_then(|s| s.flow.paused_for())
+                    .filter(|p| *p >= shared.config.send_timeout)
+                {
+                    break Some(Close::new(
+                        CloseCode::Policy,
+                        format!("the client did not read for {} s", paused.as_secs()),
+                    ));
+                }
                 let silent = last_heard.elapsed();
                 if silent >= keepalive_every * 2 {
                     break Some(Close::new(

@@ -52,6 +52,8 @@ pub(crate) struct Flow(Mutex<FlowState>);
 struct FlowState {
     queued: usize,
     paused: bool,
+    /// When the current pause began.
+    paused_at: Option<std::time::Instant>,
 }
 
 impl Flow {
@@ -68,8 +70,14 @@ impl Flow {
         let resume = s.paused && s.queued <= LOW_WATER;
         if resume {
             s.paused = false;
+            s.paused_at = None;
         }
         resume
+    }
+
+    /// How long the session has been paused (its peer reading slower than we write), if it is.
+    pub(crate) fn paused_for(&self) -> Option<std::time::Duration> {
+        self.state().paused_at.map(|t| t.elapsed())
     }
 
     /// Counts `len` bytes queued (before the frame is handed to the channel, so `written`
@@ -80,6 +88,7 @@ impl Flow {
         let pause = !s.paused && s.queued > HIGH_WATER;
         if pause {
             s.paused = true;
+            s.paused_at = Some(std::time::Instant::now());
         }
         pause
     }
