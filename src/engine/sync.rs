@@ -303,14 +303,7 @@ impl Engine {
         tracing::debug!(?peer, documents = held.len(), "peer resumed");
         for (id, (what, collection)) in held {
             match what {
-                Held::Tombstone => self.push(
-                    peer,
-                    SyncItem {
-                        id,
-                        collection,
-                        payload: Payload::Tombstone,
-                    },
-                ),
+                Held::Tombstone => self.push_tombstone(peer, id, collection),
                 Held::Whole if !self.docs.contains_key(&id) => fx.whole_reads.push((peer, id)),
                 Held::Whole => self
                     .queue
@@ -575,30 +568,35 @@ impl Engine {
             }
             PeerWork::SendSync(id) => {
                 // touch() loads a saved document.
-                if !matches!(self.touch(&id), Touched::Live(_)) {
-                    return;
-                }
-                let Some(p) = self.peers.get_mut(&peer) else {
-                    return;
-                };
-                let Some(super::Entry {
-                    state: DocState::Live(live),
-                    ..
-                }) = self.docs.get_mut(&id)
-                else {
-                    return;
-                };
-                let state = p.states.entry(id).or_default();
-                if let Some(msg) = live.doc.generate_sync_message(state) {
-                    p.busy = true;
-                    p.outbox.push(SyncItem {
-                        id,
-                        collection: live.collection.clone(),
-                        payload: Payload::Sync(msg.encode()),
-                    });
+                if matches!(self.touch(&id), Touched::Live(_)) {
+                    self.send_sync(peer, id);
                 }
             }
             PeerWork::Receive(item) => self.receive(now, peer, origin, item, fx),
+        }
+    }
+
+    /// Queues the session's next Automerge sync message for a loaded document, if there is
+    /// anything to say.
+    fn send_sync(&mut self, peer: PeerId, id: DocumentId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(super::Entry {
+            state: DocState::Live(live),
+            ..
+        }) = self.docs.get_mut(&id)
+        else {
+            return;
+        };
+        let state = p.states.entry(id).or_default();
+        if let Some(msg) = live.doc.generate_sync_message(state) {
+            p.busy = true;
+            p.outbox.push(SyncItem {
+                id,
+                collection: live.collection.clone(),
+                payload: Payload::Sync(msg.encode()),
+            });
         }
     }
 
@@ -610,14 +608,7 @@ impl Engine {
         result: Result<Option<super::StoredDoc>, String>,
     ) {
         match result {
-            Ok(Some(stored)) if stored.deleted => self.push(
-                peer,
-                SyncItem {
-                    id,
-                    collection: stored.collection,
-                    payload: Payload::Tombstone,
-                },
-            ),
+            Ok(Some(stored)) if stored.deleted => self.push_tombstone(peer, id, stored.collection),
             Ok(Some(stored)) => {
                 let bytes = stored.chunks.into_iter().flat_map(|c| c.bytes).collect();
                 self.push(
@@ -656,6 +647,17 @@ impl Engine {
             Touched::Live(live) => Some((live.collection.clone(), live.doc.save())),
             _ => None,
         }
+    }
+
+    fn push_tombstone(&mut self, peer: PeerId, id: DocumentId, collection: String) {
+        self.push(
+            peer,
+            SyncItem {
+                id,
+                collection,
+                payload: Payload::Tombstone,
+            },
+        );
     }
 
     fn push(&mut self, peer: PeerId, item: SyncItem) {
@@ -709,14 +711,7 @@ impl Engine {
                 ),
                 None => {
                     if let Touched::Deleted = self.touch(&id) {
-                        self.push(
-                            peer,
-                            SyncItem {
-                                id,
-                                collection,
-                                payload: Payload::Tombstone,
-                            },
-                        );
+                        self.push_tombstone(peer, id, collection);
                     }
                 }
             },
@@ -764,14 +759,7 @@ impl Engine {
                         self.insert_received(now, peer, origin, id, collection, &doc, bytes, fx)
                     }
                     // A tombstone is final: content for a deleted id is answered with it.
-                    Touched::Deleted => self.push(
-                        peer,
-                        SyncItem {
-                            id,
-                            collection,
-                            payload: Payload::Tombstone,
-                        },
-                    ),
+                    Touched::Deleted => self.push_tombstone(peer, id, collection),
                     Touched::Broken(reason) => self.unreadable(peer, id, &reason),
                 }
             }
@@ -829,14 +817,7 @@ impl Engine {
                         }
                     }
                     // A tombstone is final: content for a deleted id is answered with it.
-                    Touched::Deleted => self.push(
-                        peer,
-                        SyncItem {
-                            id,
-                            collection,
-                            payload: Payload::Tombstone,
-                        },
-                    ),
+                    Touched::Deleted => self.push_tombstone(peer, id, collection),
                     Touched::Broken(reason) => self.unreadable(peer, id, &reason),
                 }
             }
@@ -985,14 +966,9 @@ impl Engine {
                 continue;
             }
             match kind {
-                super::ChangeKind::Deleted if !from_this_peer => self.push(
-                    peer,
-                    SyncItem {
-                        id,
-                        collection: collection.to_owned(),
-                        payload: Payload::Tombstone,
-                    },
-                ),
+                super::ChangeKind::Deleted if !from_this_peer => {
+                    self.push_tombstone(peer, id, collection.to_owned())
+                }
                 super::ChangeKind::Created if !from_this_peer => {
                     if let Some((collection, bytes)) = self.whole(id) {
                         self.push(
@@ -1018,22 +994,7 @@ impl Engine {
                             .push_back(Work::Peer(peer, PeerWork::SendSync(id)));
                         continue;
                     }
-                    let Some(super::Entry {
-                        state: DocState::Live(live),
-                        ..
-                    }) = self.docs.get_mut(&id)
-                    else {
-                        continue;
-                    };
-                    let state = p.states.entry(id).or_default();
-                    if let Some(msg) = live.doc.generate_sync_message(state) {
-                        p.busy = true;
-                        p.outbox.push(SyncItem {
-                            id,
-                            collection: collection.to_owned(),
-                            payload: Payload::Sync(msg.encode()),
-                        });
-                    }
+                    self.send_sync(peer, id);
                 }
                 _ => {}
             }

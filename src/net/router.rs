@@ -51,8 +51,7 @@ pub(crate) struct Flow(Mutex<FlowState>);
 #[derive(Debug, Default)]
 struct FlowState {
     queued: usize,
-    paused: bool,
-    /// When the current pause began.
+    /// When the current pause began; `None` while not paused.
     paused_at: Option<std::time::Instant>,
 }
 
@@ -67,9 +66,8 @@ impl Flow {
     pub(crate) fn written(&self, len: usize) -> bool {
         let mut s = self.state();
         s.queued = s.queued.saturating_sub(len);
-        let resume = s.paused && s.queued <= LOW_WATER;
+        let resume = s.paused_at.is_some() && s.queued <= LOW_WATER;
         if resume {
-            s.paused = false;
             s.paused_at = None;
         }
         resume
@@ -85,9 +83,8 @@ impl Flow {
     fn queue(&self, len: usize) -> bool {
         let mut s = self.state();
         s.queued += len;
-        let pause = !s.paused && s.queued > HIGH_WATER;
+        let pause = s.paused_at.is_none() && s.queued > HIGH_WATER;
         if pause {
-            s.paused = true;
             s.paused_at = Some(std::time::Instant::now());
         }
         pause
