@@ -128,6 +128,7 @@ impl Replica {
     /// runtime.
     pub fn connect(&self, url: &str, options: ConnectOptions) -> Connection {
         let (status_tx, status_rx) = watch::channel(Status::Connecting);
+        let status_tx = std::sync::Arc::new(status_tx);
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(
             self.clone(),
@@ -158,14 +159,14 @@ async fn run(
     replica: Replica,
     url: String,
     options: ConnectOptions,
-    status: watch::Sender<Status>,
+    status: std::sync::Arc<watch::Sender<Status>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = options.initial_backoff;
     let mut attempt: u64 = 0;
     loop {
         let _ = status.send(Status::Connecting);
-        match session(&replica, &url, &options, &status, &mut stop).await {
+        match session(&replica, &url, &options, status.clone(), &mut stop).await {
             Ended::Stopped => return,
             Ended::Rejected(reason) => {
                 tracing::error!(%url, %reason, "relay rejected the session");
@@ -201,7 +202,7 @@ async fn session(
     replica: &Replica,
     url: &str,
     options: &ConnectOptions,
-    status: &watch::Sender<Status>,
+    status: std::sync::Arc<watch::Sender<Status>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
     // A small read buffer: tungstenite zero-fills the free part of it before every read.
@@ -279,7 +280,10 @@ async fn session(
         WireScope::Collections(c) => Scope::Collections(c),
     };
     let router = Router::of(replica);
-    let mut session = router.register();
+    // The router moves the status between Connected and Synced itself, under the replica's
+    // lock and in commit order: a write made after `wait_synced` saw Synced has already
+    // turned it back to Connected when the write returns.
+    let mut session = router.register(Some(status.clone()));
     let peer = session.peer;
     let _ = status.send(Status::Connected);
     tracing::info!(%url, %remote, ?peer, "connected");
@@ -295,10 +299,6 @@ async fn session(
         tokio::select! {
             out = session.rx.recv() => match out {
                 Some(Outbound::Frame(frame)) => {
-                    // Changes on their way out: not in sync until the relay confirms again.
-                    if frame.sync && *status.borrow() == Status::Synced {
-                        let _ = status.send(Status::Connected);
-                    }
                     let len = frame.bytes.len();
                     if let Err(e) = sink.send(WsMessage::Binary(frame.bytes)).await {
                         break Ended::Lost(format!("sending: {e}"));
@@ -307,9 +307,7 @@ async fn session(
                         blocking(replica, move |r| r.peer_flow(peer, false)).await;
                     }
                 }
-                Some(Outbound::Event(PeerEvent::InSync)) => {
-                    let _ = status.send(Status::Synced);
-                }
+                Some(Outbound::Event(PeerEvent::InSync)) => {}
                 Some(Outbound::Event(PeerEvent::Error { code, message, doc })) => {
                     tracing::warn!(?code, %message, ?doc, "relay reported an error");
                 }

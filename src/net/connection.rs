@@ -211,7 +211,7 @@ pub(crate) async fn session(
                     break None;
                 }
                 phase = Phase::Ready;
-                let session = router.register();
+                let session = router.register(None);
                 let peer_id = session.peer;
                 let local_scope = match welcome_scope(&welcome) {
                     WireScope::All => Scope::All,

@@ -15,9 +15,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Bytes;
 
+use super::client::Status;
 use crate::Replica;
 use crate::engine::{PeerEvent, PeerId};
 use crate::protocol::{self, Message};
@@ -101,6 +102,8 @@ pub(crate) struct Session {
 struct Slot {
     tx: mpsc::UnboundedSender<Outbound>,
     flow: Arc<Flow>,
+    /// A client session's status, kept here so that it follows commits in order.
+    status: Option<Arc<watch::Sender<Status>>>,
 }
 
 /// One per replica; see the module docs.
@@ -124,8 +127,10 @@ impl Router {
         })
     }
 
-    /// A new session.
-    pub(crate) fn register(&self) -> Session {
+    /// A new session; a client passes its status, which the router then keeps: `Connected`
+    /// as soon as a step sends changes, `Synced` when the relay confirmed (and that step sent
+    /// none).
+    pub(crate) fn register(&self, status: Option<Arc<watch::Sender<Status>>>) -> Session {
         let peer = PeerId(self.next.fetch_add(1, Ordering::Relaxed) + 1);
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = Arc::new(Flow::default());
@@ -134,6 +139,7 @@ impl Router {
             Slot {
                 tx,
                 flow: flow.clone(),
+                status,
             },
         );
         Session { peer, rx, flow }
@@ -156,12 +162,18 @@ impl Router {
     ) -> Vec<PeerId> {
         let peers = self.lock();
         let mut paused = Vec::new();
+        let mut sending = Vec::new();
         for (peer, message) in frames {
             if let Some(slot) = peers.get(&peer) {
                 let frame = Frame {
                     sync: matches!(message, Message::Sync { .. }),
                     bytes: Bytes::from(protocol::encode(&message)),
                 };
+                if frame.sync {
+                    // Changes on their way out: not in sync until the relay confirms again.
+                    sending.push(peer);
+                    set_status(slot, Status::Connected);
+                }
                 if slot.flow.queue(frame.bytes.len()) {
                     tracing::debug!(?peer, "outgoing queue over the high-water mark");
                     paused.push(peer);
@@ -172,11 +184,27 @@ impl Router {
         }
         for (peer, event) in events {
             if let Some(slot) = peers.get(&peer) {
+                if event == PeerEvent::InSync && !sending.contains(&peer) {
+                    set_status(slot, Status::Synced);
+                }
                 let _ = slot.tx.send(Outbound::Event(event));
             }
         }
         paused.dedup();
         paused
+    }
+}
+
+/// Moves a client session between `Connected` and `Synced` (never out of another state).
+fn set_status(slot: &Slot, to: Status) {
+    if let Some(status) = &slot.status {
+        status.send_if_modified(|s| {
+            let change = matches!(s, Status::Connected | Status::Synced) && *s != to;
+            if change {
+                *s = to;
+            }
+            change
+        });
     }
 }
 
