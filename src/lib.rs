@@ -65,5 +65,5 @@ pub use query::{CmpOp, FieldPath, Filter, Query};
 pub use replica::{
     Clock, CompactReport, Document, Durability, Replica, ReplicaOptions, SessionInput,
 };
-pub use scope::Scope;
+pub use scope::{Access, Scope};
 pub use store::StoreError;

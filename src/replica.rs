@@ -23,7 +23,7 @@ use crate::id::{DocumentId, ReplicaId};
 use crate::json::{self, Path as DocPath};
 use crate::protocol::Message;
 use crate::query::Query;
-use crate::scope::Scope;
+use crate::scope::{Access, Scope};
 use crate::store::sqlite::{SqliteStore, StoreOptions};
 use crate::store::{DocRecord, StoreError};
 
@@ -36,7 +36,7 @@ pub enum SessionInput {
     Connected {
         peer: PeerId,
         remote: ReplicaId,
-        scope: Scope,
+        access: Access,
         initiator: bool,
     },
     Message {
@@ -442,12 +442,12 @@ impl Replica {
                 SessionInput::Connected {
                     peer,
                     remote,
-                    scope,
+                    access,
                     initiator,
                 } => Input::PeerConnected {
                     peer,
                     remote,
-                    scope,
+                    access,
                     initiator,
                 },
                 SessionInput::Message { peer, message } => Input::PeerMessage { peer, message },
@@ -460,11 +460,19 @@ impl Replica {
     }
 
     /// A session with `remote` is established (after the handshake).
-    pub fn peer_connected(&self, peer: PeerId, remote: ReplicaId, scope: Scope, initiator: bool) {
+    /// `access` says what the peer may read and write (a [`Scope`] converts into full access
+    /// to it).
+    pub fn peer_connected(
+        &self,
+        peer: PeerId,
+        remote: ReplicaId,
+        access: impl Into<Access>,
+        initiator: bool,
+    ) {
         self.peer_input(Input::PeerConnected {
             peer,
             remote,
-            scope,
+            access: access.into(),
             initiator,
         });
     }

@@ -26,3 +26,32 @@ impl Scope {
         }
     }
 }
+
+/// What a replication session may do: the collections it reads and the ones it writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// The collections the peer sees: their catalog, documents and live changes.
+    pub read: Scope,
+    /// The collections the peer may change: send changes, create and delete documents. Only
+    /// collections that are also readable count (the session sees nothing else).
+    pub write: Scope,
+    /// How many documents the peer may create per minute; `None`: no limit.
+    pub creates_per_minute: Option<u32>,
+}
+
+impl Access {
+    /// Read and write `scope`, no create limit (replicas syncing with a relay they trust).
+    pub fn full(scope: Scope) -> Self {
+        Access {
+            read: scope.clone(),
+            write: scope,
+            creates_per_minute: None,
+        }
+    }
+}
+
+impl From<Scope> for Access {
+    fn from(scope: Scope) -> Self {
+        Access::full(scope)
+    }
+}

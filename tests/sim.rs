@@ -2,6 +2,8 @@
 //! simulated network (FIFO per connection, random interleaving across connections, random
 //! disconnects and reconnects, replica restarts), a simulated clock, random CRUD. At the end every
 //! replica holds the same version of every document, and no acknowledged write is lost.
+//! In half the seeds one replica may not write the "notes" collection: its writes there are
+//! refused and never reach the relay, while everything else still converges.
 //!
 //! `WEFT_SEED=N cargo test --test sim` replays one seed; `WEFT_SIM_SEEDS=N` runs N fresh seeds.
 
@@ -14,7 +16,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::json;
 use weft::engine::{PeerEvent, PeerId};
 use weft::protocol::Message;
-use weft::{ChangeHash, Clock, DocumentId, Replica, ReplicaOptions, Scope};
+use weft::{Access, ChangeHash, Clock, DocumentId, Replica, ReplicaOptions, Scope};
 
 const RELAY: usize = 0;
 
@@ -44,7 +46,15 @@ struct Sim {
     /// Every acknowledged write: (document, heads right after it).
     acked: Vec<(DocumentId, Vec<ChangeHash>)>,
     known: Vec<DocumentId>,
+    /// The collection of each known document.
+    collections: BTreeMap<DocumentId, &'static str>,
     restarts: u64,
+    /// A client the relay lets write only "todos".
+    restricted: Option<usize>,
+    /// The restricted client's refused writes: (document, heads right after the write), and
+    /// the documents it created where it may not.
+    forbidden: Vec<(DocumentId, Vec<ChangeHash>)>,
+    forbidden_creates: Vec<DocumentId>,
 }
 
 impl Sim {
@@ -62,7 +72,11 @@ impl Sim {
             seed,
             acked: Vec::new(),
             known: Vec::new(),
+            collections: BTreeMap::new(),
             restarts: 0,
+            restricted: None,
+            forbidden: Vec::new(),
+            forbidden_creates: Vec::new(),
         };
         for n in 0..=clients {
             let r = sim.open(n);
@@ -119,7 +133,16 @@ impl Sim {
         self.connected[client] = true;
         let relay_id = self.nodes[RELAY].replica_id();
         let client_id = self.nodes[client].replica_id();
-        self.nodes[RELAY].peer_connected(PeerId(client as u64), client_id, Scope::All, false);
+        let access = if self.restricted == Some(client) {
+            Access {
+                read: Scope::All,
+                write: Scope::collection("todos"),
+                creates_per_minute: None,
+            }
+        } else {
+            Access::full(Scope::All)
+        };
+        self.nodes[RELAY].peer_connected(PeerId(client as u64), client_id, access, false);
         self.nodes[client].peer_connected(PeerId(RELAY as u64), relay_id, Scope::All, true);
     }
 
@@ -290,11 +313,17 @@ impl Sim {
                     json!({"n": self.rng.random_range(0..100), "by": node}),
                 )
                 .unwrap();
+            if self.restricted == Some(node) && collection == "notes" {
+                self.forbidden_creates.push(id);
+                return;
+            }
             self.known.push(id);
+            self.collections.insert(id, collection);
             self.acked.push((id, r.get(&id).unwrap().heads));
             return;
         }
         let id = self.known[self.rng.random_range(0..self.known.len())];
+        let refused = self.restricted == Some(node) && self.collections[&id] == "notes";
         let result = if roll < 9 {
             let key = format!("k{}", self.rng.random_range(0..4));
             r.update(&id, json!({ key: self.rng.random_range(0..1000) }))
@@ -302,6 +331,7 @@ impl Sim {
             r.delete(&id).map(|()| Vec::new())
         };
         match result {
+            Ok(heads) if !heads.is_empty() && refused => self.forbidden.push((id, heads)),
             Ok(heads) if !heads.is_empty() => self.acked.push((id, heads)),
             Ok(_) => {}
             Err(weft::Error::NotFound(_)) | Err(weft::Error::Deleted(_)) => {} // not here yet, or gone
@@ -342,6 +372,17 @@ impl Sim {
         let relay = &self.nodes[RELAY];
         let want = relay.catalog_summary(&Scope::All).unwrap();
         for (n, r) in self.nodes.iter().enumerate() {
+            if self.restricted == Some(n) {
+                // Its refused writes stay with it; what it may write converges.
+                let todos = Scope::collection("todos");
+                assert_eq!(
+                    r.catalog_summary(&todos).unwrap(),
+                    relay.catalog_summary(&todos).unwrap(),
+                    "seed {}: restricted node {n} differs from the relay in todos",
+                    self.seed
+                );
+                continue;
+            }
             assert_eq!(
                 r.catalog_summary(&Scope::All).unwrap(),
                 want,
@@ -364,6 +405,21 @@ impl Sim {
                 }
             }
         }
+        // No refused write reached the relay.
+        for (id, heads) in &self.forbidden {
+            assert!(
+                relay.get_at(id, heads).is_err(),
+                "seed {}: a refused write to {id} is on the relay",
+                self.seed
+            );
+        }
+        for id in &self.forbidden_creates {
+            assert!(
+                matches!(relay.get(id), Err(weft::Error::NotFound(_))),
+                "seed {}: a refused create {id} is on the relay",
+                self.seed
+            );
+        }
         // No acknowledged write is lost: its heads are in the final history (unless deleted).
         for (id, heads) in &self.acked {
             if let Ok(doc) = relay.get(id) {
@@ -383,9 +439,13 @@ fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
     heads
 }
 
-/// Runs one seed; returns how many times flow control paused a session.
-fn run(seed: u64) -> usize {
+/// Runs one seed; returns how many times flow control paused a session, and how many writes
+/// were refused.
+fn run(seed: u64) -> (usize, usize) {
     let mut sim = Sim::new(seed, 5);
+    if seed % 2 == 1 {
+        sim.restricted = Some(5);
+    }
     for client in 1..sim.nodes.len() {
         if sim.rng.random_range(0..3) > 0 {
             sim.connect(client);
@@ -418,7 +478,8 @@ fn run(seed: u64) -> usize {
     }
     sim.settle();
     sim.assert_converged();
-    sim.net.lock().map(|net| net.pauses).unwrap()
+    let refused = sim.forbidden.len() + sim.forbidden_creates.len();
+    (sim.net.lock().map(|net| net.pauses).unwrap(), refused)
 }
 
 fn seeds() -> Vec<u64> {
@@ -441,11 +502,14 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn random_sessions_converge() {
     let seeds = seeds();
-    let mut pauses = 0;
+    let (mut pauses, mut refused) = (0, 0);
     for &seed in &seeds {
         eprintln!("seed = {seed}");
         match std::panic::catch_unwind(|| run(seed)) {
-            Ok(p) => pauses += p,
+            Ok((p, r)) => {
+                pauses += p;
+                refused += r;
+            }
             Err(panic) => {
                 eprintln!(
                     "FAILED seed = {seed}; replay with WEFT_SEED={seed} cargo test --test sim"
@@ -454,9 +518,13 @@ fn random_sessions_converge() {
             }
         }
     }
-    eprintln!("{} seeds, {pauses} flow-control pauses", seeds.len());
+    eprintln!(
+        "{} seeds, {pauses} flow-control pauses, {refused} refused writes",
+        seeds.len()
+    );
     if seeds.len() >= 50 {
         assert!(pauses > 0, "the seeds never exercised flow control");
+        assert!(refused > 0, "the seeds never exercised a refused write");
     }
 }
 

@@ -46,7 +46,7 @@ use crate::error::Error;
 use crate::id::{DocumentId, ReplicaId};
 use crate::json;
 use crate::protocol::Message;
-use crate::scope::Scope;
+use crate::scope::Access;
 
 /// How an engine starts.
 #[derive(Clone, Debug)]
@@ -106,7 +106,7 @@ pub enum Input {
     PeerConnected {
         peer: PeerId,
         remote: ReplicaId,
-        scope: Scope,
+        access: Access,
         initiator: bool,
     },
     /// A decoded message from a peer (session messages: Summary, Entries, Sync, Persisted, Error).
@@ -252,9 +252,9 @@ impl Engine {
             Input::PeerConnected {
                 peer,
                 remote,
-                scope,
+                access,
                 initiator,
-            } => self.peer_connected(now, peer, remote, scope, initiator, &mut fx),
+            } => self.peer_connected(now, peer, remote, access, initiator, &mut fx),
             Input::PeerMessage { peer, message } => self.peer_message(now, peer, message, &mut fx),
             Input::PeerDisconnected { peer } => self.peer_disconnected(peer, &mut fx),
             Input::SyncState { peer, id, result } => self.state_loaded(peer, id, result),

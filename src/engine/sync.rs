@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use super::doc::DocState;
 use super::{Effects, Engine, Origin, Touched, Work, validate_collection};
@@ -30,7 +30,7 @@ use crate::id::{DocumentId, ReplicaId};
 use crate::protocol::{
     CatalogEntry, CatalogSummary, ErrorCode, Message, Payload, SyncItem, TARGET_FRAME_BYTES,
 };
-use crate::scope::Scope;
+use crate::scope::{Access, Scope};
 
 /// How long an initiator waits after the last sync traffic before checking again that both
 /// sides are in sync.
@@ -115,7 +115,17 @@ impl PeerWork {
 /// One session.
 pub(crate) struct Peer {
     remote: ReplicaId,
+    /// The collections the peer reads.
     scope: Scope,
+    /// The collections the peer may write (checked only where it is also readable).
+    write: Scope,
+    /// Documents the peer may still create in the current minute (see [`CreateBudget`]).
+    creates: Option<CreateBudget>,
+    /// Initiator: documents the peer refused (a write it forbids, a create over its limit), and
+    /// until when to leave them out of reconciliation (`i64::MAX`: this session).
+    rejected: HashMap<DocumentId, i64>,
+    /// Initiator: when the first rate-limited document may be offered again.
+    retry_at: Option<i64>,
     initiator: bool,
     /// Automerge sync state per document, loaded from storage on first use in the session.
     states: HashMap<DocumentId, sync::State>,
@@ -143,6 +153,33 @@ pub(crate) struct Peer {
     held: BTreeMap<DocumentId, (Held, String)>,
 }
 
+/// A per-minute budget of documents a peer may create.
+struct CreateBudget {
+    per_minute: u32,
+    window_start: i64,
+    used: u32,
+}
+
+impl CreateBudget {
+    /// Takes one create from the budget; false when the minute's budget is spent.
+    fn take(&mut self, now: i64) -> bool {
+        if now - self.window_start >= 60_000 {
+            self.window_start = now;
+            self.used = 0;
+        }
+        if self.used < self.per_minute {
+            self.used += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// How long an initiator leaves out a document the peer refused to create because of its
+/// create limit, before offering it again.
+const RATE_LIMITED_RETRY_MS: i64 = 60_000;
+
 /// What a paused peer is owed for one document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Held {
@@ -160,7 +197,7 @@ impl Engine {
         now: i64,
         peer: PeerId,
         remote: ReplicaId,
-        scope: Scope,
+        access: Access,
         initiator: bool,
         fx: &mut Effects,
     ) {
@@ -168,7 +205,15 @@ impl Engine {
             peer,
             Peer {
                 remote,
-                scope: scope.clone(),
+                scope: access.read,
+                write: access.write,
+                creates: access.creates_per_minute.map(|per_minute| CreateBudget {
+                    per_minute,
+                    window_start: now,
+                    used: 0,
+                }),
+                rejected: HashMap::new(),
+                retry_at: None,
                 initiator,
                 states: HashMap::new(),
                 loading_states: HashSet::new(),
@@ -195,6 +240,7 @@ impl Engine {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.announced = true;
             p.busy = false;
+            p.retry_at = None;
             fx.catalog_reads.push(CatalogRead {
                 peer,
                 scope: p.scope.clone(),
@@ -385,12 +431,25 @@ impl Engine {
                 p.last_activity = now;
                 for item in batch {
                     if !p.scope.contains(&item.collection) {
-                        p.outbox_error(
+                        p.doc_error(
                             ErrorCode::Forbidden,
                             format!(
                                 "collection {:?} is outside this session's scope",
                                 item.collection
                             ),
+                            item.id,
+                        );
+                        continue;
+                    }
+                    // Whole documents and tombstones are writes (a create, a delete); a sync
+                    // message is one only if it carries changes, which `receive` checks.
+                    if matches!(item.payload, Payload::Whole(_) | Payload::Tombstone)
+                        && !p.write.contains(&item.collection)
+                    {
+                        p.doc_error(
+                            ErrorCode::Forbidden,
+                            not_writable(&item.collection),
+                            item.id,
                         );
                         continue;
                     }
@@ -409,9 +468,25 @@ impl Engine {
                     .collect();
                 fx.peer_events.push((peer, PeerEvent::Persisted(docs)));
             }
-            Message::Error { code, message, doc } => fx
-                .peer_events
-                .push((peer, PeerEvent::Error { code, message, doc })),
+            Message::Error { code, message, doc } => {
+                // The peer refused a document: leave it out of reconciliation, or every round
+                // would offer it again.
+                if let Some(id) = doc.filter(|_| p.initiator) {
+                    match code {
+                        ErrorCode::Forbidden => {
+                            p.rejected.insert(id, i64::MAX);
+                        }
+                        ErrorCode::RateLimited => {
+                            let until = now + RATE_LIMITED_RETRY_MS;
+                            p.rejected.insert(id, until);
+                            p.retry_at = Some(p.retry_at.map_or(until, |t| t.min(until)));
+                        }
+                        _ => {}
+                    }
+                }
+                fx.peer_events
+                    .push((peer, PeerEvent::Error { code, message, doc }))
+            }
             other => {
                 tracing::debug!(?peer, message = ?std::mem::discriminant(&other), "not a session message; the driver handles it")
             }
@@ -494,10 +569,10 @@ impl Engine {
         theirs: Vec<CatalogEntry>,
         fx: &mut Effects,
     ) {
+        let now = self.now;
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
-        p.busy = true;
         let mut both: BTreeMap<DocumentId, (Option<CatalogEntry>, Option<CatalogEntry>)> =
             BTreeMap::new();
         for e in ours {
@@ -510,7 +585,14 @@ impl Engine {
                 both.entry(id).or_default().1 = Some(e);
             }
         }
+        // Whether reconciliation found something to exchange: documents the peer refused are
+        // left out, and if they are all that differs the session is as in sync as it can be.
+        let mut work = false;
         for (id, pair) in both {
+            if p.refused(&id, now) {
+                continue;
+            }
+            work |= !matches!(&pair, (Some(o), Some(t)) if o.digest == t.digest);
             match pair {
                 (Some(o), Some(t)) if o.digest == t.digest => {}
                 (Some(o), _) if o.deleted => p.outbox.push(SyncItem {
@@ -544,6 +626,11 @@ impl Engine {
                     .push_back(Work::Peer(peer, PeerWork::SendSync(id))),
                 (None, None) => {}
             }
+        }
+        if work {
+            p.busy = true;
+        } else if !p.busy {
+            fx.peer_events.push((peer, PeerEvent::InSync));
         }
     }
 
@@ -589,7 +676,7 @@ impl Engine {
         else {
             return;
         };
-        let state = p.states.entry(id).or_default();
+        let state = state_of(p, id, &live.collection);
         if let Some(msg) = live.doc.generate_sync_message(state) {
             p.busy = true;
             p.outbox.push(SyncItem {
@@ -608,6 +695,12 @@ impl Engine {
         result: Result<Option<super::StoredDoc>, String>,
     ) {
         match result {
+            Ok(Some(stored)) if !self.may_read(peer, &stored.collection) => self.peer_error(
+                peer,
+                ErrorCode::Forbidden,
+                "document is outside this session's scope".into(),
+                Some(id),
+            ),
             Ok(Some(stored)) if stored.deleted => self.push_tombstone(peer, id, stored.collection),
             Ok(Some(stored)) => {
                 let bytes = stored.chunks.into_iter().flat_map(|c| c.bytes).collect();
@@ -692,7 +785,15 @@ impl Engine {
         match payload {
             Payload::Tombstone => match self.touch(&id) {
                 Touched::Live(live) => {
-                    let (collection, heads) = (live.collection.clone(), live.doc.get_heads());
+                    if live.collection != collection {
+                        return self.peer_error(
+                            peer,
+                            ErrorCode::BadDocument,
+                            "document belongs to another collection".into(),
+                            Some(id),
+                        );
+                    }
+                    let heads = live.doc.get_heads();
                     self.write_tombstone(now, id, collection, heads, origin, fx);
                 }
                 Touched::Absent => {
@@ -701,6 +802,12 @@ impl Engine {
                 Touched::Deleted | Touched::Broken(_) => {}
             },
             Payload::Want => match self.whole(id) {
+                Some((actual, _)) if !self.may_read(peer, &actual) => self.peer_error(
+                    peer,
+                    ErrorCode::Forbidden,
+                    "document is outside this session's scope".into(),
+                    Some(id),
+                ),
                 Some((collection, bytes)) => self.push(
                     peer,
                     SyncItem {
@@ -756,7 +863,9 @@ impl Engine {
                         }
                     }
                     Touched::Absent => {
-                        self.insert_received(now, peer, origin, id, collection, &doc, bytes, fx)
+                        if self.may_create(peer, now, id) {
+                            self.insert_received(now, peer, origin, id, collection, &doc, bytes, fx)
+                        }
                     }
                     // A tombstone is final: content for a deleted id is answered with it.
                     Touched::Deleted => self.push_tombstone(peer, id, collection),
@@ -775,10 +884,36 @@ impl Engine {
                         );
                     }
                 };
+                let mut message = message;
+                let writable = self.may_write(peer, &collection);
+                if !writable {
+                    // Heads, Bloom filters and requests are reads; changes are a write, and so
+                    // are heads we do not have: the peer holds changes it may not push. Either
+                    // is refused (the peer stops offering the document), and the rest of the
+                    // message is served as a read.
+                    let pushes = !message.changes.is_empty()
+                        || match self.touch(&id) {
+                            Touched::Live(live) => {
+                                !live.doc.get_missing_deps(&message.heads).is_empty()
+                            }
+                            Touched::Absent => !message.heads.is_empty(),
+                            Touched::Deleted | Touched::Broken(_) => false,
+                        };
+                    if pushes {
+                        self.peer_error(
+                            peer,
+                            ErrorCode::Forbidden,
+                            not_writable(&collection),
+                            Some(id),
+                        );
+                    }
+                    message.changes = sync::ChunkList::empty();
+                }
                 match self.touch(&id) {
                     Touched::Live(_) => {
                         self.receive_sync(now, peer, origin, id, collection, message, fx)
                     }
+                    Touched::Absent if !writable => {}
                     Touched::Absent => {
                         // Start from an empty document; it becomes real once it has changes.
                         let mut doc = self.empty.clone();
@@ -810,6 +945,14 @@ impl Engine {
                             );
                         }
                         if !doc.get_heads().is_empty() {
+                            if !self.may_create(peer, now, id) {
+                                // Forget what the refused message taught the session, so a
+                                // later offer starts over.
+                                if let Some(p) = self.peers.get_mut(&peer) {
+                                    p.states.remove(&id);
+                                }
+                                return;
+                            }
                             let snapshot = doc.save();
                             self.insert_received(
                                 now, peer, origin, id, collection, &doc, snapshot, fx,
@@ -842,6 +985,40 @@ impl Engine {
         let body = crate::json::materialize(doc, None).to_string();
         self.insert_new(now, id, collection, heads.clone(), body, bytes, origin, fx);
         self.ack(peer, id, &heads);
+    }
+
+    fn may_read(&self, peer: PeerId, collection: &str) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.scope.contains(collection))
+    }
+
+    fn may_write(&self, peer: PeerId, collection: &str) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.scope.contains(collection) && p.write.contains(collection))
+    }
+
+    /// Takes one create from the peer's per-minute budget; reports `RateLimited` to the peer
+    /// when it is spent.
+    fn may_create(&mut self, peer: PeerId, now: i64, id: DocumentId) -> bool {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        let Some(budget) = p.creates.as_mut() else {
+            return true;
+        };
+        if budget.take(now) {
+            return true;
+        }
+        let limit = budget.per_minute;
+        self.peer_error(
+            peer,
+            ErrorCode::RateLimited,
+            format!("this session may create at most {limit} documents per minute"),
+            Some(id),
+        );
+        false
     }
 
     fn unreadable(&mut self, peer: PeerId, id: DocumentId, reason: &str) {
@@ -878,7 +1055,7 @@ impl Engine {
             if live.collection != collection {
                 Err("document belongs to another collection".to_owned())
             } else {
-                let state = p.states.entry(id).or_default();
+                let state = state_of(p, id, &collection);
                 let before = live.doc.get_heads();
                 match live.doc.receive_sync_message(state, message) {
                     Err(e) => Err(format!("sync message rejected: {e}")),
@@ -1045,6 +1222,19 @@ impl Engine {
     }
 }
 
+/// The session's sync state for a document. Where the peer may not write, the state is
+/// read-only: Automerge then never applies the peer's changes nor asks for them, and tells
+/// the peer (which stops offering them), so a peer holding changes it may not push does not
+/// keep the two sides exchanging heads forever.
+fn state_of<'a>(p: &'a mut Peer, id: DocumentId, collection: &str) -> &'a mut sync::State {
+    let writable = p.scope.contains(collection) && p.write.contains(collection);
+    let state = p.states.entry(id).or_default();
+    if !writable {
+        state.set_read_only(true);
+    }
+    state
+}
+
 /// Whether a reply would only echo: it carries no changes and asks for none, and our heads are
 /// changes already sent to the peer in this session. That happens on every live push that
 /// crosses the peer's answer to the previous one; the peer's answer to the changes in flight
@@ -1062,16 +1252,26 @@ impl Peer {
     /// An initiator whose session has been quiet long enough to check again.
     fn due(&self, now: i64) -> bool {
         self.initiator
-            && self.busy
             && !self.announced
-            && now - self.last_activity >= RESYNC_QUIET_MS
+            && (self.busy && now - self.last_activity >= RESYNC_QUIET_MS
+                || self.retry_at.is_some_and(|t| t <= now))
     }
 
-    fn outbox_error(&mut self, code: ErrorCode, message: String) {
+    fn doc_error(&mut self, code: ErrorCode, message: String, doc: DocumentId) {
+        tracing::warn!(?code, %message, %doc, "rejected a sync item");
         self.errors.push(Message::Error {
             code,
             message,
-            doc: None,
+            doc: Some(doc),
         });
     }
+
+    /// Whether reconciliation leaves `id` out: the peer refused it, and not long ago.
+    fn refused(&self, id: &DocumentId, now: i64) -> bool {
+        self.rejected.get(id).is_some_and(|until| *until > now)
+    }
+}
+
+fn not_writable(collection: &str) -> String {
+    format!("this session may not write collection {collection:?}")
 }

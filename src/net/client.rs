@@ -5,17 +5,24 @@
 //! live) go to the relay. When the connection drops it reconnects with exponential backoff and
 //! jitter; edits made meanwhile are simply in the database and go out on reconnect.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::router::{Outbound, Router};
+use super::tls;
 use crate::engine::PeerEvent;
-use crate::protocol::{self, Message, RejectCode, WireScope};
+use crate::id::DocumentId;
+use crate::protocol::{self, ErrorCode, Message, RejectCode, WireScope};
 use crate::{Replica, Scope, SessionInput};
 
 /// How a connection behaves.
@@ -38,6 +45,9 @@ pub struct ConnectOptions {
     /// A relay silent for this long gets a WebSocket ping; silent for twice as long, the
     /// connection counts as lost (and is reconnected).
     pub keepalive: Duration,
+    /// Trust this PEM CA certificate (in addition to the system roots), e.g. for a
+    /// self-signed relay. Used for `wss://` URLs; read at every connection attempt.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ConnectOptions {
@@ -51,6 +61,7 @@ impl Default for ConnectOptions {
             max_frame: protocol::DEFAULT_MAX_FRAME,
             tick: Duration::from_millis(5),
             keepalive: Duration::from_secs(30),
+            ca_file: None,
         }
     }
 }
@@ -70,11 +81,24 @@ pub enum Status {
     Rejected { reason: String },
 }
 
+/// A document the relay refused to take from this replica: a write its token does not allow,
+/// or a create over the relay's per-minute limit (offered again a minute later).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub doc: DocumentId,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The documents the relay refused, until it acknowledges a later version of one.
+type Refusals = Arc<Mutex<BTreeMap<DocumentId, Refusal>>>;
+
 /// A live connection to a relay. Dropping it disconnects.
 pub struct Connection {
     status: watch::Receiver<Status>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    refused: Refusals,
 }
 
 impl Connection {
@@ -86,6 +110,15 @@ impl Connection {
     /// A receiver of status changes.
     pub fn watch(&self) -> watch::Receiver<Status> {
         self.status.clone()
+    }
+
+    /// The documents the relay refused (see [`Refusal`]). [`Status::Synced`] means in sync
+    /// except for these: their local changes stay here, and reconciliation leaves them out.
+    pub fn refused(&self) -> Vec<Refusal> {
+        self.refused
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Waits until the replica is in sync with the relay. Fails when the relay rejects the
@@ -123,24 +156,26 @@ impl Drop for Connection {
 }
 
 impl Replica {
-    /// Connects to a relay (`ws://host:port`) and keeps this replica in sync with it, in the
-    /// background, until the returned [`Connection`] is dropped. Must be called inside a tokio
-    /// runtime.
+    /// Connects to a relay (`ws://host:port`, or `wss://host:port` for TLS) and keeps this
+    /// replica in sync with it, in the background, until the returned [`Connection`] is
+    /// dropped. Must be called inside a tokio runtime.
     pub fn connect(&self, url: &str, options: ConnectOptions) -> Connection {
         let (status_tx, status_rx) = watch::channel(Status::Connecting);
         let status_tx = std::sync::Arc::new(status_tx);
         let (stop_tx, stop_rx) = watch::channel(false);
+        let refused = Refusals::default();
         let task = tokio::spawn(run(
             self.clone(),
             url.to_owned(),
             options,
-            status_tx,
+            (status_tx, refused.clone()),
             stop_rx,
         ));
         Connection {
             status: status_rx,
             stop: stop_tx,
             task: Some(task),
+            refused,
         }
     }
 }
@@ -159,17 +194,19 @@ async fn run(
     replica: Replica,
     url: String,
     options: ConnectOptions,
-    status: std::sync::Arc<watch::Sender<Status>>,
+    (status, refused): (std::sync::Arc<watch::Sender<Status>>, Refusals),
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = options.initial_backoff;
     let mut attempt: u64 = 0;
     loop {
         let _ = status.send(Status::Connecting);
-        match session(&replica, &url, &options, status.clone(), &mut stop).await {
+        let reporting = (status.clone(), refused.clone());
+        match session(&replica, &url, &options, reporting, &mut stop).await {
             Ended::Stopped => return,
             Ended::Rejected(reason) => {
-                tracing::error!(%url, %reason, "relay rejected the session");
+                // Reported through the status; the application decides how loud to be.
+                tracing::info!(%url, %reason, "relay rejected the session");
                 let _ = status.send(Status::Rejected { reason });
                 return;
             }
@@ -202,7 +239,7 @@ async fn session(
     replica: &Replica,
     url: &str,
     options: &ConnectOptions,
-    status: std::sync::Arc<watch::Sender<Status>>,
+    (status, refused): (std::sync::Arc<watch::Sender<Status>>, Refusals),
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
     // A small read buffer: tungstenite zero-fills the free part of it before every read.
@@ -210,11 +247,10 @@ async fn session(
         .read_buffer_size(16 * 1024)
         .max_message_size(Some(options.max_frame))
         .max_frame_size(Some(options.max_frame));
-    let connecting = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
     let ws = tokio::select! {
-        r = connecting => match r {
-            Ok((ws, _)) => ws,
-            Err(e) => return Ended::Lost(format!("cannot reach {url}: {e}")),
+        r = dial(url, options, config) => match r {
+            Ok(ws) => ws,
+            Err(error) => return Ended::Lost(error),
         },
         () = stopped(stop) => return Ended::Stopped,
     };
@@ -309,9 +345,22 @@ async fn session(
                 }
                 Some(Outbound::Event(PeerEvent::InSync)) => {}
                 Some(Outbound::Event(PeerEvent::Error { code, message, doc })) => {
-                    tracing::warn!(?code, %message, ?doc, "relay reported an error");
+                    tracing::info!(?code, %message, ?doc, "relay reported an error");
+                    if let (Some(doc), ErrorCode::Forbidden | ErrorCode::RateLimited) = (doc, code)
+                        && let Ok(mut refused) = refused.lock()
+                    {
+                        refused.insert(doc, Refusal { doc, code, message });
+                    }
                 }
-                Some(Outbound::Event(PeerEvent::Persisted(_))) => {}
+                Some(Outbound::Event(PeerEvent::Persisted(docs))) => {
+                    if let Ok(mut refused) = refused.lock()
+                        && !refused.is_empty()
+                    {
+                        for (doc, _) in &docs {
+                            refused.remove(doc);
+                        }
+                    }
+                }
                 None => break Ended::Lost("router closed".into()),
             },
             incoming = stream.next() => {
@@ -381,6 +430,34 @@ async fn session(
     router.unregister(peer);
     blocking(replica, move |r| r.peer_disconnected(peer)).await;
     ended
+}
+
+/// Opens the WebSocket: `ws://` as it is, `wss://` through rustls, trusting the system's root
+/// certificates plus `options.ca_file`. The error says what failed (a TLS failure as such).
+async fn dial(
+    url: &str,
+    options: &ConnectOptions,
+    config: WebSocketConfig,
+) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, String> {
+    let secure = url
+        .get(..6)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("wss://"));
+    let connector = if secure {
+        // Reads files (the CA file; the system's roots the first time): off the async workers.
+        let ca_file = options.ca_file.clone();
+        let built = tokio::task::spawn_blocking(move || tls::client_config(ca_file.as_deref()))
+            .await
+            .map_err(|e| format!("TLS setup for {url}: {e}"))?;
+        Some(Connector::Rustls(
+            built.map_err(|e| format!("TLS setup for {url}: {e}"))?,
+        ))
+    } else {
+        None
+    };
+    tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector)
+        .await
+        .map(|(ws, _)| ws)
+        .map_err(|e| tls::dial_error(url, &e))
 }
 
 /// Frames applied per replica step at most: many small live frames share a commit, while

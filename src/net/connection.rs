@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage};
 
+use super::auth::{self, AuthError};
 use super::http::Rewind;
 use super::metrics::ConnectionGauge;
 use super::rate::TokenBucket;
@@ -21,13 +22,61 @@ use super::server::Shared;
 
 use super::router::{Frame, Outbound, Router, Session};
 use crate::protocol::{self, ErrorCode, Message, ProtocolError, RejectCode, WireScope};
-use crate::{Scope, SessionInput};
+use crate::{Access, Scope, SessionInput};
 
-fn welcome_scope(welcome: &Message) -> WireScope {
-    match welcome {
-        Message::Welcome { scope, .. } => scope.clone(),
-        _ => WireScope::All,
-    }
+/// What a session was granted at `Hello`.
+struct Admitted {
+    access: Access,
+    /// When the token expires: the session ends then.
+    expires: Option<tokio::time::Instant>,
+    subject: Option<String>,
+}
+
+/// Checks a `Hello`'s token against the relay's secret and narrows the requested scope to
+/// what the token allows. `Err`: the `Reject` to send.
+fn admit(
+    shared: &Shared,
+    token: Option<String>,
+    requested: WireScope,
+) -> Result<Admitted, (RejectCode, String)> {
+    let requested = match requested {
+        WireScope::All => Scope::All,
+        WireScope::Collections(c) => Scope::Collections(c),
+    };
+    let Some(key) = &shared.config.auth else {
+        return Ok(Admitted {
+            access: Access {
+                creates_per_minute: shared.config.creates_per_minute,
+                ..Access::full(requested)
+            },
+            expires: None,
+            subject: None,
+        });
+    };
+    let token = token.ok_or((RejectCode::Unauthorized, AuthError::Missing.to_string()))?;
+    let grant = key
+        .verify(&token)
+        .map_err(|e| (RejectCode::Unauthorized, e.to_string()))?;
+    let read = auth::narrow(&requested, &grant.read).map_err(|missing| {
+        (
+            RejectCode::Forbidden,
+            format!(
+                "the token of {:?} does not allow reading {}",
+                grant.subject,
+                missing.join(", ")
+            ),
+        )
+    })?;
+    let write = auth::intersect(&read, &grant.write);
+    Ok(Admitted {
+        expires: Some(tokio::time::Instant::now() + grant.remaining()),
+        subject: Some(grant.subject),
+        access: Access {
+            read,
+            write,
+            creates_per_minute: shared.config.creates_per_minute,
+        },
+    })
 }
 
 type Ws = WebSocketStream<Rewind>;
@@ -68,6 +117,9 @@ pub(crate) async fn session(
     let gauge = ConnectionGauge::new(&shared.metrics);
     tracing::debug!("session open");
     let mut bucket = TokenBucket::new(shared.config.rate_limit, Instant::now());
+    let mut byte_bucket = TokenBucket::new(shared.config.byte_limit, Instant::now());
+    // When the session's token expires (never without auth).
+    let mut expires: Option<tokio::time::Instant> = None;
     let mut phase = Phase::AwaitingHello;
     let router = Router::of(&shared.replica);
     // The replication session, once Welcome is sent: its id and the frames the replica sends it.
@@ -97,9 +149,18 @@ pub(crate) async fn session(
                 None => std::future::pending().await,
             }
         };
+        let expiry = async {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let incoming = tokio::select! {
             () = stopped(&mut stop) => {
                 break Some(Close::new(CloseCode::Away, "relay shutting down"));
+            }
+            () = expiry => {
+                break Some(Close::new(CloseCode::Policy, "the token expired"));
             }
             _ = keepalive.tick() => {
                 // A client that has not read its queue down for the send timeout: its frames
@@ -157,8 +218,24 @@ pub(crate) async fn session(
         };
         if message_counts(&message) {
             shared.metrics.frame_in(message.len());
-            if !bucket.take(Instant::now()) {
-                break Some(Close::new(CloseCode::Policy, "rate limit exceeded"));
+            let now = Instant::now();
+            let limited = if !bucket.take(now) {
+                Some("frame rate limit exceeded")
+            } else if !byte_bucket.take_n(message.len() as f64, now) {
+                Some("byte rate limit exceeded")
+            } else {
+                None
+            };
+            if let Some(what) = limited {
+                // Say why in the protocol too (a close reason is easy to lose), then close:
+                // a flooding client costs the relay until it is gone.
+                let error = Message::Error {
+                    code: ErrorCode::RateLimited,
+                    message: what.into(),
+                    doc: None,
+                };
+                let _ = send(&mut ws, shared, &error).await;
+                break Some(Close::new(CloseCode::Policy, what));
             }
         }
         let bytes = match message {
@@ -184,7 +261,7 @@ pub(crate) async fn session(
                     protocol: version,
                     replica,
                     scope,
-                    token: _,
+                    token,
                 },
             ) => {
                 if version != u16::from(protocol::PROTOCOL_VERSION) {
@@ -201,10 +278,28 @@ pub(crate) async fn session(
                     }
                     break Some(Close::new(CloseCode::Protocol, reason));
                 }
-                tracing::info!(client = %replica, "hello");
+                let admitted = match admit(shared, token, scope) {
+                    Ok(admitted) => admitted,
+                    Err((code, reason)) => {
+                        tracing::info!(client = %replica, ?code, %reason, "refused");
+                        let reject = Message::Reject {
+                            code,
+                            reason: reason.clone(),
+                        };
+                        if send(&mut ws, shared, &reject).await.is_err() {
+                            break None;
+                        }
+                        break Some(Close::new(CloseCode::Policy, reason));
+                    }
+                };
+                tracing::info!(client = %replica, subject = ?admitted.subject, "hello");
+                expires = admitted.expires;
                 let welcome = Message::Welcome {
                     replica: shared.relay_id,
-                    scope,
+                    scope: match &admitted.access.read {
+                        Scope::All => WireScope::All,
+                        Scope::Collections(c) => WireScope::Collections(c.clone()),
+                    },
                     max_frame: u32::try_from(shared.config.max_frame).unwrap_or(u32::MAX),
                 };
                 if send(&mut ws, shared, &welcome).await.is_err() {
@@ -213,14 +308,10 @@ pub(crate) async fn session(
                 phase = Phase::Ready;
                 let session = router.register(None);
                 let peer_id = session.peer;
-                let local_scope = match welcome_scope(&welcome) {
-                    WireScope::All => Scope::All,
-                    WireScope::Collections(c) => Scope::Collections(c),
-                };
                 let connected = SessionInput::Connected {
                     peer: peer_id,
                     remote: replica,
-                    scope: local_scope,
+                    access: admitted.access,
                     initiator: false,
                 };
                 // Set first, so that the session is unregistered however this ends.

@@ -1,5 +1,6 @@
-//! The plain-HTTP side of the port: reading a request head, routing it, the small responses, and
-//! [`Rewind`], which hands the already-read head back to the WebSocket handshake.
+//! The HTTP side of the port: reading a request head, routing it, the small responses, and
+//! [`Rewind`], which hands the already-read head back to the WebSocket handshake. All of it works
+//! on plain TCP and on TLS ([`Stream`]).
 
 use std::io;
 use std::pin::Pin;
@@ -7,6 +8,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 /// The largest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
@@ -26,15 +28,26 @@ pub(crate) enum Route {
     BadRequest,
 }
 
+/// The first byte of a TLS handshake record: what a `wss://` client sends first.
+pub(crate) const TLS_HANDSHAKE: u8 = 0x16;
+
 /// Reads bytes until the end of the request head (`\r\n\r\n`); returns everything read (the head
 /// and any bytes after it). `Ok(None)` when the peer closed first.
-pub(crate) async fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Option<Vec<u8>>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             return Ok(None);
+        }
+        if buf.is_empty() && chunk[0] == TLS_HANDSHAKE {
+            // A TLS client on a plain port: fail now rather than wait for a head that never
+            // comes (its client hello has no `\r\n\r\n`).
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a TLS handshake on a port without TLS",
+            ));
         }
         let searched_from = buf.len().saturating_sub(3);
         buf.extend_from_slice(&chunk[..n]);
@@ -79,8 +92,8 @@ pub(crate) fn route(head: &[u8]) -> Route {
 
 /// Writes a complete response and closes our side (no keep-alive: these endpoints are polled
 /// rarely).
-pub(crate) async fn respond(
-    stream: &mut TcpStream,
+pub(crate) async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     status: &str,
     content_type: &str,
     extra_headers: &str,
@@ -96,12 +109,77 @@ pub(crate) async fn respond(
 }
 
 /// Shorthand for a plain-text response.
-pub(crate) async fn respond_text(
-    stream: &mut TcpStream,
+pub(crate) async fn respond_text<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     status: &str,
     body: &str,
 ) -> io::Result<()> {
     respond(stream, status, "text/plain; charset=utf-8", "", body).await
+}
+
+/// A connection's byte stream: plain TCP, or TLS over TCP.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    /// Boxed: a TLS session's state is several KiB, which a plain session should not carry.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// A stream that first yields bytes already read from it: the WebSocket handshake re-reads the
@@ -109,11 +187,11 @@ pub(crate) async fn respond_text(
 pub(crate) struct Rewind {
     prefix: Vec<u8>,
     pos: usize,
-    inner: TcpStream,
+    inner: Stream,
 }
 
 impl Rewind {
-    pub(crate) fn new(prefix: Vec<u8>, inner: TcpStream) -> Self {
+    pub(crate) fn new(prefix: Vec<u8>, inner: Stream) -> Self {
         Rewind {
             prefix,
             pos: 0,

@@ -1,5 +1,9 @@
 //! The relay's network shell: one TCP port serving `GET /healthz`, `GET /metrics` (Prometheus
 //! text) and the WebSocket endpoint (`/` or `/sync`) where replicas speak [`crate::protocol`].
+//! With [`RelayConfig::tls`] ([`TlsConfig`]) the port speaks TLS only: `wss://`, and `https://`
+//! for `/healthz` and `/metrics` (a plain-HTTP request gets 400, a failed TLS handshake drops just
+//! that connection). The client dials `wss://` with the system's root certificates plus
+//! [`ConnectOptions::ca_file`]; the TLS library is rustls on the ring provider.
 //!
 //! A session does the handshake (`Hello` -> `Welcome` or `Reject`), answers `Ping`, and hands
 //! session messages to the relay's replica, whose frames come back through the
@@ -18,6 +22,7 @@
 //! The entry point is [`run`], which takes a bound listener, so tests run it on `127.0.0.1:0`.
 
 mod applier;
+pub mod auth;
 mod client;
 mod connection;
 mod http;
@@ -25,15 +30,17 @@ mod metrics;
 mod rate;
 pub(crate) mod router;
 mod server;
+mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use client::{ConnectOptions, Connection, Status};
+pub use client::{ConnectOptions, Connection, Refusal, Status};
 pub use metrics::Metrics;
 pub use server::run;
+pub use tls::TlsConfig;
 
-/// How many frames a connection may send: `per_second` sustained, bursts up to `burst`.
+/// A rate: `per_second` sustained, bursts up to `burst` (frames, or bytes).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimit {
     pub per_second: f64,
@@ -56,6 +63,9 @@ impl Default for RateLimit {
 pub struct RelayConfig {
     /// Where the relay keeps its replica (`relay.db`); created if missing.
     pub data_dir: PathBuf,
+    /// Serve TLS (`wss://`, and `https://` for `/healthz` and `/metrics`) with this
+    /// certificate; `None` (the default): plain `ws://`, e.g. behind a TLS-terminating proxy.
+    pub tls: Option<TlsConfig>,
     /// Open WebSocket sessions at most; more are refused with HTTP 503.
     pub max_connections: usize,
     /// The largest frame (WebSocket message) accepted, in bytes.
@@ -74,6 +84,14 @@ pub struct RelayConfig {
     /// A session silent for this long gets a WebSocket ping; silent for twice as long, it is
     /// closed (a vanished client must not hold a session forever).
     pub keepalive: Duration,
+    /// The secret that verifies clients' tokens. `None`: no authentication, every client
+    /// reads and writes everything (the CLI allows that only on loopback unless told so).
+    pub auth: Option<auth::TokenKey>,
+    /// Bytes per second per connection (frame payloads), sustained and burst.
+    pub byte_limit: RateLimit,
+    /// Documents one connection may create per minute (`None`: no limit); more are refused
+    /// per document with a `RateLimited` error and offered again by the client later.
+    pub creates_per_minute: Option<u32>,
 }
 
 impl RelayConfig {
@@ -81,6 +99,7 @@ impl RelayConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         RelayConfig {
             data_dir: data_dir.into(),
+            tls: None,
             max_connections: 10_000,
             max_frame: crate::protocol::DEFAULT_MAX_FRAME,
             rate_limit: RateLimit::default(),
@@ -89,6 +108,15 @@ impl RelayConfig {
             shutdown_grace: Duration::from_secs(5),
             send_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(30),
+            auth: None,
+            // A cold sync pushes a replica's whole catalog in 1 MiB frames as fast as the
+            // relay applies them (about 20 MB/s on 2 cores): allow that, cut off floods.
+            byte_limit: RateLimit {
+                per_second: 32.0 * 1024.0 * 1024.0,
+                burst: 128.0 * 1024.0 * 1024.0,
+            },
+            // Enough for a replica's first sync of a large catalog (W1 pushes 10,000).
+            creates_per_minute: Some(20_000),
         }
     }
 }
@@ -105,4 +133,31 @@ pub enum NetError {
     },
     #[error("relay storage: {0}")]
     Storage(#[from] crate::Error),
+    /// A certificate file (the relay's, or a client's CA file) holds no PEM certificate.
+    #[error("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", path.display())]
+    NoCertificate { path: PathBuf },
+    /// The TLS key file holds no PEM private key.
+    #[error("{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display())]
+    NoPrivateKey { path: PathBuf },
+    /// A PEM file is malformed.
+    #[error("{} is not valid PEM: {source}", path.display())]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The TLS private key is not the key of the certificate (the first one in its file).
+    #[error(
+        "the private key in {} does not belong to the certificate in {}",
+        key.display(),
+        cert.display()
+    )]
+    TlsKeyMismatch { cert: PathBuf, key: PathBuf },
+    /// rustls refused the TLS configuration (e.g. an unsupported key type).
+    #[error("{what}: {source}")]
+    Tls {
+        what: String,
+        #[source]
+        source: rustls::Error,
+    },
 }

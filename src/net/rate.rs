@@ -21,11 +21,16 @@ impl TokenBucket {
 
     /// Takes one token; false when the bucket is empty (the peer is over the limit).
     pub(crate) fn take(&mut self, now: Instant) -> bool {
+        self.take_n(1.0, now)
+    }
+
+    /// Takes `n` tokens (bytes, say); false when fewer are left.
+    pub(crate) fn take_n(&mut self, n: f64, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.limit.per_second).min(self.limit.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false

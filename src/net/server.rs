@@ -9,11 +9,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument;
 
 use super::applier::Applier;
-use super::http::{self, Rewind, Route};
+use super::http::{self, Rewind, Route, Stream};
 use super::{Metrics, NetError, RelayConfig, connection};
 use crate::{Replica, ReplicaId};
 
@@ -46,7 +47,7 @@ pub async fn run(
     let replica = open_replica(&config).await?;
     let relay_id = replica.replica_id();
     let local = listener.local_addr().ok();
-    tracing::info!(?local, relay = %relay_id, data = %config.data_dir.display(), "relay started");
+    tracing::info!(?local, relay = %relay_id, data = %config.data_dir.display(), tls = ?config.tls, "relay started");
     let (applier, applier_thread) =
         Applier::start(replica.clone()).map_err(|source| NetError::Io {
             what: "starting the applier thread".into(),
@@ -145,14 +146,89 @@ async fn open_replica(config: &RelayConfig) -> Result<Replica, NetError> {
     })?
 }
 
-/// One TCP connection: read the request head, answer HTTP, or hand over to a WebSocket session.
+/// One TCP connection: the TLS handshake when the relay serves TLS, then [`serve_stream`].
 async fn serve_tcp(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    let Some(tls) = &shared.config.tls else {
+        return serve_stream(Stream::Plain(stream), peer, shared, stop).await;
+    };
+    let acceptor = TlsAcceptor::from(tls.server_config().clone());
+    let handshake = timeout(shared.config.request_timeout, accept_tls(acceptor, stream));
+    let handshake = tokio::select! {
+        handshake = handshake => handshake,
+        _ = stop.wait_for(|stopping| *stopping) => return,
+    };
+    // A failed handshake (a client that does not trust the certificate, a port scanner) costs
+    // only this connection.
+    let stream = match handshake {
+        Ok(Ok(Accepted::Tls(stream))) => Stream::Tls(stream),
+        Ok(Ok(Accepted::PlainHttp(stream))) => {
+            tracing::debug!("plain HTTP on the TLS port");
+            tokio::select! {
+                () = refuse_plain_http(stream, shared.config.request_timeout) => {}
+                _ = stop.wait_for(|stopping| *stopping) => {}
+            }
+            return;
+        }
+        Ok(Ok(Accepted::Closed)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            return;
+        }
+    };
+    serve_stream(stream, peer, shared, stop).await;
+}
+
+/// What arrived on the TLS port.
+enum Accepted {
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Not a TLS handshake: most likely plain HTTP (`ws://`, `http://`) sent to the TLS port.
+    PlainHttp(TcpStream),
+    /// The peer closed before sending anything.
+    Closed,
+}
+
+async fn accept_tls(acceptor: TlsAcceptor, stream: TcpStream) -> std::io::Result<Accepted> {
+    let mut first = [0u8; 1];
+    if stream.peek(&mut first).await? == 0 {
+        return Ok(Accepted::Closed);
+    }
+    if first[0] != http::TLS_HANDSHAKE {
+        return Ok(Accepted::PlainHttp(stream));
+    }
+    Ok(Accepted::Tls(Box::new(acceptor.accept(stream).await?)))
+}
+
+/// Answers a plain-HTTP request sent to the TLS port with 400 and why.
+async fn refuse_plain_http(mut stream: TcpStream, request_timeout: std::time::Duration) {
+    // Read the head first: closing with unread bytes would reset the connection before the
+    // client reads the answer.
+    let _ = timeout(request_timeout, http::read_head(&mut stream)).await;
+    let _ = http::respond_text(
+        &mut stream,
+        "400 Bad Request",
+        "this port speaks TLS: use wss:// or https://\n",
+    )
+    .await;
+}
+
+/// One connection (plain or TLS): read the request head, answer HTTP, or hand over to a
+/// WebSocket session.
+async fn serve_stream(
+    mut stream: Stream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let read = timeout(shared.config.request_timeout, http::read_head(&mut stream));
     // A client still sending its request head when the relay stops is dropped at once.
     let read = tokio::select! {

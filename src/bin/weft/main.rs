@@ -71,6 +71,10 @@ enum Cmd {
     #[cfg(feature = "net")]
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Signed access tokens for a relay started with `--auth-secret-file`.
+    #[cfg(feature = "net")]
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Print the change feed as NDJSON.
     Changes {
         /// Only entries with a sequence number greater than this.
@@ -97,6 +101,67 @@ struct ServeArgs {
     /// Open WebSocket sessions at most.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Serve TLS (wss://, https://) with this PEM certificate chain, leaf first (needs
+    /// --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (may be the same file).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require signed tokens (see `weft token issue`), verified with the secret in this file.
+    #[arg(long, env = "WEFT_AUTH_SECRET_FILE")]
+    auth_secret_file: Option<PathBuf>,
+    /// Serve without authentication on a non-loopback address: anyone who reaches the port
+    /// reads and writes everything.
+    #[arg(long, conflicts_with = "auth_secret_file")]
+    insecure_no_auth: bool,
+    /// Documents one connection may create per minute (0: no limit).
+    #[arg(long, default_value_t = 20_000)]
+    creates_per_minute: u32,
+}
+
+#[cfg(feature = "net")]
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print a new token (HS256) signed with the relay's secret.
+    Issue {
+        /// The file holding the relay's secret (at least 32 bytes).
+        #[arg(long)]
+        secret_file: PathBuf,
+        /// Who the token is for (shown in the relay's log).
+        #[arg(long)]
+        sub: String,
+        /// Collections it may read, comma-separated; `*` for all.
+        #[arg(long, default_value = "")]
+        read: String,
+        /// Collections it may write, comma-separated; `*` for all. Writing needs reading too.
+        #[arg(long, default_value = "")]
+        write: String,
+        /// How long it is valid: a number with a unit, s, m, h or d (`90m`, `24h`, `30d`).
+        #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
+}
+
+/// `24h`, `90m`, `30d`, `45s`.
+#[cfg(feature = "net")]
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit, like 24h"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(seconds)
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?}: out of range"))
 }
 
 #[cfg(feature = "net")]
@@ -114,12 +179,16 @@ struct SyncMode {
 #[cfg(feature = "net")]
 #[derive(Args)]
 struct SyncArgs {
-    /// The relay's address, as `weft serve` prints it: ws://HOST:PORT.
+    /// The relay's address, as `weft serve` prints it: ws://HOST:PORT (wss:// with TLS).
     #[arg(long)]
     server: String,
     /// A token, for relays that require one.
     #[arg(long, env = "WEFT_TOKEN")]
     token: Option<String>,
+    /// Trust this PEM CA certificate (in addition to the system roots), e.g. for a
+    /// self-signed relay.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// Only these collections (repeat); all when absent.
     #[arg(long = "collection", short)]
     collections: Vec<String>,
@@ -375,6 +444,8 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Sync(args) => sync(&cli.db, args),
         #[cfg(feature = "net")]
         Cmd::Bench(cmd) => bench_cmd(cmd),
+        #[cfg(feature = "net")]
+        Cmd::Token(cmd) => token_cmd(cmd),
         Cmd::Compact => {
             let replica = open(&cli.db)?;
             let before = file_size(&cli.db);
@@ -391,27 +462,103 @@ fn run(cli: Cli) -> CliResult {
     }
 }
 
-/// `weft serve`: binds, prints `weft relay listening on ws://ADDR`, runs until a signal.
+/// `weft serve`: binds, prints `weft relay listening on ws://ADDR` (wss:// with TLS), runs until
+/// a signal.
 #[cfg(feature = "net")]
 fn serve(args: ServeArgs) -> CliResult {
+    // Read the certificate first: a bad file is reported before the port is taken.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            weft::net::TlsConfig::from_pem_files(cert, key)
+                .map_err(|e| CliError::Input(format!("TLS: {e}")))?,
+        ),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Io(format!("starting the runtime: {e}")))?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
+        // The auth decision comes before the port is taken: a refused public address is
+        // never listened on, not even briefly.
+        let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&args.listen)
+            .await
+            .map_err(|e| CliError::Input(format!("--listen {}: {e}", args.listen)))?
+            .collect();
+        let auth = relay_auth(&args, &resolved)?;
+        let listener = tokio::net::TcpListener::bind(&resolved[..])
             .await
             .map_err(|e| CliError::Io(format!("listening on {}: {e}", args.listen)))?;
         let addr = listener
             .local_addr()
             .map_err(|e| CliError::Io(format!("listening on {}: {e}", args.listen)))?;
-        let mut config = weft::net::RelayConfig::new(args.data);
+        let mut config = weft::net::RelayConfig::new(args.data.clone());
+        config.auth = auth;
         config.max_connections = args.max_connections;
-        out(&format!("weft relay listening on ws://{addr}"))?;
+        config.tls = tls;
+        config.creates_per_minute =
+            (args.creates_per_minute > 0).then_some(args.creates_per_minute);
+        out(&format!("weft relay listening on {scheme}://{addr}"))?;
         weft::net::run(listener, config, shutdown_signal())
             .await
             .map_err(|e| CliError::Io(e.to_string()))
     })
+}
+
+/// The relay's token key, and the safe default without one: loopback only, unless the
+/// operator insists.
+#[cfg(feature = "net")]
+fn relay_auth(
+    args: &ServeArgs,
+    addrs: &[std::net::SocketAddr],
+) -> CliResult<Option<weft::net::auth::TokenKey>> {
+    if let Some(file) = &args.auth_secret_file {
+        let key = weft::net::auth::TokenKey::from_file(file)
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        eprintln!(
+            "weft: clients need a token signed with the secret in {}",
+            file.display()
+        );
+        return Ok(Some(key));
+    }
+    let listen = &args.listen;
+    if !addrs.iter().all(|a| a.ip().is_loopback()) && !args.insecure_no_auth {
+        return Err(CliError::Input(format!(
+            "refusing to serve {listen} without authentication: anyone who reaches it could read \
+             and write every document. Pass --auth-secret-file FILE (tokens: `weft token issue`), \
+             listen on 127.0.0.1, or pass --insecure-no-auth if a proxy in front checks access"
+        )));
+    }
+    eprintln!(
+        "weft: WARNING: no authentication (--auth-secret-file not given): every client that \
+         reaches {listen} reads and writes every document"
+    );
+    Ok(None)
+}
+
+/// `weft token issue`.
+#[cfg(feature = "net")]
+fn token_cmd(cmd: TokenCmd) -> CliResult {
+    use weft::net::auth::{TokenKey, parse_list};
+    match cmd {
+        TokenCmd::Issue {
+            secret_file,
+            sub,
+            read,
+            write,
+            ttl,
+        } => {
+            let key =
+                TokenKey::from_file(&secret_file).map_err(|e| CliError::Input(e.to_string()))?;
+            let read = parse_list(&read).map_err(|e| CliError::Input(e.to_string()))?;
+            let write = parse_list(&write).map_err(|e| CliError::Input(e.to_string()))?;
+            let token = key
+                .issue(&sub, &read, &write, ttl)
+                .map_err(|e| CliError::Io(e.to_string()))?;
+            out(&token)
+        }
+    }
 }
 
 /// `weft bench fanout | idle` (the load generators live in `bench.rs`).
@@ -470,6 +617,7 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
         scope: scope.clone(),
         token: args.token.clone(),
         reconnect: args.mode.watch,
+        ca_file: args.ca_file.clone(),
         ..ConnectOptions::default()
     };
     runtime.block_on(async {
@@ -479,12 +627,25 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
         if args.mode.once {
             let result = tokio::time::timeout(Duration::from_secs(args.timeout), connection.wait_synced()).await;
             let status = connection.status();
+            let refused = connection.refused();
             connection.close().await;
             return match result {
                 Err(_) => Err(CliError::Io(format!("not in sync with {} after {} s", args.server, args.timeout))),
                 Ok(Err(Status::Rejected { reason })) => Err(CliError::Io(format!("{} rejected the session: {reason}", args.server))),
                 Ok(Err(Status::Offline { error })) => Err(CliError::Io(error)),
                 Ok(Err(other)) => Err(CliError::Io(format!("sync with {} failed: {other:?}", args.server))),
+                Ok(Ok(())) if !refused.is_empty() => {
+                    let list: Vec<String> = refused
+                        .iter()
+                        .map(|r| format!("  {} ({:?}: {})", r.doc, r.code, r.message))
+                        .collect();
+                    Err(CliError::Io(format!(
+                        "{} refused {} document(s); everything else is in sync:\n{}",
+                        args.server,
+                        refused.len(),
+                        list.join("\n")
+                    )))
+                }
                 Ok(Ok(())) => {
                     let _ = status;
                     let summary = replica.catalog_summary(&scope)?;
@@ -504,8 +665,18 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
         let _hook = replica.on_change(scope, |e| {
             eprintln!("{} {:?} {} {}", e.origin, e.kind, e.collection, e.id);
         });
+        // Refusals do not change the status: show new ones as they come.
+        let mut shown = std::collections::HashSet::new();
+        let mut every_second = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = every_second.tick() => {
+                    for r in connection.refused() {
+                        if shown.insert((r.doc, r.message.clone())) {
+                            eprintln!("refused by {}: {} ({:?}: {})", args.server, r.doc, r.code, r.message);
+                        }
+                    }
+                }
                 changed = status.changed() => {
                     if changed.is_err() {
                         return Ok(());

@@ -1,0 +1,606 @@
+//! Relay security below the library: a hand-written client speaking raw frames over a raw
+//! WebSocket cannot read or write past its token; a token that expires ends its live session;
+//! a client that floods or holds too many connections is cut off while a well-behaved client
+//! on the same relay keeps syncing. Real relay on 127.0.0.1:0; every wait is bounded.
+#![cfg(feature = "net")]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ROOT};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use weft::net::auth::TokenKey;
+use weft::net::{ConnectOptions, RelayConfig, Status};
+use weft::protocol::{self, ErrorCode, Message, Payload, RejectCode, SyncItem, WireScope};
+use weft::{Bundle, BundleEntry, BundleScope, DocumentId, Replica, ReplicaId, Scope};
+
+type Raw = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const LIMIT: Duration = Duration::from_secs(10);
+const A: &str = "alpha";
+const B: &str = "beta";
+
+struct Relay {
+    addr: SocketAddr,
+    key: TokenKey,
+    stop: Option<oneshot::Sender<()>>,
+    dir: tempfile::TempDir,
+}
+
+impl Relay {
+    async fn start(tune: impl FnOnce(&mut RelayConfig)) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TokenKey::from_secret(&[7; 32]).unwrap();
+        let mut config = RelayConfig::new(dir.path().join("data"));
+        config.auth = Some(key.clone());
+        tune(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(weft::net::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        Relay {
+            addr,
+            key,
+            stop: Some(stop),
+            dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    fn token(&self, read: &str, write: &str) -> String {
+        let parse = |l: &str| weft::net::auth::parse_list(l).unwrap();
+        self.key
+            .issue(
+                "test",
+                &parse(read),
+                &parse(write),
+                Duration::from_secs(3600),
+            )
+            .unwrap()
+    }
+
+    /// The relay's stored version of a document (heads, or the error reading it).
+    fn state(&self, id: &DocumentId) -> String {
+        let replica = Replica::open(self.dir.path().join("data/relay.db")).unwrap();
+        match replica.get(id) {
+            Ok(doc) => format!("heads {:?}", doc.heads),
+            Err(e) => format!("error {e}"),
+        }
+    }
+
+    /// A raw session: Hello with `token`, and the relay's answer.
+    async fn raw(&self, token: &str) -> (Raw, Message) {
+        let (mut ws, _) = timeout(LIMIT, tokio_tungstenite::connect_async(self.url()))
+            .await
+            .unwrap()
+            .unwrap();
+        let hello = Message::Hello {
+            protocol: protocol::PROTOCOL_VERSION.into(),
+            replica: ReplicaId::from_bytes([42; 16]),
+            token: Some(token.to_owned()),
+            scope: WireScope::All,
+        };
+        send(&mut ws, &hello).await;
+        let answer = recv(&mut ws).await;
+        (ws, answer)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn send(ws: &mut Raw, message: &Message) {
+    timeout(
+        LIMIT,
+        ws.send(WsMessage::Binary(protocol::encode(message).into())),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+}
+
+async fn recv(ws: &mut Raw) -> Message {
+    loop {
+        match timeout(LIMIT, ws.next()).await.expect("recv timed out") {
+            Some(Ok(WsMessage::Binary(bytes))) => {
+                return protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME).unwrap();
+            }
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until an `Error` about `doc`; every frame before it must not carry `forbidden`.
+async fn expect_error(ws: &mut Raw, doc: DocumentId, forbidden: &[DocumentId]) -> ErrorCode {
+    loop {
+        match recv(ws).await {
+            Message::Error {
+                code, doc: Some(d), ..
+            } if d == doc => return code,
+            Message::Sync { batch } => {
+                for item in batch {
+                    assert!(!forbidden.contains(&item.id), "leaked {item:?}");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads until the relay's close frame: its code and reason.
+async fn expect_close(ws: &mut Raw) -> (CloseCode, String) {
+    loop {
+        match timeout(LIMIT, ws.next()).await.expect("close timed out") {
+            Some(Ok(WsMessage::Close(Some(frame)))) => {
+                return (frame.code, frame.reason.to_string());
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+fn sync_item(id: DocumentId, collection: &str, payload: Payload) -> Message {
+    Message::Sync {
+        batch: vec![SyncItem {
+            id,
+            collection: collection.into(),
+            payload,
+        }],
+    }
+}
+
+/// A sync message carrying a change to `doc` that the relay does not have: what a client
+/// sends after editing it.
+fn sync_with_a_change(doc: &Automerge) -> Vec<u8> {
+    let mut ours = doc.fork();
+    let mut tx = ours.transaction();
+    tx.put(ROOT, "forged", true).unwrap();
+    tx.commit();
+    // Run the protocol against a copy of the relay's version until our side sends changes.
+    let mut theirs = doc.clone();
+    let (mut our_state, mut their_state) = (sync::State::new(), sync::State::new());
+    for _ in 0..4 {
+        let message = ours.generate_sync_message(&mut our_state).unwrap();
+        if !message.changes.is_empty() {
+            return message.encode();
+        }
+        theirs
+            .receive_sync_message(&mut their_state, message)
+            .unwrap();
+        if let Some(reply) = theirs.generate_sync_message(&mut their_state) {
+            ours.receive_sync_message(&mut our_state, reply).unwrap();
+        }
+    }
+    panic!("the sync protocol never sent the change");
+}
+
+/// Creates one document per collection through a fully privileged library client and
+/// returns (id, Automerge content) for each.
+async fn seed(relay: &Relay) -> [(DocumentId, Automerge); 2] {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = Replica::open(dir.path().join("admin.db")).unwrap();
+    let a = admin.create(A, json!({"secret": "a"})).unwrap();
+    let b = admin.create(B, json!({"secret": "b"})).unwrap();
+    let options = ConnectOptions {
+        token: Some(relay.token("*", "*")),
+        ..ConnectOptions::default()
+    };
+    let connection = admin.connect(&relay.url(), options);
+    timeout(LIMIT, connection.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+    connection.close().await;
+    let bundle = Bundle::decode(&admin.export_bundle(&BundleScope::All).unwrap()).unwrap();
+    let doc = |id: DocumentId| {
+        bundle
+            .entries
+            .iter()
+            .find_map(|e| match e {
+                BundleEntry::Document { id: i, bytes, .. } if *i == id => {
+                    Some(Automerge::load(bytes).unwrap())
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    [(a, doc(a)), (b, doc(b))]
+}
+
+fn new_doc_bytes() -> Vec<u8> {
+    let mut doc = Automerge::new();
+    let mut tx = doc.transaction();
+    tx.put(ROOT, "new", 1).unwrap();
+    tx.commit();
+    doc.save()
+}
+
+#[tokio::test]
+async fn raw_frames_cannot_read_or_write_past_the_token() {
+    let relay = Relay::start(|_| {}).await;
+    let [(a, a_doc), (b, b_doc)] = seed(&relay).await;
+    let before = (relay.state(&a), relay.state(&b));
+
+    // Read-only on alpha. The scope asked for (everything) is narrowed to alpha.
+    let (mut ws, welcome) = relay.raw(&relay.token(A, "")).await;
+    match welcome {
+        Message::Welcome { scope, .. } => {
+            assert_eq!(scope, WireScope::Collections(vec![A.into()]))
+        }
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    // Reconciliation from an empty catalog lists alpha's documents only.
+    send(
+        &mut ws,
+        &Message::Summary {
+            count: 0,
+            buckets: vec![0; 256],
+        },
+    )
+    .await;
+    match recv(&mut ws).await {
+        Message::Entries { entries, .. } => {
+            let ids: Vec<DocumentId> = entries.iter().map(|e| e.id).collect();
+            assert_eq!(ids, vec![a], "{entries:?}");
+        }
+        other => panic!("expected Entries, got {other:?}"),
+    }
+    // Asking for beta's document, honestly or claiming it is in alpha.
+    send(&mut ws, &sync_item(b, B, Payload::Want)).await;
+    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::Forbidden);
+    send(&mut ws, &sync_item(b, A, Payload::Want)).await;
+    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::Forbidden);
+    // Heads-only sync messages are reads: allowed, and answered.
+    let mut probe_state = sync::State::new();
+    let heads_only = a_doc.generate_sync_message(&mut probe_state).unwrap();
+    assert!(heads_only.changes.is_empty());
+    send(
+        &mut ws,
+        &sync_item(a, A, Payload::Sync(heads_only.encode())),
+    )
+    .await;
+    match recv(&mut ws).await {
+        Message::Sync { batch } => assert_eq!(batch[0].id, a),
+        other => panic!("expected a sync reply, got {other:?}"),
+    }
+    // Writes to alpha: a create, a change, a delete.
+    let created = DocumentId::from_bytes([5; 16]);
+    send(
+        &mut ws,
+        &sync_item(created, A, Payload::Whole(new_doc_bytes())),
+    )
+    .await;
+    assert_eq!(
+        expect_error(&mut ws, created, &[b]).await,
+        ErrorCode::Forbidden
+    );
+    let change = sync_with_a_change(&a_doc);
+    send(&mut ws, &sync_item(a, A, Payload::Sync(change.clone()))).await;
+    assert_eq!(expect_error(&mut ws, a, &[b]).await, ErrorCode::Forbidden);
+    send(&mut ws, &sync_item(a, A, Payload::Tombstone)).await;
+    assert_eq!(expect_error(&mut ws, a, &[b]).await, ErrorCode::Forbidden);
+    drop(ws);
+
+    // Read-write on alpha, trying to reach beta's document by claiming it is in alpha.
+    let (mut ws, welcome) = relay.raw(&relay.token(A, A)).await;
+    assert!(matches!(welcome, Message::Welcome { .. }), "{welcome:?}");
+    let forged = sync_with_a_change(&b_doc);
+    send(&mut ws, &sync_item(b, A, Payload::Sync(forged))).await;
+    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::BadDocument);
+    send(&mut ws, &sync_item(b, A, Payload::Tombstone)).await;
+    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::BadDocument);
+    send(&mut ws, &sync_item(b, A, Payload::Whole(b_doc.save()))).await;
+    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::BadDocument);
+    send(&mut ws, &sync_item(b, B, Payload::Tombstone)).await;
+    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::Forbidden);
+
+    assert_eq!((relay.state(&a), relay.state(&b)), before);
+    assert!(
+        relay.state(&created).contains("not found"),
+        "{}",
+        relay.state(&created)
+    );
+    // The same change from a session that may write alpha is taken: the refusals above were
+    // about permission, not about the frames.
+    send(&mut ws, &sync_item(a, A, Payload::Sync(change))).await;
+    loop {
+        if let Message::Persisted { docs } = recv(&mut ws).await {
+            assert_eq!(docs[0].0, a);
+            break;
+        }
+    }
+    assert_ne!(relay.state(&a), before.0);
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_at_hello_with_the_reason() {
+    let relay = Relay::start(|_| {}).await;
+    let forged = TokenKey::from_secret(&[8; 32])
+        .unwrap()
+        .issue("x", &Scope::All, &Scope::All, Duration::from_secs(60))
+        .unwrap();
+    let expired = relay
+        .key
+        .issue_until("x", &Scope::All, &Scope::All, unix_now() - 5)
+        .unwrap();
+    for (token, why) in [
+        (forged, "signature"),
+        (expired, "expired"),
+        ("not a token".to_owned(), "malformed"),
+    ] {
+        let (mut ws, answer) = relay.raw(&token).await;
+        match answer {
+            Message::Reject { code, reason } => {
+                assert_eq!(code, RejectCode::Unauthorized);
+                assert!(reason.contains(why), "{reason}");
+            }
+            other => panic!("expected Reject, got {other:?}"),
+        }
+        assert_eq!(expect_close(&mut ws).await.0, CloseCode::Policy);
+    }
+    // Asking for a collection the token does not grant.
+    let (mut ws, _) = timeout(LIMIT, tokio_tungstenite::connect_async(relay.url()))
+        .await
+        .unwrap()
+        .unwrap();
+    let hello = Message::Hello {
+        protocol: protocol::PROTOCOL_VERSION.into(),
+        replica: ReplicaId::from_bytes([1; 16]),
+        token: Some(relay.token(A, A)),
+        scope: WireScope::Collections(vec![A.into(), B.into()]),
+    };
+    send(&mut ws, &hello).await;
+    match recv(&mut ws).await {
+        Message::Reject { code, reason } => {
+            assert_eq!(code, RejectCode::Forbidden);
+            assert!(reason.contains("does not allow reading beta"), "{reason}");
+        }
+        other => panic!("expected Reject, got {other:?}"),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn a_token_that_expires_ends_the_live_session() {
+    let relay = Relay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::open(dir.path().join("c.db")).unwrap();
+    // Valid for 2 more seconds (JWT expiry has whole-second resolution).
+    let token = relay
+        .key
+        .issue_until("short", &Scope::All, &Scope::All, unix_now() + 2)
+        .unwrap();
+    let options = ConnectOptions {
+        token: Some(token),
+        initial_backoff: Duration::from_millis(50),
+        ..ConnectOptions::default()
+    };
+    let connection = replica.connect(&relay.url(), options);
+    timeout(LIMIT, connection.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+    let started = Instant::now();
+    // The relay closes the session at expiry; the reconnect is refused: expired.
+    let mut status = connection.watch();
+    let status = timeout(
+        LIMIT,
+        status.wait_for(|s| matches!(s, Status::Rejected { .. })),
+    )
+    .await
+    .expect("the session outlived its token")
+    .unwrap()
+    .clone();
+    assert!(
+        matches!(&status, Status::Rejected { reason } if reason.contains("expired")),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() <= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn creates_over_the_per_minute_limit_are_refused_per_document() {
+    let relay = Relay::start(|c| c.creates_per_minute = Some(3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::open(dir.path().join("c.db")).unwrap();
+    let ids: Vec<DocumentId> = (0..5)
+        .map(|i| replica.create(A, json!({ "i": i })).unwrap())
+        .collect();
+    let options = ConnectOptions {
+        token: Some(relay.token("*", "*")),
+        ..ConnectOptions::default()
+    };
+    let connection = replica.connect(&relay.url(), options);
+    timeout(LIMIT, connection.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+    let refused = connection.refused();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused.iter().all(|r| r.code == ErrorCode::RateLimited));
+    let stored = ids
+        .iter()
+        .filter(|id| relay.state(id).starts_with("heads"))
+        .count();
+    assert_eq!(stored, 3);
+    // Edits to documents the relay has keep syncing.
+    let kept = ids
+        .iter()
+        .find(|id| !refused.iter().any(|r| r.doc == **id))
+        .unwrap();
+    replica.update(kept, json!({"more": true})).unwrap();
+    timeout(LIMIT, connection.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        relay.state(kept),
+        format!("heads {:?}", replica.get(kept).unwrap().heads)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flooding_clients_are_cut_off_while_a_good_client_keeps_syncing() {
+    let relay = Relay::start(|c| {
+        c.max_connections = 6;
+        c.rate_limit.per_second = 100.0;
+        c.rate_limit.burst = 200.0;
+        c.byte_limit.per_second = 1024.0 * 1024.0;
+        c.byte_limit.burst = 2.0 * 1024.0 * 1024.0;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = relay.token("*", "*");
+    let options = ConnectOptions {
+        token: Some(token.clone()),
+        ..ConnectOptions::default()
+    };
+    let writer = Replica::open(dir.path().join("w.db")).unwrap();
+    let reader = Replica::open(dir.path().join("r.db")).unwrap();
+    let w = writer.connect(&relay.url(), options.clone());
+    let r = reader.connect(&relay.url(), options);
+    timeout(LIMIT, w.wait_synced()).await.unwrap().unwrap();
+    timeout(LIMIT, r.wait_synced()).await.unwrap().unwrap();
+
+    // Two flooders: one with frames, one with bytes; two more just hold connections.
+    let (mut frames, _) = relay.raw(&token).await;
+    let (mut bytes, _) = relay.raw(&token).await;
+    let (_idle1, _) = relay.raw(&token).await;
+    let (_idle2, _) = relay.raw(&token).await;
+    // The cap (6) is reached: one more is refused before the WebSocket handshake.
+    match timeout(LIMIT, tokio_tungstenite::connect_async(relay.url()))
+        .await
+        .unwrap()
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("expected HTTP 503, got {other:?}"),
+    }
+    let frame_flood = tokio::spawn(async move {
+        for nonce in 0..2_000u64 {
+            let ping = protocol::encode(&Message::Ping { nonce });
+            if frames.send(WsMessage::Binary(ping.into())).await.is_err() {
+                break;
+            }
+        }
+        expect_rate_limited(&mut frames).await
+    });
+    let byte_flood = tokio::spawn(async move {
+        // Valid frames the relay reads and drops (a client's acknowledgements), 512 KiB each:
+        // cheap to handle, just too many bytes.
+        let padding = Message::Persisted {
+            docs: vec![(DocumentId::from_bytes([3; 16]), vec![[0u8; 32]; 16 * 1024])],
+        };
+        let frame = protocol::encode(&padding);
+        for _ in 0..10 {
+            if bytes
+                .send(WsMessage::Binary(frame.clone().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        expect_rate_limited(&mut bytes).await
+    });
+
+    // Meanwhile the good clients sync as usual.
+    let mut latencies = Vec::new();
+    for i in 0..20 {
+        let sent = Instant::now();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let hook = reader.on_change(Scope::All, move |e| {
+            let _ = tx.send(e.id);
+        });
+        let id = writer.create(A, json!({ "i": i })).unwrap();
+        while timeout(LIMIT, rx.recv()).await.unwrap().unwrap() != id {}
+        latencies.push(sent.elapsed());
+        drop(hook);
+    }
+    let frame_reason = timeout(LIMIT, frame_flood).await.unwrap().unwrap();
+    let byte_reason = timeout(LIMIT, byte_flood).await.unwrap().unwrap();
+    assert!(frame_reason.contains("frame rate"), "{frame_reason}");
+    assert!(byte_reason.contains("byte rate"), "{byte_reason}");
+    latencies.sort();
+    let worst = latencies[latencies.len() - 1];
+    eprintln!(
+        "good client latency during the floods: median {:?}, worst {worst:?}",
+        latencies[10]
+    );
+    assert!(worst < Duration::from_secs(2), "{latencies:?}");
+    assert!(matches!(w.status(), Status::Synced | Status::Connected));
+}
+
+/// Reads until the relay says `RateLimited` and closes with 1008; returns the close reason.
+async fn expect_rate_limited(ws: &mut Raw) -> String {
+    let mut typed = false;
+    loop {
+        match timeout(LIMIT, ws.next()).await.expect("not cut off") {
+            Some(Ok(WsMessage::Binary(bytes))) => {
+                if let Ok(Message::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }) = protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME)
+                {
+                    typed = true;
+                }
+            }
+            Some(Ok(WsMessage::Close(Some(frame)))) => {
+                assert_eq!(frame.code, CloseCode::Policy);
+                assert!(typed, "closed without a RateLimited error first");
+                return frame.reason.to_string();
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_relay_without_auth_grants_what_is_asked() {
+    // The default for a loopback relay (the CLI refuses a non-loopback one without a secret).
+    let relay = Relay::start(|c| c.auth = None).await;
+    let (_ws, welcome) = relay.raw("ignored").await;
+    assert!(
+        matches!(
+            welcome,
+            Message::Welcome {
+                scope: WireScope::All,
+                ..
+            }
+        ),
+        "{welcome:?}"
+    );
+}
