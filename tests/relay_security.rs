@@ -82,6 +82,23 @@ impl Relay {
         }
     }
 
+    /// One counter from `/metrics`.
+    async fn metric(&self, name: &str) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        timeout(LIMIT, stream.read_to_string(&mut response))
+            .await
+            .unwrap()
+            .unwrap();
+        response
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in\n{response}"))
+    }
+
     /// A raw session: Hello with `token`, and the relay's answer.
     async fn raw(&self, token: &str) -> (Raw, Message) {
         let (mut ws, _) = timeout(LIMIT, tokio_tungstenite::connect_async(self.url()))
@@ -378,6 +395,7 @@ async fn bad_tokens_are_refused_at_hello_with_the_reason() {
         }
         other => panic!("expected Reject, got {other:?}"),
     }
+    assert_eq!(relay.metric("weft_sessions_refused_total").await, 4);
 }
 
 fn unix_now() -> u64 {
@@ -561,6 +579,7 @@ async fn flooding_clients_are_cut_off_while_a_good_client_keeps_syncing() {
     );
     assert!(worst < Duration::from_secs(2), "{latencies:?}");
     assert!(matches!(w.status(), Status::Synced | Status::Connected));
+    assert_eq!(relay.metric("weft_rate_limited_total").await, 2);
 }
 
 /// Reads until the relay says `RateLimited` and closes with 1008; returns the close reason.

@@ -57,8 +57,11 @@ pub enum AuthError {
 struct Claims {
     sub: String,
     exp: u64,
+    #[serde(default)]
     iat: u64,
+    #[serde(default)]
     read: Vec<String>,
+    #[serde(default)]
     write: Vec<String>,
 }
 

@@ -227,6 +227,10 @@ pub(crate) async fn session(
                 None
             };
             if let Some(what) = limited {
+                shared
+                    .metrics
+                    .rate_limited
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Say why in the protocol too (a close reason is easy to lose), then close:
                 // a flooding client costs the relay until it is gone.
                 let error = Message::Error {
@@ -282,6 +286,10 @@ pub(crate) async fn session(
                     Ok(admitted) => admitted,
                     Err((code, reason)) => {
                         tracing::info!(client = %replica, ?code, %reason, "refused");
+                        shared
+                            .metrics
+                            .sessions_refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let reject = Message::Reject {
                             code,
                             reason: reason.clone(),

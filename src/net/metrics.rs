@@ -14,6 +14,8 @@ pub struct Metrics {
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
+    pub(crate) sessions_refused: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
     pub(crate) sync_latency: Histogram,
 }
 
@@ -144,6 +146,18 @@ impl Metrics {
             "counter",
             "Connections closed for bad input (malformed, oversized, text, rate, order).",
             get(&self.protocol_errors),
+        );
+        metric(
+            "weft_sessions_refused_total",
+            "counter",
+            "Hellos refused: missing, forged or expired tokens, collections not granted.",
+            get(&self.sessions_refused),
+        );
+        metric(
+            "weft_rate_limited_total",
+            "counter",
+            "Connections closed for exceeding the frame or byte rate.",
+            get(&self.rate_limited),
         );
         if let Some(docs) = documents_stored {
             metric(
