@@ -46,6 +46,8 @@ pub struct FanoutOptions {
     pub dir: Option<PathBuf>,
     /// How long receivers may take to see the last write, after it was made.
     pub timeout: Duration,
+    pub token: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `weft bench idle`.
@@ -56,6 +58,7 @@ pub struct IdleOptions {
     pub from: PathBuf,
     /// Stay connected this long; until SIGINT/SIGTERM when absent.
     pub hold: Option<Duration>,
+    pub token: Option<String>,
 }
 
 fn runtime() -> CliResult<tokio::runtime::Runtime> {
@@ -165,7 +168,14 @@ async fn fanout_run(o: &FanoutOptions, replicas: Vec<Replica>) -> CliResult {
     let started = Instant::now();
     let connections: Vec<Connection> = replicas
         .iter()
-        .map(|r| r.connect(&o.server, ConnectOptions::default()))
+        .map(|r| {
+            let options = ConnectOptions {
+                token: o.token.clone(),
+                ca_file: o.ca_file.clone(),
+                ..ConnectOptions::default()
+            };
+            r.connect(&o.server, options)
+        })
         .collect();
     // Count every drop: the client reconnects by itself, which would hide a lost connection
     // behind a late arrival.
@@ -438,8 +448,9 @@ async fn idle_run(o: &IdleOptions, summary: CatalogSummary) -> CliResult {
     let mut tasks = Vec::with_capacity(o.clients);
     for _ in 0..o.clients {
         let replica = random_replica_id()?;
-        let (server, frame, stats, handshakes) = (
+        let (server, token, frame, stats, handshakes) = (
             o.server.clone(),
+            o.token.clone(),
             frame.clone(),
             stats.clone(),
             handshakes.clone(),
@@ -451,7 +462,7 @@ async fn idle_run(o: &IdleOptions, summary: CatalogSummary) -> CliResult {
                     return;
                 };
                 tokio::select! {
-                    r = idle_handshake(&server, replica, &frame) => match r {
+                    r = idle_handshake(&server, token, replica, &frame) => match r {
                         Ok(ws) => {
                             let _ = ready_tx.send(Ok(()));
                             ws
@@ -582,7 +593,12 @@ async fn recv(ws: &mut Ws) -> Result<Message, String> {
 }
 
 /// Connect, `Hello` -> `Welcome`, announce `summary`, expect "in sync" (`Entries` of no bucket).
-async fn idle_handshake(url: &str, replica: ReplicaId, summary: &[u8]) -> Result<Ws, String> {
+async fn idle_handshake(
+    url: &str,
+    token: Option<String>,
+    replica: ReplicaId,
+    summary: &[u8],
+) -> Result<Ws, String> {
     // A small read buffer: these sessions only ever receive a few small frames, and a thousand
     // default 128 KiB buffers would make this process, not the relay, the memory hog.
     let config = WebSocketConfig::default().read_buffer_size(4096);
@@ -594,7 +610,7 @@ async fn idle_handshake(url: &str, replica: ReplicaId, summary: &[u8]) -> Result
     let hello = Message::Hello {
         protocol: u16::from(protocol::PROTOCOL_VERSION),
         replica,
-        token: None,
+        token,
         scope: WireScope::All,
     };
     send(&mut ws, &hello).await?;

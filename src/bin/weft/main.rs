@@ -228,6 +228,12 @@ enum BenchCmd {
         /// Seconds the receivers may take to see the last edit after it was made.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// A token, for relays that require one.
+        #[arg(long, env = "WEFT_TOKEN")]
+        token: Option<String>,
+        /// Trust this PEM CA certificate for wss:// (a self-signed relay).
+        #[arg(long, value_name = "PEM")]
+        ca_file: Option<PathBuf>,
     },
     /// Relay memory with idle clients: N raw WebSocket sessions that say Hello, announce the
     /// catalog summary of `--from` (a replica in sync with the relay), get "in sync", then stay
@@ -246,6 +252,9 @@ enum BenchCmd {
         /// absent.
         #[arg(long, value_name = "SECS")]
         hold: Option<u64>,
+        /// A token, for relays that require one (ws:// only).
+        #[arg(long, env = "WEFT_TOKEN")]
+        token: Option<String>,
     },
 }
 
@@ -573,6 +582,8 @@ fn bench_cmd(cmd: BenchCmd) -> CliResult {
             collection,
             dir,
             timeout,
+            token,
+            ca_file,
         } => bench::fanout(bench::FanoutOptions {
             server,
             clients: clients as usize,
@@ -581,17 +592,21 @@ fn bench_cmd(cmd: BenchCmd) -> CliResult {
             collection,
             dir,
             timeout: Duration::from_secs(timeout),
+            token,
+            ca_file,
         }),
         BenchCmd::Idle {
             server,
             clients,
             from,
             hold,
+            token,
         } => bench::idle(bench::IdleOptions {
             server,
             clients: clients as usize,
             from,
             hold: hold.map(Duration::from_secs),
+            token,
         }),
     }
 }
