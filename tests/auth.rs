@@ -313,6 +313,28 @@ fn every_operation_with_every_token_is_allowed_or_refused_as_the_token_says() {
         }
     }
     assert_eq!(checked, 60);
+
+    // Asking for everything with a token for alpha syncs alpha, and says that it did only that.
+    let db = dir.path().join("narrowed.db");
+    let out = weft(
+        &db,
+        &[
+            "sync",
+            "--server",
+            &relay.url,
+            "--once",
+            "--token",
+            tokens[4].1.as_deref().unwrap(),
+        ],
+    )
+    .ok();
+    assert!(
+        out.stderr.contains("grants only collections alpha"),
+        "{out:#?}"
+    );
+    let replica = Replica::open(&db).unwrap();
+    assert!(replica.get(&readable[0]).is_ok());
+    assert!(replica.get(&readable[1]).is_err());
 }
 
 #[test]

@@ -90,15 +90,23 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// The documents the relay refused, until it acknowledges a later version of one.
-type Refusals = Arc<Mutex<BTreeMap<DocumentId, Refusal>>>;
+/// What the sessions learned that the status does not say, shared with the [`Connection`].
+#[derive(Default)]
+struct Report {
+    /// The documents the relay refused, until it acknowledges a later version of one.
+    refused: Mutex<BTreeMap<DocumentId, Refusal>>,
+    /// The collections the relay granted in the latest session.
+    granted: Mutex<Option<Scope>>,
+}
+
+type SharedReport = Arc<Report>;
 
 /// A live connection to a relay. Dropping it disconnects.
 pub struct Connection {
     status: watch::Receiver<Status>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
-    refused: Refusals,
+    report: SharedReport,
 }
 
 impl Connection {
@@ -112,10 +120,17 @@ impl Connection {
         self.status.clone()
     }
 
+    /// The collections the relay granted in the latest session (its token may allow fewer
+    /// than [`ConnectOptions::scope`] asked for); `None` before the first session.
+    pub fn granted(&self) -> Option<Scope> {
+        self.report.granted.lock().ok().and_then(|g| g.clone())
+    }
+
     /// The documents the relay refused (see [`Refusal`]). [`Status::Synced`] means in sync
     /// except for these: their local changes stay here, and reconciliation leaves them out.
     pub fn refused(&self) -> Vec<Refusal> {
-        self.refused
+        self.report
+            .refused
             .lock()
             .map(|r| r.values().cloned().collect())
             .unwrap_or_default()
@@ -163,19 +178,19 @@ impl Replica {
         let (status_tx, status_rx) = watch::channel(Status::Connecting);
         let status_tx = std::sync::Arc::new(status_tx);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let refused = Refusals::default();
+        let report = SharedReport::default();
         let task = tokio::spawn(run(
             self.clone(),
             url.to_owned(),
             options,
-            (status_tx, refused.clone()),
+            (status_tx, report.clone()),
             stop_rx,
         ));
         Connection {
             status: status_rx,
             stop: stop_tx,
             task: Some(task),
-            refused,
+            report,
         }
     }
 }
@@ -194,14 +209,14 @@ async fn run(
     replica: Replica,
     url: String,
     options: ConnectOptions,
-    (status, refused): (std::sync::Arc<watch::Sender<Status>>, Refusals),
+    (status, report): (std::sync::Arc<watch::Sender<Status>>, SharedReport),
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = options.initial_backoff;
     let mut attempt: u64 = 0;
     loop {
         let _ = status.send(Status::Connecting);
-        let reporting = (status.clone(), refused.clone());
+        let reporting = (status.clone(), report.clone());
         match session(&replica, &url, &options, reporting, &mut stop).await {
             Ended::Stopped => return,
             Ended::Rejected(reason) => {
@@ -239,7 +254,7 @@ async fn session(
     replica: &Replica,
     url: &str,
     options: &ConnectOptions,
-    (status, refused): (std::sync::Arc<watch::Sender<Status>>, Refusals),
+    (status, report): (std::sync::Arc<watch::Sender<Status>>, SharedReport),
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
     // A small read buffer: tungstenite zero-fills the free part of it before every read.
@@ -315,6 +330,9 @@ async fn session(
         WireScope::All => Scope::All,
         WireScope::Collections(c) => Scope::Collections(c),
     };
+    if let Ok(mut granted) = report.granted.lock() {
+        *granted = Some(scope.clone());
+    }
     let router = Router::of(replica);
     // The router moves the status between Connected and Synced itself, under the replica's
     // lock and in commit order: a write made after `wait_synced` saw Synced has already
@@ -347,13 +365,13 @@ async fn session(
                 Some(Outbound::Event(PeerEvent::Error { code, message, doc })) => {
                     tracing::info!(?code, %message, ?doc, "relay reported an error");
                     if let (Some(doc), ErrorCode::Forbidden | ErrorCode::RateLimited) = (doc, code)
-                        && let Ok(mut refused) = refused.lock()
+                        && let Ok(mut refused) = report.refused.lock()
                     {
                         refused.insert(doc, Refusal { doc, code, message });
                     }
                 }
                 Some(Outbound::Event(PeerEvent::Persisted(docs))) => {
-                    if let Ok(mut refused) = refused.lock()
+                    if let Ok(mut refused) = report.refused.lock()
                         && !refused.is_empty()
                     {
                         for (doc, _) in &docs {

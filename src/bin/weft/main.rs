@@ -643,7 +643,16 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
             let result = tokio::time::timeout(Duration::from_secs(args.timeout), connection.wait_synced()).await;
             let status = connection.status();
             let refused = connection.refused();
+            let granted = connection.granted();
             connection.close().await;
+            // A token may grant fewer collections than asked for: say so, and count those.
+            let scope = match granted {
+                Some(granted) if granted != scope => {
+                    eprintln!("note: {} grants only {}; other collections were not synced", args.server, describe(&granted));
+                    granted
+                }
+                _ => scope,
+            };
             return match result {
                 Err(_) => Err(CliError::Io(format!("not in sync with {} after {} s", args.server, args.timeout))),
                 Ok(Err(Status::Rejected { reason })) => Err(CliError::Io(format!("{} rejected the session: {reason}", args.server))),
@@ -709,6 +718,16 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
             }
         }
     })
+}
+
+/// "collections a, b" or "every collection".
+#[cfg(feature = "net")]
+fn describe(scope: &weft::Scope) -> String {
+    match scope {
+        weft::Scope::All => "every collection".into(),
+        weft::Scope::Collections(c) if c.is_empty() => "no collection".into(),
+        weft::Scope::Collections(c) => format!("collections {}", c.join(", ")),
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
