@@ -623,3 +623,70 @@ async fn a_relay_without_auth_grants_what_is_asked() {
         "{welcome:?}"
     );
 }
+
+#[tokio::test]
+async fn a_refused_document_does_not_hold_up_the_others() {
+    let relay = Relay::start(|_| {}).await;
+    let [(a, _), (b, _)] = seed(&relay).await;
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::open(dir.path().join("c.db")).unwrap();
+    // Reads both collections, writes alpha only.
+    let options = ConnectOptions {
+        token: Some(relay.token(&format!("{A},{B}"), A)),
+        ..ConnectOptions::default()
+    };
+    let connection = replica.connect(&relay.url(), options);
+    timeout(LIMIT, connection.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(connection.refused().is_empty());
+    let b_before = relay.state(&b);
+    // One session, one allowed and one forbidden edit, and a new alpha document.
+    replica.update(&b, json!({"secret": "changed"})).unwrap();
+    replica.update(&a, json!({"secret": "changed"})).unwrap();
+    let created = replica.create(A, json!({"new": true})).unwrap();
+    timeout(LIMIT, connection.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+    let refused = connection.refused();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!((refused[0].doc, refused[0].code), (b, ErrorCode::Forbidden));
+    assert!(
+        refused[0]
+            .message
+            .contains("may not write collection \"beta\"")
+    );
+    for id in [a, created] {
+        assert_eq!(
+            relay.state(&id),
+            format!("heads {:?}", replica.get(&id).unwrap().heads)
+        );
+    }
+    assert_eq!(relay.state(&b), b_before);
+    // Reads of the refused document go on: a change made by someone who may write it arrives.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _hook = replica.on_change(Scope::collection(B), move |e| {
+        let _ = tx.send(e.id);
+    });
+    let admin_dir = tempfile::tempdir().unwrap();
+    let admin = Replica::open(admin_dir.path().join("admin.db")).unwrap();
+    let admin_options = ConnectOptions {
+        token: Some(relay.token("*", "*")),
+        ..ConnectOptions::default()
+    };
+    let admin_connection = admin.connect(&relay.url(), admin_options);
+    timeout(LIMIT, admin_connection.wait_synced())
+        .await
+        .unwrap()
+        .unwrap();
+    admin.update(&b, json!({"by": "admin"})).unwrap();
+    assert_eq!(timeout(LIMIT, rx.recv()).await.unwrap(), Some(b));
+    let body = replica.get(&b).unwrap().body;
+    assert_eq!(body["by"], "admin", "{body}");
+    assert_eq!(
+        body["secret"], "changed",
+        "the local edit stays local: {body}"
+    );
+}
