@@ -6,12 +6,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 
 use serde_json::json;
-use support::{weft, weft_command};
+use support::{RelayProcess, weft};
 use weft::net::auth::TokenKey;
 use weft::{DocumentId, Replica, Scope};
 
@@ -19,35 +17,19 @@ const A: &str = "alpha";
 const B: &str = "beta";
 
 struct Relay {
-    child: Child,
+    /// Kept for its `Drop`, which stops the relay.
+    _process: RelayProcess,
     url: String,
     db: PathBuf,
 }
 
 impl Relay {
     fn start(data: &Path, extra: &[&str]) -> Relay {
-        let mut child = weft_command()
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn weft serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        assert!(url.starts_with("ws://127.0.0.1:"), "{line:?}");
+        let extra: Vec<&std::ffi::OsStr> = extra.iter().map(|a| a.as_ref()).collect();
+        let process = RelayProcess::start(data, &extra);
         Relay {
-            child,
-            url,
+            url: process.url.clone(),
+            _process: process,
             db: data.join("relay.db"),
         }
     }
@@ -60,13 +42,6 @@ impl Relay {
             Ok(doc) => format!("heads {:?}", doc.heads),
             Err(e) => format!("error {e}"),
         }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

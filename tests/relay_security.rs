@@ -73,6 +73,20 @@ impl Relay {
             .unwrap()
     }
 
+    /// Connects `replica` with `token` and waits until it is in sync.
+    async fn synced(&self, replica: &Replica, token: String) -> weft::net::Connection {
+        let options = ConnectOptions {
+            token: Some(token),
+            ..ConnectOptions::default()
+        };
+        let connection = replica.connect(&self.url(), options);
+        timeout(LIMIT, connection.wait_synced())
+            .await
+            .unwrap()
+            .unwrap();
+        connection
+    }
+
     /// The relay's stored version of a document (heads, or the error reading it).
     fn state(&self, id: &DocumentId) -> String {
         let replica = Replica::open(self.dir.path().join("data/relay.db")).unwrap();
@@ -219,15 +233,7 @@ async fn seed(relay: &Relay) -> [(DocumentId, Automerge); 2] {
     let admin = Replica::open(dir.path().join("admin.db")).unwrap();
     let a = admin.create(A, json!({"secret": "a"})).unwrap();
     let b = admin.create(B, json!({"secret": "b"})).unwrap();
-    let options = ConnectOptions {
-        token: Some(relay.token("*", "*")),
-        ..ConnectOptions::default()
-    };
-    let connection = admin.connect(&relay.url(), options);
-    timeout(LIMIT, connection.wait_synced())
-        .await
-        .unwrap()
-        .unwrap();
+    let connection = relay.synced(&admin, relay.token("*", "*")).await;
     connection.close().await;
     let bundle = Bundle::decode(&admin.export_bundle(&BundleScope::All).unwrap()).unwrap();
     let doc = |id: DocumentId| {
@@ -455,15 +461,7 @@ async fn creates_over_the_per_minute_limit_are_refused_per_document() {
     let ids: Vec<DocumentId> = (0..5)
         .map(|i| replica.create(A, json!({ "i": i })).unwrap())
         .collect();
-    let options = ConnectOptions {
-        token: Some(relay.token("*", "*")),
-        ..ConnectOptions::default()
-    };
-    let connection = replica.connect(&relay.url(), options);
-    timeout(LIMIT, connection.wait_synced())
-        .await
-        .unwrap()
-        .unwrap();
+    let connection = relay.synced(&replica, relay.token("*", "*")).await;
     let refused = connection.refused();
     assert_eq!(refused.len(), 2, "{refused:?}");
     assert!(refused.iter().all(|r| r.code == ErrorCode::RateLimited));
@@ -631,15 +629,9 @@ async fn a_refused_document_does_not_hold_up_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let replica = Replica::open(dir.path().join("c.db")).unwrap();
     // Reads both collections, writes alpha only.
-    let options = ConnectOptions {
-        token: Some(relay.token(&format!("{A},{B}"), A)),
-        ..ConnectOptions::default()
-    };
-    let connection = replica.connect(&relay.url(), options);
-    timeout(LIMIT, connection.wait_synced())
-        .await
-        .unwrap()
-        .unwrap();
+    let connection = relay
+        .synced(&replica, relay.token(&format!("{A},{B}"), A))
+        .await;
     assert!(connection.refused().is_empty());
     let b_before = relay.state(&b);
     // One session, one allowed and one forbidden edit, and a new alpha document.
@@ -672,15 +664,7 @@ async fn a_refused_document_does_not_hold_up_the_others() {
     });
     let admin_dir = tempfile::tempdir().unwrap();
     let admin = Replica::open(admin_dir.path().join("admin.db")).unwrap();
-    let admin_options = ConnectOptions {
-        token: Some(relay.token("*", "*")),
-        ..ConnectOptions::default()
-    };
-    let admin_connection = admin.connect(&relay.url(), admin_options);
-    timeout(LIMIT, admin_connection.wait_synced())
-        .await
-        .unwrap()
-        .unwrap();
+    let _admin_connection = relay.synced(&admin, relay.token("*", "*")).await;
     admin.update(&b, json!({"by": "admin"})).unwrap();
     assert_eq!(timeout(LIMIT, rx.recv()).await.unwrap(), Some(b));
     let body = replica.get(&b).unwrap().body;

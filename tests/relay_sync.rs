@@ -3,15 +3,18 @@
 //! bounded; live delivery is awaited on a change subscription, never polled.
 #![cfg(feature = "net")]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use weft::net::{ConnectOptions, RelayConfig, Status};
 use weft::{Replica, Scope};
+
+mod support;
+
+use support::RelayProcess;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -43,41 +46,10 @@ fn sorted_list(db: &Path) -> Vec<Value> {
     docs
 }
 
-struct RelayProcess {
-    child: Child,
-    url: String,
-}
-
-impl RelayProcess {
-    fn start(data: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line.trim().rsplit(' ').next().unwrap().to_owned();
-        assert!(url.starts_with("ws://127.0.0.1:"), "{line}");
-        RelayProcess { child, url }
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn three_cli_replicas_converge_through_a_relay_process() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(&dir.path().join("relay"));
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]);
     let dbs: Vec<_> = ["a.db", "b.db", "c.db"]
         .iter()
         .map(|n| dir.path().join(n))
@@ -311,7 +283,7 @@ fn kill_9_of_relay_or_client_mid_sync_then_converge() {
     ok(&a, &["import", ndjson.to_str().unwrap(), "-c", "todos"]);
 
     // Kill the relay while a pushes its documents.
-    let mut relay = RelayProcess::start(&data);
+    let mut relay = RelayProcess::start(&data, &[]);
     let mut push = Command::new(env!("CARGO_BIN_EXE_weft"))
         .arg("--db")
         .arg(&a)
@@ -343,7 +315,7 @@ fn kill_9_of_relay_or_client_mid_sync_then_converge() {
         .unwrap()
         .integrity_check()
         .unwrap();
-    let relay = RelayProcess::start(&data);
+    let relay = RelayProcess::start(&data, &[]);
     ok(&a, &["sync", "--server", &relay.url, "--once"]);
 
     // Kill a fresh client while it pulls; its file stays intact and the next sync completes.

@@ -4,10 +4,8 @@
 //! (a status change, a process line), never a sleep.
 #![cfg(feature = "net")]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +17,10 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use weft::Replica;
 use weft::net::{ConnectOptions, Connection, NetError, RelayConfig, Status, TlsConfig};
+
+mod support;
+
+use support::{RelayProcess, weft};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -309,62 +311,8 @@ fn tls_config_errors_say_what_is_wrong() {
     assert!(e.contains("does not belong to the certificate"), "{e}");
 }
 
-/// `weft serve` with a TLS certificate, killed when dropped.
-struct RelayProcess {
-    child: Child,
-    url: String,
-}
-
-impl RelayProcess {
-    fn start(data: &Path, cert: &Path, key: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data)
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .env_remove("WEFT_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line.trim().rsplit(' ').next().unwrap().to_owned();
-        assert!(url.starts_with("wss://127.0.0.1:"), "{line}");
-        RelayProcess { child, url }
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn weft(db: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_weft"))
-        .arg("--db")
-        .arg(db)
-        .args(args)
-        .env_remove("WEFT_LOG")
-        .env_remove("WEFT_TOKEN")
-        .output()
-        .unwrap()
-}
-
 fn ok(db: &Path, args: &[&str]) -> String {
-    let out = weft(db, args);
-    assert!(
-        out.status.success(),
-        "weft {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    weft(db, args).ok().stdout
 }
 
 #[test]
@@ -375,17 +323,24 @@ fn cli_serve_with_a_certificate_and_sync_with_its_ca() {
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
 
     // Both files or neither: a usage error.
-    let out = weft(&a, &["serve", "--tls-cert", ca]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    weft(&a, &["serve", "--tls-cert", ca]).usage_error();
     // A bad certificate file fails before serving.
     let out = weft(
         &a,
         &["serve", "--tls-cert", "/nonexistent.pem", "--tls-key", ca],
-    );
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.pem"));
+    )
+    .runtime_error();
+    assert!(out.stderr.contains("/nonexistent.pem"), "{out:?}");
 
-    let relay = RelayProcess::start(&dir.path().join("relay"), &cert, &key);
+    let relay = RelayProcess::start(
+        &dir.path().join("relay"),
+        &[
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ],
+    );
     let id = ok(
         &a,
         &["doc", "create", "-c", "todos", "--json", r#"{"tls":true}"#],
@@ -408,8 +363,6 @@ fn cli_serve_with_a_certificate_and_sync_with_its_ca() {
     assert_eq!(ma["heads"], mb["heads"]);
 
     // Without --ca-file: exit 1, and the message says it is the certificate.
-    let out = weft(&b, &["sync", "--server", &relay.url, "--once"]);
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("certificate"), "{stderr}");
+    let out = weft(&b, &["sync", "--server", &relay.url, "--once"]).runtime_error();
+    assert!(out.stderr.contains("certificate"), "{out:?}");
 }

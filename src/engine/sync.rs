@@ -176,6 +176,8 @@ impl CreateBudget {
     }
 }
 
+const WRONG_COLLECTION: &str = "document belongs to another collection";
+
 /// How long an initiator leaves out a document the peer refused to create because of its
 /// create limit, before offering it again.
 const RATE_LIMITED_RETRY_MS: i64 = 60_000;
@@ -786,12 +788,7 @@ impl Engine {
             Payload::Tombstone => match self.touch(&id) {
                 Touched::Live(live) => {
                     if live.collection != collection {
-                        return self.peer_error(
-                            peer,
-                            ErrorCode::BadDocument,
-                            "document belongs to another collection".into(),
-                            Some(id),
-                        );
+                        return self.wrong_collection(peer, id);
                     }
                     let heads = live.doc.get_heads();
                     self.write_tombstone(now, id, collection, heads, origin, fx);
@@ -839,12 +836,7 @@ impl Engine {
                 match self.touch(&id) {
                     Touched::Live(live) => {
                         if live.collection != collection {
-                            return self.peer_error(
-                                peer,
-                                ErrorCode::BadDocument,
-                                "document belongs to another collection".into(),
-                                Some(id),
-                            );
+                            return self.wrong_collection(peer, id);
                         }
                         let before = live.doc.get_heads();
                         if let Err(e) = live.doc.merge(&mut doc) {
@@ -987,6 +979,17 @@ impl Engine {
         self.ack(peer, id, &heads);
     }
 
+    /// An item that names another collection than the stored document's: refused, whatever
+    /// the session may write (it must not reach a collection through another's permission).
+    fn wrong_collection(&mut self, peer: PeerId, id: DocumentId) {
+        self.peer_error(
+            peer,
+            ErrorCode::BadDocument,
+            WRONG_COLLECTION.into(),
+            Some(id),
+        );
+    }
+
     fn may_read(&self, peer: PeerId, collection: &str) -> bool {
         self.peers
             .get(&peer)
@@ -1053,7 +1056,7 @@ impl Engine {
                 return;
             };
             if live.collection != collection {
-                Err("document belongs to another collection".to_owned())
+                Err(WRONG_COLLECTION.to_owned())
             } else {
                 let state = state_of(p, id, &collection);
                 let before = live.doc.get_heads();

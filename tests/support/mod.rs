@@ -273,3 +273,48 @@ impl SplitMix64 {
             .collect()
     }
 }
+
+/// A `weft serve` process on 127.0.0.1 (a free port), killed when dropped. `url` is the
+/// address it printed (`ws://` or `wss://`).
+pub struct RelayProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl RelayProcess {
+    /// Starts `weft serve --listen 127.0.0.1:0 --data DATA EXTRA...` and waits for its
+    /// listening line.
+    pub fn start(data: &Path, extra: &[&std::ffi::OsStr]) -> Self {
+        let mut child = weft_command()
+            .env_remove("WEFT_TOKEN")
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn weft serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout pipe"))
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            url.starts_with("ws://127.0.0.1:") || url.starts_with("wss://127.0.0.1:"),
+            "{line:?}"
+        );
+        RelayProcess { child, url }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
