@@ -38,7 +38,6 @@
 pub mod bundle;
 pub mod engine;
 pub mod error;
-#[cfg(feature = "sqlite")]
 mod hooks;
 pub mod id;
 pub mod json;
@@ -46,7 +45,6 @@ pub mod json;
 pub mod net;
 pub mod protocol;
 pub mod query;
-#[cfg(feature = "sqlite")]
 mod replica;
 pub mod scope;
 pub mod store;
@@ -56,12 +54,10 @@ pub use automerge::ChangeHash;
 pub use bundle::{Bundle, BundleEntry, BundleError, BundleScope};
 pub use engine::{ChangeEvent, ChangeKind, ImportReport, Origin};
 pub use error::{Error, Result};
-#[cfg(feature = "sqlite")]
 pub use hooks::{HookGuard, Subscription};
 pub use id::{DocumentId, ReplicaId};
 pub use json::{JsonError, Path, PathSeg};
 pub use query::{CmpOp, FieldPath, Filter, Query};
-#[cfg(feature = "sqlite")]
 pub use replica::{
     Clock, CompactReport, Document, Durability, Replica, ReplicaOptions, SessionInput,
 };

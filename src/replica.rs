@@ -24,10 +24,12 @@ use crate::json::{self, Path as DocPath};
 use crate::protocol::Message;
 use crate::query::Query;
 use crate::scope::{Access, Scope};
+use crate::store::Store;
+#[cfg(feature = "sqlite")]
 use crate::store::sqlite::{SqliteStore, StoreOptions};
 use crate::store::{DocRecord, StoreError};
 
-pub use crate::store::sqlite::Durability;
+pub use crate::store::Durability;
 
 /// One input of a replication session, for [`Replica::peer_batch`]; the same as calling
 /// `peer_connected`, `peer_message`, `peer_disconnected` or `peer_flow`.
@@ -121,7 +123,7 @@ pub type Document = DocumentSnapshot;
 
 struct Inner {
     engine: Engine,
-    store: SqliteStore,
+    store: Box<dyn Store>,
     next_command: u64,
 }
 
@@ -164,11 +166,13 @@ fn os_seed() -> Result<u64> {
 
 impl Replica {
     /// Opens or creates the replica stored at `path`.
+    #[cfg(feature = "sqlite")]
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(path, ReplicaOptions::default())
     }
 
     /// Opens or creates the replica stored at `path`, with options.
+    #[cfg(feature = "sqlite")]
     pub fn open_with(path: impl AsRef<Path>, options: ReplicaOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let store = SqliteStore::open(
@@ -177,6 +181,16 @@ impl Replica {
                 durability: options.durability,
             },
         )?;
+        Self::with_store(Box::new(store), path, options)
+    }
+
+    /// A replica over any [`Store`]: [`crate::store::mem::MemStore`] keeps everything in
+    /// memory (the browser build persists its journal to IndexedDB). `path` only names it.
+    pub fn with_store(
+        store: Box<dyn Store>,
+        path: PathBuf,
+        options: ReplicaOptions,
+    ) -> Result<Self> {
         let seed = match options.seed {
             Some(seed) => seed,
             None => os_seed()?,

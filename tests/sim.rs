@@ -2,6 +2,8 @@
 //! simulated network (FIFO per connection, random interleaving across connections, random
 //! disconnects and reconnects, replica restarts), a simulated clock, random CRUD. At the end every
 //! replica holds the same version of every document, and no acknowledged write is lost.
+//! In a quarter of the seeds two replicas keep their data in memory (`MemStore`, the browser
+//! build's store) and a restart rebuilds them from the records their journal persisted.
 //! In half the seeds one replica may not write the "notes" collection: its writes there are
 //! refused and never reach the relay, while everything else still converges.
 //!
@@ -16,7 +18,8 @@ use rand::{RngExt, SeedableRng};
 use serde_json::json;
 use weft::engine::{PeerEvent, PeerId};
 use weft::protocol::Message;
-use weft::{Access, ChangeHash, Clock, DocumentId, Replica, ReplicaOptions, Scope};
+use weft::store::mem::{Journal, MemStore, Record, Table};
+use weft::{Access, ChangeHash, Clock, DocumentId, Replica, ReplicaId, ReplicaOptions, Scope};
 
 const RELAY: usize = 0;
 
@@ -33,6 +36,8 @@ struct Net {
     pause_at: usize,
     paused: std::collections::BTreeSet<(usize, usize)>,
     pauses: usize,
+    /// Restarts of `MemStore` nodes (rebuilt from their persisted records).
+    memory_restores: usize,
 }
 
 struct Sim {
@@ -55,6 +60,24 @@ struct Sim {
     /// the documents it created where it may not.
     forbidden: Vec<(DocumentId, Vec<ChangeHash>)>,
     forbidden_creates: Vec<DocumentId>,
+    /// Nodes on `MemStore`: their journal, and the records persisted from it so far.
+    memory: BTreeMap<usize, (Journal, Kv)>,
+}
+
+/// A key-value store standing in for IndexedDB.
+type Kv = BTreeMap<(Table, String), Vec<u8>>;
+
+fn persist(kv: &mut Kv, records: Vec<Record>) {
+    for record in records {
+        match record {
+            Record::Put { table, key, value } => {
+                kv.insert((table, key), value);
+            }
+            Record::DeletePrefix { table, prefix } => {
+                kv.retain(|(t, k), _| !(*t == table && k.starts_with(&prefix)));
+            }
+        }
+    }
 }
 
 impl Sim {
@@ -77,7 +100,13 @@ impl Sim {
             restricted: None,
             forbidden: Vec::new(),
             forbidden_creates: Vec::new(),
+            memory: BTreeMap::new(),
         };
+        if (seed / 2) % 2 == 1 {
+            for node in [2, 4].into_iter().filter(|n| *n <= clients) {
+                sim.memory.insert(node, (Journal::default(), Kv::new()));
+            }
+        }
         for n in 0..=clients {
             let r = sim.open(n);
             sim.nodes.push(r);
@@ -96,8 +125,25 @@ impl Sim {
             clock: Clock::from_fn(move || clock.load(Ordering::SeqCst)),
             ..ReplicaOptions::default()
         };
-        let r =
-            Replica::open_with(self.dir.path().join(format!("node{node}.db")), options).unwrap();
+        let r = match self.memory.get_mut(&node) {
+            Some((journal, kv)) => {
+                if !kv.is_empty() || !journal.is_empty() {
+                    self.net.lock().unwrap().memory_restores += 1;
+                }
+                // Whatever the previous incarnation committed is durable; rebuild from it.
+                persist(kv, journal.drain());
+                let records = kv.iter().map(|((t, k), v)| (*t, k.clone(), v.clone()));
+                let store = match MemStore::restore(records).unwrap() {
+                    Some(store) => store,
+                    None => MemStore::new(ReplicaId::from_bytes([node as u8 + 1; 16])),
+                };
+                *journal = store.journal();
+                Replica::with_store(Box::new(store), format!("mem{node}").into(), options).unwrap()
+            }
+            None => {
+                Replica::open_with(self.dir.path().join(format!("node{node}.db")), options).unwrap()
+            }
+        };
         let net = self.net.clone();
         // Node n talks to node m over PeerId(m).
         r.set_transport(move |send, events| {
@@ -439,9 +485,9 @@ fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
     heads
 }
 
-/// Runs one seed; returns how many times flow control paused a session, and how many writes
-/// were refused.
-fn run(seed: u64) -> (usize, usize) {
+/// Runs one seed; returns how many times flow control paused a session, how many writes were
+/// refused, and how many in-memory replicas were rebuilt from their records.
+fn run(seed: u64) -> (usize, usize, usize) {
     let mut sim = Sim::new(seed, 5);
     if seed % 2 == 1 {
         sim.restricted = Some(5);
@@ -479,7 +525,8 @@ fn run(seed: u64) -> (usize, usize) {
     sim.settle();
     sim.assert_converged();
     let refused = sim.forbidden.len() + sim.forbidden_creates.len();
-    (sim.net.lock().map(|net| net.pauses).unwrap(), refused)
+    let net = sim.net.lock().unwrap();
+    (net.pauses, refused, net.memory_restores)
 }
 
 fn seeds() -> Vec<u64> {
@@ -502,13 +549,14 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn random_sessions_converge() {
     let seeds = seeds();
-    let (mut pauses, mut refused) = (0, 0);
+    let (mut pauses, mut refused, mut restores) = (0, 0, 0);
     for &seed in &seeds {
         eprintln!("seed = {seed}");
         match std::panic::catch_unwind(|| run(seed)) {
-            Ok((p, r)) => {
+            Ok((p, r, m)) => {
                 pauses += p;
                 refused += r;
+                restores += m;
             }
             Err(panic) => {
                 eprintln!(
@@ -519,12 +567,14 @@ fn random_sessions_converge() {
         }
     }
     eprintln!(
-        "{} seeds, {pauses} flow-control pauses, {refused} refused writes",
+        "{} seeds, {pauses} flow-control pauses, {refused} refused writes, \
+         {restores} in-memory replicas rebuilt from their journal",
         seeds.len()
     );
     if seeds.len() >= 50 {
         assert!(pauses > 0, "the seeds never exercised flow control");
         assert!(refused > 0, "the seeds never exercised a refused write");
+        assert!(restores > 0, "the seeds never rebuilt an in-memory replica");
     }
 }
 

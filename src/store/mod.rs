@@ -9,12 +9,87 @@
 //!
 //! Only `sqlite.rs` knows SQL.
 
+pub mod mem;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 use automerge::ChangeHash;
 
-use crate::id::DocumentId;
+use crate::bundle::{BundleEntry, BundleScope};
+use crate::engine::{ChangeEvent, StorageOp, StoredDoc};
+use crate::id::{DocumentId, ReplicaId};
+use crate::protocol::{CatalogEntry, CatalogSummary};
+use crate::query::Query;
+
+/// How hard a commit works to be durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL with `synchronous=NORMAL`: a committed write survives the process crashing or being
+    /// killed at any instant; an operating-system crash or power cut may lose the last commits
+    /// (never corrupts). The usual choice for applications.
+    #[default]
+    Process,
+    /// WAL with `synchronous=FULL`: every commit is fsynced before it is acknowledged, so it also
+    /// survives power loss. Slower: one fsync per commit.
+    PowerLoss,
+}
+
+/// What a replica needs from its storage: [`sqlite::SqliteStore`] natively, [`mem::MemStore`]
+/// (whose journal IndexedDB makes durable) in the browser. One driver step runs in one
+/// transaction: `begin`, reads, `write`, then `commit` (or `rollback`).
+pub trait Store: Send {
+    fn replica_id(&self) -> ReplicaId;
+    /// The highest change-feed sequence number stored (0 when empty).
+    fn max_seq(&self) -> Result<u64, StoreError>;
+    /// Starts a step's transaction. True when another process committed since the last one
+    /// (whatever the caller cached from storage is stale).
+    fn begin(&mut self) -> Result<bool, StoreError>;
+    fn commit(&mut self) -> Result<(), StoreError>;
+    fn rollback(&mut self);
+    /// Applies engine writes inside the step's transaction.
+    fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError>;
+    /// What the engine needs to bring a document into memory.
+    fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError>;
+    /// The persisted sync state of `id` with `peer`.
+    fn load_sync_state(
+        &self,
+        peer: &ReplicaId,
+        id: &DocumentId,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
+    /// One catalog row.
+    fn get(&self, id: &DocumentId) -> Result<Option<DocRecord>, StoreError>;
+    /// Live documents matching a query, in creation order.
+    fn query(&self, query: &Query) -> Result<Vec<DocRecord>, StoreError>;
+    /// Change-feed entries with `seq > since`, oldest first, at most `limit`.
+    fn changes_since(
+        &self,
+        since: u64,
+        limit: usize,
+        collection: Option<&str>,
+    ) -> Result<Vec<ChangeEvent>, StoreError>;
+    /// Bundle entries: documents as their stored chunks, deletions as tombstones.
+    fn export(&self, scope: &BundleScope) -> Result<Vec<BundleEntry>, StoreError>;
+    /// The reconciliation summary of the documents in `collections` (all when `None`).
+    fn catalog_summary(&self, collections: Option<&[String]>)
+    -> Result<CatalogSummary, StoreError>;
+    /// The catalog entries of the given reconciliation buckets.
+    fn catalog_entries(
+        &self,
+        collections: Option<&[String]>,
+        buckets: &[u8],
+    ) -> Result<Vec<CatalogEntry>, StoreError>;
+    /// Documents with incremental chunks to fold into their snapshot.
+    fn uncompacted(&self) -> Result<Vec<DocumentId>, StoreError>;
+    /// Keeps only the newest change-feed entry per document; returns entries removed.
+    fn compact_feed(&mut self) -> Result<usize, StoreError>;
+    /// Reclaims free space (needs no open transaction).
+    fn vacuum(&mut self) -> Result<(), StoreError>;
+    fn integrity_check(&self) -> Result<(), StoreError>;
+    /// Live documents, tombstones, change-feed entries.
+    fn counts(&self) -> Result<(u64, u64, u64), StoreError>;
+    /// Makes everything written so far durable in the main file (SQLite's WAL checkpoint).
+    fn checkpoint(&self) -> Result<(), StoreError>;
+}
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use rusqlite::{
 };
 use serde_json::Value;
 
-use super::{DocRecord, StoreError, decode_heads, encode_heads};
+use super::{DocRecord, Durability, Store, StoreError, decode_heads, encode_heads};
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::{ChangeEvent, ChangeKind, ChunkKind, StorageOp, StoredChunk, StoredDoc};
 use crate::id::{DocumentId, ReplicaId};
@@ -66,19 +66,6 @@ const MIGRATIONS: &[&str] = &[
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
-
-/// How hard a commit works to be durable.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Durability {
-    /// WAL with `synchronous=NORMAL`: a committed write survives the process crashing or being
-    /// killed at any instant; an operating-system crash or power cut may lose the last commits
-    /// (never corrupts). The usual choice for applications.
-    #[default]
-    Process,
-    /// WAL with `synchronous=FULL`: every commit is fsynced before it is acknowledged, so it also
-    /// survives power loss. Slower: one fsync per commit.
-    PowerLoss,
-}
 
 /// Options for [`SqliteStore::open`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -910,5 +897,104 @@ fn number_arg(value: &Value) -> SqlValue {
     match value.as_i64() {
         Some(i) => SqlValue::Integer(i),
         None => SqlValue::Real(value.as_f64().unwrap_or(f64::NAN)),
+    }
+}
+
+/// The replica's storage interface, answered by the methods above.
+impl Store for SqliteStore {
+    fn replica_id(&self) -> ReplicaId {
+        SqliteStore::replica_id(self)
+    }
+
+    fn max_seq(&self) -> Result<u64, StoreError> {
+        SqliteStore::max_seq(self)
+    }
+
+    fn begin(&mut self) -> Result<bool, StoreError> {
+        SqliteStore::begin(self)
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        SqliteStore::commit(self)
+    }
+
+    fn rollback(&mut self) {
+        SqliteStore::rollback(self)
+    }
+
+    fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
+        SqliteStore::write(self, ops)
+    }
+
+    fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
+        SqliteStore::load(self, id)
+    }
+
+    fn load_sync_state(
+        &self,
+        peer: &ReplicaId,
+        id: &DocumentId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        SqliteStore::load_sync_state(self, peer, id)
+    }
+
+    fn get(&self, id: &DocumentId) -> Result<Option<DocRecord>, StoreError> {
+        SqliteStore::get(self, id)
+    }
+
+    fn query(&self, query: &Query) -> Result<Vec<DocRecord>, StoreError> {
+        SqliteStore::query(self, query)
+    }
+
+    fn changes_since(
+        &self,
+        since: u64,
+        limit: usize,
+        collection: Option<&str>,
+    ) -> Result<Vec<ChangeEvent>, StoreError> {
+        SqliteStore::changes_since(self, since, limit, collection)
+    }
+
+    fn export(&self, scope: &BundleScope) -> Result<Vec<BundleEntry>, StoreError> {
+        SqliteStore::export(self, scope)
+    }
+
+    fn catalog_summary(
+        &self,
+        collections: Option<&[String]>,
+    ) -> Result<CatalogSummary, StoreError> {
+        SqliteStore::catalog_summary(self, collections)
+    }
+
+    fn catalog_entries(
+        &self,
+        collections: Option<&[String]>,
+        buckets: &[u8],
+    ) -> Result<Vec<CatalogEntry>, StoreError> {
+        SqliteStore::catalog_entries(self, collections, buckets)
+    }
+
+    fn uncompacted(&self) -> Result<Vec<DocumentId>, StoreError> {
+        SqliteStore::uncompacted(self)
+    }
+
+    fn compact_feed(&mut self) -> Result<usize, StoreError> {
+        SqliteStore::compact_feed(self)
+    }
+
+    fn vacuum(&mut self) -> Result<(), StoreError> {
+        SqliteStore::vacuum(self)
+    }
+
+    fn integrity_check(&self) -> Result<(), StoreError> {
+        SqliteStore::integrity_check(self)
+    }
+
+    fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        SqliteStore::counts(self)
+    }
+
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        SqliteStore::checkpoint(self)
     }
 }

@@ -1,0 +1,737 @@
+//! A replica's storage in memory, with a journal of committed writes for a persistence layer
+//! (IndexedDB in the browser) to make durable.
+//!
+//! The same logical model as SQLite (see the module docs of [`crate::store`]): a catalog of
+//! documents in creation order, their Automerge chunks, the change feed, per-peer sync states.
+//! A step's writes are staged by [`Store::write`] and applied by [`Store::commit`], which also
+//! appends them to the journal as key-value records ([`Record`]); the driver drains the journal
+//! ([`MemStore::journal`]) into one durable transaction and acknowledges the step's
+//! writes once that transaction committed. [`MemStore::restore`] rebuilds the store from the
+//! records read back, so a reload finds every document and the change-feed position.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use automerge::ChangeHash;
+
+use super::{DocRecord, Store, StoreError, decode_heads, encode_heads};
+use crate::bundle::{BundleEntry, BundleScope};
+use crate::engine::ChunkKind;
+use crate::engine::{ChangeEvent, ChangeKind, StorageOp, StoredChunk, StoredDoc};
+use crate::id::{DocumentId, ReplicaId};
+use crate::protocol::{CatalogEntry, CatalogSummary, bucket_of, doc_digest};
+use crate::query::Query;
+
+/// One durable key-value record, as the persistence layer stores it. Keys are strings so that
+/// any key-value store (IndexedDB object stores, a test's map) can hold them; values are
+/// self-describing bytes (postcard).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Insert or replace `key` in `table`.
+    Put {
+        table: Table,
+        key: String,
+        value: Vec<u8>,
+    },
+    /// Remove every key of `table` starting with `prefix`.
+    DeletePrefix { table: Table, prefix: String },
+}
+
+/// The tables ("object stores") of a persisted [`MemStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// `meta`: the replica id.
+    Meta,
+    /// Catalog rows by document id.
+    Documents,
+    /// Automerge chunks by `document id / chunk number`.
+    Chunks,
+    /// The change feed by zero-padded sequence number.
+    Changes,
+    /// Sync states by `peer id / document id`.
+    SyncStates,
+}
+
+impl Table {
+    pub const ALL: [Table; 5] = [
+        Table::Meta,
+        Table::Documents,
+        Table::Chunks,
+        Table::Changes,
+        Table::SyncStates,
+    ];
+
+    /// The table's name (an IndexedDB object store name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Meta => "meta",
+            Table::Documents => "documents",
+            Table::Chunks => "chunks",
+            Table::Changes => "changes",
+            Table::SyncStates => "sync_states",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// The records a [`MemStore`] committed and the persistence layer has not taken yet. A handle:
+/// clones share the records.
+#[derive(Clone, Debug, Default)]
+pub struct Journal(Arc<Mutex<Vec<Record>>>);
+
+impl Journal {
+    fn push(&self, record: Record) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record);
+    }
+
+    /// The records committed since the last call, in order: what to make durable in one
+    /// transaction.
+    pub fn drain(&self) -> Vec<Record> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether records are waiting.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+}
+
+/// A catalog row as persisted.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DocRow {
+    /// Creation order.
+    key: u64,
+    collection: String,
+    deleted: bool,
+    heads: Vec<u8>,
+    body: Option<String>,
+    updated_seq: u64,
+}
+
+/// A change-feed entry as persisted.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ChangeRow {
+    id: [u8; 16],
+    kind: u8,
+    heads: Vec<u8>,
+    origin: String,
+    at: i64,
+}
+
+struct Doc {
+    id: DocumentId,
+    collection: String,
+    deleted: bool,
+    heads: Vec<ChangeHash>,
+    body: Option<String>,
+    updated_seq: u64,
+    /// Chunk number -> bytes; the lowest is the snapshot when `snapshot` is set.
+    chunks: BTreeMap<u32, Vec<u8>>,
+    snapshot: bool,
+}
+
+/// Storage in memory; see the module docs.
+pub struct MemStore {
+    replica_id: ReplicaId,
+    next_key: u64,
+    ids: HashMap<DocumentId, u64>,
+    docs: BTreeMap<u64, Doc>,
+    changes: BTreeMap<u64, ChangeEvent>,
+    sync_states: HashMap<(ReplicaId, DocumentId), Vec<u8>>,
+    staged: Vec<StorageOp>,
+    journal: Journal,
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn chunk_key(id: &DocumentId, n: u32) -> String {
+    format!("{id}/{n:010}")
+}
+
+impl MemStore {
+    /// An empty store for a new replica; its first journal records the replica id.
+    pub fn new(replica_id: ReplicaId) -> Self {
+        let store = MemStore {
+            replica_id,
+            next_key: 1,
+            ids: HashMap::new(),
+            docs: BTreeMap::new(),
+            changes: BTreeMap::new(),
+            sync_states: HashMap::new(),
+            staged: Vec::new(),
+            journal: Journal::default(),
+        };
+        store.journal.push(Record::Put {
+            table: Table::Meta,
+            key: "replica".into(),
+            value: replica_id.as_bytes().to_vec(),
+        });
+        store
+    }
+
+    /// Rebuilds a store from persisted records (`(table, key, value)` in any order). `None`
+    /// when there is none: a new replica.
+    pub fn restore(
+        records: impl IntoIterator<Item = (Table, String, Vec<u8>)>,
+    ) -> Result<Option<Self>, StoreError> {
+        let mut replica = None;
+        let mut rows = Vec::new();
+        let mut chunks = Vec::new();
+        let mut changes = Vec::new();
+        let mut states = Vec::new();
+        for (table, key, value) in records {
+            match table {
+                Table::Meta if key == "replica" => {
+                    let bytes: [u8; 16] = value
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| corrupt("replica id is not 16 bytes"))?;
+                    replica = Some(ReplicaId::from_bytes(bytes));
+                }
+                Table::Meta => {}
+                Table::Documents => rows.push((key, value)),
+                Table::Chunks => chunks.push((key, value)),
+                Table::Changes => changes.push((key, value)),
+                Table::SyncStates => states.push((key, value)),
+            }
+        }
+        let Some(replica_id) = replica else {
+            return if rows.is_empty() {
+                Ok(None)
+            } else {
+                Err(corrupt("documents without a replica id"))
+            };
+        };
+        let mut store = MemStore::new(replica_id);
+        store.journal.drain();
+        for (key, value) in rows {
+            let id: DocumentId = key
+                .parse()
+                .map_err(|_| corrupt(format!("document key {key:?}")))?;
+            let row: DocRow =
+                postcard::from_bytes(&value).map_err(|e| corrupt(format!("document {id}: {e}")))?;
+            store.ids.insert(id, row.key);
+            store.next_key = store.next_key.max(row.key + 1);
+            store.docs.insert(
+                row.key,
+                Doc {
+                    id,
+                    collection: row.collection,
+                    deleted: row.deleted,
+                    heads: decode_heads(&row.heads)?,
+                    body: row.body,
+                    updated_seq: row.updated_seq,
+                    chunks: BTreeMap::new(),
+                    snapshot: false,
+                },
+            );
+        }
+        for (key, value) in chunks {
+            let (id, n) = key
+                .split_once('/')
+                .and_then(|(id, n)| Some((id.parse::<DocumentId>().ok()?, n.parse::<u32>().ok()?)))
+                .ok_or_else(|| corrupt(format!("chunk key {key:?}")))?;
+            let doc = store
+                .ids
+                .get(&id)
+                .and_then(|k| store.docs.get_mut(k))
+                .ok_or_else(|| corrupt(format!("chunk of unknown document {id}")))?;
+            if n == 0 {
+                doc.snapshot = true;
+            }
+            doc.chunks.insert(n, value);
+        }
+        for (key, value) in changes {
+            let seq: u64 = key
+                .parse()
+                .map_err(|_| corrupt(format!("change key {key:?}")))?;
+            let row: ChangeRow =
+                postcard::from_bytes(&value).map_err(|e| corrupt(format!("change {seq}: {e}")))?;
+            let id = DocumentId::from_bytes(row.id);
+            let collection = store
+                .ids
+                .get(&id)
+                .and_then(|k| store.docs.get(k))
+                .map(|d| d.collection.clone())
+                .ok_or_else(|| corrupt(format!("change of unknown document {id}")))?;
+            let event = ChangeEvent {
+                seq,
+                id,
+                collection,
+                kind: ChangeKind::from_u8(row.kind).ok_or_else(|| corrupt("change kind"))?,
+                heads: decode_heads(&row.heads)?,
+                origin: row.origin.parse().map_err(|_| corrupt("change origin"))?,
+                at: row.at,
+            };
+            store.changes.insert(seq, event);
+        }
+        for (key, value) in states {
+            let (peer, id) = key
+                .split_once('/')
+                .and_then(|(p, d)| {
+                    Some((p.parse::<ReplicaId>().ok()?, d.parse::<DocumentId>().ok()?))
+                })
+                .ok_or_else(|| corrupt(format!("sync state key {key:?}")))?;
+            store.sync_states.insert((peer, id), value);
+        }
+        Ok(Some(store))
+    }
+
+    /// The handle through which the persistence layer takes committed records.
+    pub fn journal(&self) -> Journal {
+        self.journal.clone()
+    }
+
+    fn doc(&self, id: &DocumentId) -> Option<&Doc> {
+        self.ids.get(id).and_then(|k| self.docs.get(k))
+    }
+
+    fn record(doc: &Doc) -> DocRecord {
+        DocRecord {
+            id: doc.id,
+            collection: doc.collection.clone(),
+            deleted: doc.deleted,
+            heads: doc.heads.clone(),
+            body: doc.body.clone(),
+            updated_seq: doc.updated_seq,
+        }
+    }
+
+    fn put_row(&mut self, key: u64) {
+        let Some(doc) = self.docs.get(&key) else {
+            return;
+        };
+        let row = DocRow {
+            key,
+            collection: doc.collection.clone(),
+            deleted: doc.deleted,
+            heads: encode_heads(&doc.heads),
+            body: doc.body.clone(),
+            updated_seq: doc.updated_seq,
+        };
+        let value = postcard::to_allocvec(&row).unwrap_or_default();
+        self.journal.push(Record::Put {
+            table: Table::Documents,
+            key: doc.id.to_string(),
+            value,
+        });
+    }
+
+    fn apply(&mut self, op: StorageOp) -> Result<(), StoreError> {
+        match op {
+            StorageOp::InsertDocument {
+                id,
+                collection,
+                heads,
+                body,
+                snapshot,
+                seq,
+            } => {
+                if self.ids.contains_key(&id) {
+                    return Err(corrupt(format!("insert of {id}, which exists")));
+                }
+                let key = self.next_key;
+                self.next_key += 1;
+                self.ids.insert(id, key);
+                self.journal.push(Record::Put {
+                    table: Table::Chunks,
+                    key: chunk_key(&id, 0),
+                    value: snapshot.clone(),
+                });
+                self.docs.insert(
+                    key,
+                    Doc {
+                        id,
+                        collection,
+                        deleted: false,
+                        heads,
+                        body: Some(body),
+                        updated_seq: seq,
+                        chunks: BTreeMap::from([(0, snapshot)]),
+                        snapshot: true,
+                    },
+                );
+                self.put_row(key);
+            }
+            StorageOp::PutDocument {
+                id,
+                collection,
+                deleted,
+                heads,
+                body,
+                seq,
+            } => {
+                let key = match self.ids.get(&id) {
+                    Some(key) => *key,
+                    None => {
+                        let key = self.next_key;
+                        self.next_key += 1;
+                        self.ids.insert(id, key);
+                        self.docs.insert(
+                            key,
+                            Doc {
+                                id,
+                                collection: collection.clone(),
+                                deleted,
+                                heads: Vec::new(),
+                                body: None,
+                                updated_seq: seq,
+                                chunks: BTreeMap::new(),
+                                snapshot: false,
+                            },
+                        );
+                        key
+                    }
+                };
+                if let Some(doc) = self.docs.get_mut(&key) {
+                    doc.deleted = deleted;
+                    doc.heads = heads;
+                    doc.body = body;
+                    doc.updated_seq = seq;
+                }
+                self.put_row(key);
+            }
+            StorageOp::AppendChunk { id, bytes } => {
+                let doc = self.doc_mut(&id)?;
+                let n = doc.chunks.keys().next_back().map_or(1, |n| n + 1);
+                doc.chunks.insert(n, bytes.clone());
+                self.journal.push(Record::Put {
+                    table: Table::Chunks,
+                    key: chunk_key(&id, n),
+                    value: bytes,
+                });
+            }
+            StorageOp::ReplaceChunks { id, snapshot } => {
+                let doc = self.doc_mut(&id)?;
+                doc.chunks = BTreeMap::from([(0, snapshot.clone())]);
+                doc.snapshot = true;
+                self.journal.push(Record::DeletePrefix {
+                    table: Table::Chunks,
+                    prefix: format!("{id}/"),
+                });
+                self.journal.push(Record::Put {
+                    table: Table::Chunks,
+                    key: chunk_key(&id, 0),
+                    value: snapshot,
+                });
+            }
+            StorageOp::PurgeChunks { id } => {
+                let doc = self.doc_mut(&id)?;
+                doc.chunks.clear();
+                doc.snapshot = false;
+                self.journal.push(Record::DeletePrefix {
+                    table: Table::Chunks,
+                    prefix: format!("{id}/"),
+                });
+                let peers: Vec<ReplicaId> = self
+                    .sync_states
+                    .keys()
+                    .filter(|(_, d)| *d == id)
+                    .map(|(p, _)| *p)
+                    .collect();
+                for peer in peers {
+                    self.sync_states.remove(&(peer, id));
+                    self.journal.push(Record::DeletePrefix {
+                        table: Table::SyncStates,
+                        prefix: format!("{peer}/{id}"),
+                    });
+                }
+            }
+            StorageOp::PutSyncState { peer, id, state } => {
+                // As in SQLite: only for a stored, live document.
+                if self.doc(&id).is_some_and(|d| !d.deleted) {
+                    self.journal.push(Record::Put {
+                        table: Table::SyncStates,
+                        key: format!("{peer}/{id}"),
+                        value: state.clone(),
+                    });
+                    self.sync_states.insert((peer, id), state);
+                }
+            }
+            StorageOp::AppendChange(event) => {
+                if self.doc(&event.id).is_none() {
+                    return Err(corrupt(format!(
+                        "change for {}, which has no catalog row",
+                        event.id
+                    )));
+                }
+                let row = ChangeRow {
+                    id: *event.id.as_bytes(),
+                    kind: event.kind.as_u8(),
+                    heads: encode_heads(&event.heads),
+                    origin: event.origin.to_string(),
+                    at: event.at,
+                };
+                self.journal.push(Record::Put {
+                    table: Table::Changes,
+                    key: format!("{:020}", event.seq),
+                    value: postcard::to_allocvec(&row).unwrap_or_default(),
+                });
+                self.changes.insert(event.seq, event);
+            }
+        }
+        Ok(())
+    }
+
+    fn doc_mut(&mut self, id: &DocumentId) -> Result<&mut Doc, StoreError> {
+        self.ids
+            .get(id)
+            .and_then(|k| self.docs.get_mut(k))
+            .ok_or_else(|| corrupt(format!("write for {id}, which has no catalog row")))
+    }
+
+    fn in_scope(doc: &Doc, collections: Option<&[String]>) -> bool {
+        collections.is_none_or(|names| names.contains(&doc.collection))
+    }
+}
+
+impl Store for MemStore {
+    fn replica_id(&self) -> ReplicaId {
+        self.replica_id
+    }
+
+    fn max_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.changes.keys().next_back().copied().unwrap_or(0))
+    }
+
+    fn begin(&mut self) -> Result<bool, StoreError> {
+        self.staged.clear();
+        Ok(false)
+    }
+
+    fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
+        self.staged.extend_from_slice(ops);
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        // Check first, so that a failing step changes nothing.
+        let mut known: std::collections::HashSet<DocumentId> = std::collections::HashSet::new();
+        for op in &self.staged {
+            match op {
+                StorageOp::InsertDocument { id, .. } | StorageOp::PutDocument { id, .. } => {
+                    known.insert(*id);
+                }
+                StorageOp::PutSyncState { .. } => {}
+                other => {
+                    let id = other.doc();
+                    if !known.contains(&id) && !self.ids.contains_key(&id) {
+                        self.staged.clear();
+                        return Err(corrupt(format!("write for {id}, which has no catalog row")));
+                    }
+                }
+            }
+        }
+        for op in std::mem::take(&mut self.staged) {
+            self.apply(op)?;
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        self.staged.clear();
+    }
+
+    fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
+        Ok(self.doc(id).map(|doc| StoredDoc {
+            collection: doc.collection.clone(),
+            deleted: doc.deleted,
+            heads: doc.heads.clone(),
+            chunks: if doc.deleted {
+                Vec::new()
+            } else {
+                doc.chunks
+                    .iter()
+                    .map(|(n, bytes)| StoredChunk {
+                        kind: if *n == 0 && doc.snapshot {
+                            ChunkKind::Snapshot
+                        } else {
+                            ChunkKind::Incremental
+                        },
+                        bytes: bytes.clone(),
+                    })
+                    .collect()
+            },
+        }))
+    }
+
+    fn load_sync_state(
+        &self,
+        peer: &ReplicaId,
+        id: &DocumentId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.sync_states.get(&(*peer, *id)).cloned())
+    }
+
+    fn get(&self, id: &DocumentId) -> Result<Option<DocRecord>, StoreError> {
+        Ok(self.doc(id).map(Self::record))
+    }
+
+    fn query(&self, query: &Query) -> Result<Vec<DocRecord>, StoreError> {
+        let mut out = Vec::new();
+        for doc in self.docs.values() {
+            if doc.deleted
+                || query
+                    .collection
+                    .as_ref()
+                    .is_some_and(|c| *c != doc.collection)
+            {
+                continue;
+            }
+            if let Some(filter) = &query.filter {
+                let body: serde_json::Value = match &doc.body {
+                    Some(text) => serde_json::from_str(text)
+                        .map_err(|e| corrupt(format!("body of {}: {e}", doc.id)))?,
+                    None => continue,
+                };
+                if !filter.matches(&body) {
+                    continue;
+                }
+            }
+            if query.limit.is_some_and(|l| out.len() >= l) {
+                break;
+            }
+            out.push(Self::record(doc));
+        }
+        Ok(out)
+    }
+
+    fn changes_since(
+        &self,
+        since: u64,
+        limit: usize,
+        collection: Option<&str>,
+    ) -> Result<Vec<ChangeEvent>, StoreError> {
+        Ok(self
+            .changes
+            .range(since.saturating_add(1)..)
+            .map(|(_, e)| e)
+            .filter(|e| collection.is_none_or(|c| c == e.collection))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn export(&self, scope: &BundleScope) -> Result<Vec<BundleEntry>, StoreError> {
+        Ok(self
+            .docs
+            .values()
+            .filter(|d| match scope {
+                BundleScope::All => true,
+                BundleScope::Collection(c) => d.collection == *c,
+                BundleScope::Since(seq) => d.updated_seq > *seq,
+            })
+            .map(|d| {
+                if d.deleted {
+                    BundleEntry::Tombstone {
+                        id: d.id,
+                        collection: d.collection.clone(),
+                    }
+                } else {
+                    BundleEntry::Document {
+                        id: d.id,
+                        collection: d.collection.clone(),
+                        heads: d.heads.clone(),
+                        bytes: d.chunks.values().flatten().copied().collect(),
+                    }
+                }
+            })
+            .collect())
+    }
+
+    fn catalog_summary(
+        &self,
+        collections: Option<&[String]>,
+    ) -> Result<CatalogSummary, StoreError> {
+        let mut summary = CatalogSummary::empty();
+        for doc in self
+            .docs
+            .values()
+            .filter(|d| Self::in_scope(d, collections))
+        {
+            summary.add(&doc.id, doc_digest(&doc.id, &doc.heads, doc.deleted));
+        }
+        Ok(summary)
+    }
+
+    fn catalog_entries(
+        &self,
+        collections: Option<&[String]>,
+        buckets: &[u8],
+    ) -> Result<Vec<CatalogEntry>, StoreError> {
+        let mut wanted = [false; 256];
+        for b in buckets {
+            wanted[usize::from(*b)] = true;
+        }
+        Ok(self
+            .docs
+            .values()
+            .filter(|d| Self::in_scope(d, collections) && wanted[usize::from(bucket_of(&d.id))])
+            .map(|d| CatalogEntry {
+                id: d.id,
+                collection: d.collection.clone(),
+                digest: doc_digest(&d.id, &d.heads, d.deleted),
+                deleted: d.deleted,
+            })
+            .collect())
+    }
+
+    fn uncompacted(&self) -> Result<Vec<DocumentId>, StoreError> {
+        Ok(self
+            .docs
+            .values()
+            .filter(|d| !d.deleted && d.chunks.keys().any(|n| *n > 0))
+            .map(|d| d.id)
+            .collect())
+    }
+
+    fn compact_feed(&mut self) -> Result<usize, StoreError> {
+        let mut newest: HashMap<DocumentId, u64> = HashMap::new();
+        for (seq, e) in &self.changes {
+            newest.insert(e.id, *seq);
+        }
+        let stale: Vec<u64> = self
+            .changes
+            .iter()
+            .filter(|(seq, e)| newest.get(&e.id) != Some(seq))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &stale {
+            self.changes.remove(seq);
+            self.journal.push(Record::DeletePrefix {
+                table: Table::Changes,
+                prefix: format!("{seq:020}"),
+            });
+        }
+        Ok(stale.len())
+    }
+
+    fn vacuum(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn integrity_check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        let deleted = self.docs.values().filter(|d| d.deleted).count() as u64;
+        Ok((
+            self.docs.len() as u64 - deleted,
+            deleted,
+            self.changes.len() as u64,
+        ))
+    }
+
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,157 @@
+//! Rust <-> JS values: JSON bodies through serde-wasm-bindgen (JSON-compatible: objects as
+//! plain objects, integers as numbers), byte strings as `Uint8Array`, errors as `Error`s with
+//! a `code`.
+
+use serde::Serialize;
+use wasm_bindgen::prelude::*;
+use weft::engine::{PeerEvent, PeerId};
+use weft::protocol::Message;
+use weft::store::mem::{Record, Table};
+use weft::{ChangeEvent, ChangeHash, Document};
+
+pub type JsResult<T> = Result<T, JsValue>;
+
+/// A JS `Error` with `message` and a `code` property.
+pub fn error(code: &str, message: &dyn std::fmt::Display) -> JsValue {
+    let error = js_sys::Error::new(&message.to_string());
+    let _ = js_sys::Reflect::set(&error, &"code".into(), &code.into());
+    error.into()
+}
+
+pub fn to_js<T: Serialize + ?Sized>(value: &T) -> JsResult<JsValue> {
+    value
+        .serialize(&serde_wasm_bindgen::Serializer::json_compatible())
+        .map_err(|e| error("Internal", &e))
+}
+
+pub fn from_js<T: serde::de::DeserializeOwned>(value: JsValue, what: &str) -> JsResult<T> {
+    serde_wasm_bindgen::from_value(value)
+        .map_err(|e| error("InvalidJson", &format!("{what} is not JSON: {e}")))
+}
+
+pub fn ids_to_js(heads: &[ChangeHash]) -> JsValue {
+    heads
+        .iter()
+        .map(|h| JsValue::from_str(&h.to_string()))
+        .collect::<js_sys::Array>()
+        .into()
+}
+
+pub fn document(doc: &Document) -> JsResult<JsValue> {
+    to_js(&serde_json::json!({
+        "id": doc.id.to_string(),
+        "collection": doc.collection,
+        "heads": doc.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "body": doc.body,
+    }))
+}
+
+pub fn events(events: &[ChangeEvent]) -> JsResult<JsValue> {
+    let list: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "seq": e.seq,
+                "id": e.id.to_string(),
+                "collection": e.collection,
+                "kind": e.kind,
+                "heads": e.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "origin": e.origin.to_string(),
+                "at": e.at,
+            })
+        })
+        .collect();
+    to_js(&list)
+}
+
+pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
+    let list: Vec<serde_json::Value> = events
+        .into_iter()
+        .map(|(peer, event)| match event {
+            PeerEvent::InSync => serde_json::json!({"peer": peer.0, "kind": "insync"}),
+            PeerEvent::Persisted(docs) => serde_json::json!({
+                "peer": peer.0,
+                "kind": "persisted",
+                "docs": docs.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>(),
+            }),
+            PeerEvent::Error { code, message, doc } => serde_json::json!({
+                "peer": peer.0,
+                "kind": "error",
+                "code": format!("{code:?}"),
+                "message": message,
+                "doc": doc.map(|d| d.to_string()),
+            }),
+        })
+        .collect();
+    to_js(&list)
+}
+
+/// Journal records as `{op: "put", table, key, value}` / `{op: "deletePrefix", table, prefix}`.
+pub fn journal(records: Vec<Record>) -> JsValue {
+    let out = js_sys::Array::new();
+    for record in records {
+        let object = js_sys::Object::new();
+        let set = |k: &str, v: &JsValue| {
+            let _ = js_sys::Reflect::set(&object, &k.into(), v);
+        };
+        match record {
+            Record::Put { table, key, value } => {
+                set("op", &"put".into());
+                set("table", &table.name().into());
+                set("key", &key.into());
+                set("value", &js_sys::Uint8Array::from(value.as_slice()).into());
+            }
+            Record::DeletePrefix { table, prefix } => {
+                set("op", &"deletePrefix".into());
+                set("table", &table.name().into());
+                set("prefix", &prefix.into());
+            }
+        }
+        out.push(&object);
+    }
+    out.into()
+}
+
+/// `[table, key, bytes]` triples read back from storage.
+pub fn records_from_js(value: &JsValue) -> JsResult<Vec<(Table, String, Vec<u8>)>> {
+    let array: &js_sys::Array = value
+        .dyn_ref()
+        .ok_or_else(|| error("Storage", &"records must be an array"))?;
+    let mut out = Vec::with_capacity(array.length() as usize);
+    for entry in array.iter() {
+        let triple: &js_sys::Array = entry
+            .dyn_ref()
+            .ok_or_else(|| error("Storage", &"a record must be [table, key, bytes]"))?;
+        let table = triple
+            .get(0)
+            .as_string()
+            .and_then(|t| Table::from_name(&t))
+            .ok_or_else(|| error("Storage", &"unknown table in a stored record"))?;
+        let key = triple
+            .get(1)
+            .as_string()
+            .ok_or_else(|| error("Storage", &"a record key must be a string"))?;
+        let bytes = triple.get(2);
+        let bytes: &js_sys::Uint8Array = bytes
+            .dyn_ref()
+            .ok_or_else(|| error("Storage", &"a record value must be a Uint8Array"))?;
+        out.push((table, key, bytes.to_vec()));
+    }
+    Ok(out)
+}
+
+/// A message's variant name, for errors.
+pub fn kind(message: &Message) -> &'static str {
+    match message {
+        Message::Hello { .. } => "Hello",
+        Message::Welcome { .. } => "Welcome",
+        Message::Reject { .. } => "Reject",
+        Message::Summary { .. } => "Summary",
+        Message::Entries { .. } => "Entries",
+        Message::Sync { .. } => "Sync",
+        Message::Persisted { .. } => "Persisted",
+        Message::Ping { .. } => "Ping",
+        Message::Pong { .. } => "Pong",
+        Message::Error { .. } => "Error",
+    }
+}
