@@ -31,6 +31,21 @@ macro_rules! id_type {
             pub fn try_from_slice(bytes: &[u8]) -> Option<Self> {
                 <[u8; 16]>::try_from(bytes).ok().map(Self)
             }
+
+            /// An id derived from a seed (splitmix64): the same on every platform, for
+            /// replays and tests. Real ids are random.
+            pub fn from_seed(seed: u64) -> Self {
+                let mut bytes = [0u8; 16];
+                let mut x = seed;
+                for chunk in bytes.chunks_mut(8) {
+                    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    let mut z = x;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+                }
+                Self(bytes)
+            }
         }
 
         impl fmt::Display for $name {

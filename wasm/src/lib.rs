@@ -334,6 +334,19 @@ impl Core {
         Ok(peer.0 as f64)
     }
 
+    /// Accepts a session from another replica as the responder (what the relay does): for
+    /// replica-to-replica links in tests and simulations. Returns its peer number.
+    #[wasm_bindgen(js_name = acceptSession)]
+    pub fn accept_session(&mut self, remote: &str) -> JsResult<f64> {
+        let remote: ReplicaId = remote
+            .parse()
+            .map_err(|e| error("Protocol", &format!("replica id: {e}")))?;
+        let peer = PeerId(self.next_peer);
+        self.next_peer += 1;
+        self.replica.peer_connected(peer, remote, Scope::All, false);
+        Ok(peer.0 as f64)
+    }
+
     /// A frame from the relay on session `peer`. A protocol `Ping` is answered (the `Pong`
     /// comes out of `takeFrames`); a frame that does not decode throws (close the socket).
     pub fn receive(&self, peer: f64, frame: &[u8]) -> JsResult<()> {
@@ -426,21 +439,14 @@ fn parse_id(id: &str) -> JsResult<weft::DocumentId> {
 /// A new replica's id: from the seed when there is one (replays give the same ids), else
 /// random.
 fn new_replica_id(seed: Option<u64>) -> JsResult<ReplicaId> {
-    let mut bytes = [0u8; 16];
     match seed {
-        Some(seed) => {
-            let mut x = seed;
-            for chunk in bytes.chunks_mut(8) {
-                x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = x;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-            }
+        Some(seed) => Ok(ReplicaId::from_seed(seed)),
+        None => {
+            let mut bytes = [0u8; 16];
+            getrandom::fill(&mut bytes).map_err(|e| error("Random", &e))?;
+            Ok(ReplicaId::from_bytes(bytes))
         }
-        None => getrandom::fill(&mut bytes).map_err(|e| error("Random", &e))?,
     }
-    Ok(ReplicaId::from_bytes(bytes))
 }
 
 /// The JS error for a weft error: its message, and a `code` naming its kind.
