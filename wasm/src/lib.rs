@@ -36,8 +36,9 @@ fn take<T>(shared: &Shared<T>) -> Vec<T> {
 }
 
 thread_local! {
-    /// A clock function passed from JS (`Core.open({ now })`).
-    static JS_CLOCK: std::cell::RefCell<Option<js_sys::Function>> = const { std::cell::RefCell::new(None) };
+    /// Clock functions passed from JS (`Core.open({ now })`), one per Core that has one: the
+    /// replica's clock must be `Send`, a JS function is not, so it holds the index.
+    static JS_CLOCKS: std::cell::RefCell<Vec<js_sys::Function>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A replica in wasm memory. See the module docs.
@@ -67,11 +68,15 @@ impl Core {
         let mut manual_now = None;
         let clock = match get("now") {
             Some(v) if v.is_function() => {
-                JS_CLOCK.with(|c| *c.borrow_mut() = Some(js_sys::Function::from(v)));
-                Clock::from_fn(|| {
-                    JS_CLOCK.with(|c| {
+                let index = JS_CLOCKS.with(|c| {
+                    let mut clocks = c.borrow_mut();
+                    clocks.push(js_sys::Function::from(v));
+                    clocks.len() - 1
+                });
+                Clock::from_fn(move || {
+                    JS_CLOCKS.with(|c| {
                         c.borrow()
-                            .as_ref()
+                            .get(index)
                             .and_then(|f| f.call0(&JsValue::NULL).ok())
                             .and_then(|v| v.as_f64())
                             .map_or_else(|| js_sys::Date::now() as i64, |ms| ms as i64)
