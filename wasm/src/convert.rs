@@ -18,6 +18,26 @@ pub fn error(code: &str, message: &dyn std::fmt::Display) -> JsValue {
     error.into()
 }
 
+/// The JS error for a weft error: its message, and a `code` naming its kind.
+pub fn error_of(e: &weft::Error) -> JsValue {
+    let code = match e {
+        weft::Error::NotFound(_) => "NotFound",
+        weft::Error::Deleted(_) => "Deleted",
+        weft::Error::InvalidId { .. } => "InvalidId",
+        weft::Error::InvalidCollection(_) => "InvalidCollection",
+        weft::Error::Json(_) => "InvalidJson",
+        weft::Error::Bundle(_) => "BadBundle",
+        weft::Error::Store(_) => "Storage",
+        weft::Error::Corrupt { .. } => "Corrupt",
+        weft::Error::UnknownHeads { .. } => "UnknownHeads",
+        weft::Error::Filter(_) => "BadFilter",
+        weft::Error::Automerge(_) => "Automerge",
+        weft::Error::ChangeFn(_) => "ChangeFn",
+        _ => "Internal",
+    };
+    error(code, e)
+}
+
 pub fn to_js<T: Serialize + ?Sized>(value: &T) -> JsResult<JsValue> {
     value
         .serialize(&serde_wasm_bindgen::Serializer::json_compatible())

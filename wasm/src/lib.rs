@@ -21,7 +21,7 @@ use weft::{
     ChangeEvent, Clock, HookGuard, Path as DocPath, Replica, ReplicaId, ReplicaOptions, Scope,
 };
 
-use convert::{JsResult, error, from_js, ids_to_js, to_js};
+use convert::{JsResult, error, error_of, from_js, ids_to_js, to_js};
 
 /// The weft version this package was built from.
 #[wasm_bindgen]
@@ -452,24 +452,4 @@ fn new_replica_id(seed: Option<u64>) -> JsResult<ReplicaId> {
             Ok(ReplicaId::from_bytes(bytes))
         }
     }
-}
-
-/// The JS error for a weft error: its message, and a `code` naming its kind.
-fn error_of(e: &weft::Error) -> JsValue {
-    let code = match e {
-        weft::Error::NotFound(_) => "NotFound",
-        weft::Error::Deleted(_) => "Deleted",
-        weft::Error::InvalidId { .. } => "InvalidId",
-        weft::Error::InvalidCollection(_) => "InvalidCollection",
-        weft::Error::Json(_) => "InvalidJson",
-        weft::Error::Bundle(_) => "BadBundle",
-        weft::Error::Store(_) => "Storage",
-        weft::Error::Corrupt { .. } => "Corrupt",
-        weft::Error::UnknownHeads { .. } => "UnknownHeads",
-        weft::Error::Filter(_) => "BadFilter",
-        weft::Error::Automerge(_) => "Automerge",
-        weft::Error::ChangeFn(_) => "ChangeFn",
-        _ => "Internal",
-    };
-    error(code, e)
 }
