@@ -71,7 +71,7 @@ fn view(r: &Replica) -> serde_json::Value {
                 e.seq,
                 e.id.to_string(),
                 e.kind,
-                e.heads.len(),
+                format!("{:?}", e.heads),
                 e.origin.to_string()
             ])
         })
