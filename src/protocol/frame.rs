@@ -63,6 +63,14 @@ pub fn decode(bytes: &[u8], max_frame: usize) -> Result<Message, ProtocolError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sync_frame_is_tagged_5_after_the_header() {
+        // wasm/js/connection.js tells frames that carry changes by this byte (to turn a
+        // "synced" status back to "connected"); a new variant before `Sync` must update it.
+        let frame = encode(&Message::Sync { batch: Vec::new() });
+        assert_eq!(frame[3], 5);
+    }
     use crate::id::{DocumentId, ReplicaId};
     use crate::protocol::{
         CatalogEntry, ErrorCode, Payload, RejectCode, SyncItem, WireScope, doc_digest,

@@ -25,6 +25,12 @@ pub fn error_of(e: &weft::Error) -> JsValue {
         weft::Error::Deleted(_) => "Deleted",
         weft::Error::InvalidId { .. } => "InvalidId",
         weft::Error::InvalidCollection(_) => "InvalidCollection",
+        weft::Error::Json(weft::JsonError::NotText { .. }) => "NotText",
+        weft::Error::Json(
+            weft::JsonError::InvalidPath { .. }
+            | weft::JsonError::PathNotFound(_)
+            | weft::JsonError::OutOfRange { .. },
+        ) => "BadPath",
         weft::Error::Json(_) => "InvalidJson",
         weft::Error::Bundle(_) => "BadBundle",
         weft::Error::Store(_) => "Storage",

@@ -184,6 +184,18 @@ impl Core {
         Ok(ids_to_js(&heads))
     }
 
+    /// Makes the value at `pointer` collaborative text holding `text` (or updates it with a
+    /// character diff if it is text already); `splice` then edits it.
+    #[wasm_bindgen(js_name = setText)]
+    pub fn set_text(&self, id: &str, pointer: &str, text: &str) -> JsResult<JsValue> {
+        let path = DocPath::from_pointer(pointer).map_err(|e| error("BadPath", &e))?;
+        let heads = self
+            .replica
+            .set_text(&parse_id(id)?, &path, text)
+            .map_err(|e| error_of(&e))?;
+        Ok(ids_to_js(&heads))
+    }
+
     pub fn splice(
         &self,
         id: &str,

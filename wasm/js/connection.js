@@ -1,0 +1,444 @@
+// A live connection to a relay: one WebSocket at a time, reconnecting with exponential backoff
+// and jitter (200 ms doubling to 30 s, like the Rust client) until `disconnect()`, or until the
+// relay rejects the session.
+//
+// Status: "connecting" (dialing, or waiting for Welcome) -> "connected" (session up, changes in
+// flight) <-> "synced" (the replica and the relay hold the same documents) -> "offline" (the
+// socket is gone; `error` says why; a new attempt follows) | "rejected" (the relay refused the
+// session: bad token, forbidden collection, protocol version; no further attempt) | "closed"
+// (after `disconnect()`).
+
+import { Emitter } from "./emitter.js";
+import { weftError } from "./errors.js";
+
+/** The postcard variant index of `Message::Sync` in a frame (after the 3-byte header). */
+const SYNC_TAG = 5;
+const HANDSHAKE_TIMEOUT_MS = 10_000;
+
+export class Connection {
+  #driver;
+  #url;
+  #token;
+  #collections;
+  #reconnect;
+  #initialBackoff;
+  #maxBackoff;
+  #backoff;
+  #events = new Emitter();
+  #status = "connecting";
+  #error = null;
+  #reason = null;
+  #granted = null;
+  #refused = new Map();
+  #ws = null;
+  #peer = null;
+  #timer = null;
+  #stopped = false;
+  #unwatchOnline = null;
+
+  /** Use `replica.connect(url, options)`. */
+  constructor(driver, url, options = {}) {
+    this.#driver = driver;
+    this.#url = checkUrl(url);
+    this.#token = options.token ?? null;
+    this.#collections = options.collections ?? null;
+    this.#reconnect = options.reconnect ?? true;
+    this.#initialBackoff = options.initialBackoff ?? 200;
+    this.#maxBackoff = options.maxBackoff ?? 30_000;
+    this.#backoff = this.#initialBackoff;
+  }
+
+  /** The relay's URL. */
+  get url() {
+    return this.#url;
+  }
+
+  /** "connecting" | "connected" | "synced" | "offline" | "rejected" | "closed". */
+  get status() {
+    return this.#status;
+  }
+
+  /** Why the connection is offline (an Error), or null. */
+  get error() {
+    return this.#error;
+  }
+
+  /** Why the relay rejected the session, or null. */
+  get reason() {
+    return this.#reason;
+  }
+
+  /** The collections the relay granted in the latest session (null: all), or undefined. */
+  get granted() {
+    return this.#granted ?? undefined;
+  }
+
+  /** Documents the relay refused to take from this replica: `{doc, code, message}`. */
+  get refused() {
+    return [...this.#refused.values()];
+  }
+
+  /**
+   * Listens to `type`: "status" (every change, `{status, error?, reason?, code?}`), or one
+   * status by name ("connecting", "connected", "synced", "offline", "rejected", "closed"), or
+   * "error" (`{code, message, doc}`: an error the relay reported, e.g. code "Forbidden" for a
+   * document this replica may not write; such documents are also listed in `refused`).
+   * Returns a function that removes the listener.
+   */
+  on(type, listener) {
+    return this.#events.on(type, listener);
+  }
+
+  off(type, listener) {
+    this.#events.off(type, listener);
+  }
+
+  /**
+   * Resolves when the replica is in sync with the relay (at once if it is). Rejects when the
+   * relay rejects the session (code "Rejected"), on `disconnect()` ("Closed"), when the
+   * connection is lost without reconnect ("Offline"), or after `options.timeout` ms ("Timeout",
+   * with the last error). Without a timeout it waits through any number of reconnects.
+   */
+  whenSynced(options = {}) {
+    if (this.#status === "synced") return Promise.resolve();
+    const terminal = this.#terminalError();
+    if (terminal) return Promise.reject(terminal);
+    return new Promise((resolve, reject) => {
+      let timer;
+      const off = this.#events.on("status", () => {
+        if (this.#status === "synced") {
+          finish();
+          resolve();
+          return;
+        }
+        const error = this.#terminalError();
+        if (error) {
+          finish();
+          reject(error);
+        }
+      });
+      const finish = () => {
+        off();
+        clearTimeout(timer);
+      };
+      if (options.timeout != null) {
+        timer = setTimeout(() => {
+          finish();
+          const last = this.#error ? `; last error: ${this.#error.message}` : "";
+          reject(
+            weftError(
+              "Timeout",
+              `not in sync with ${this.#url} after ${options.timeout} ms (status ${this.#status}${last})`,
+              { status: this.#status, cause: this.#error ?? undefined },
+            ),
+          );
+        }, options.timeout);
+      }
+    });
+  }
+
+  /** Closes the socket and stops reconnecting; status becomes "closed". */
+  disconnect() {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.#unwatchOnline?.();
+    this.#endSession();
+    this.#closeSocket(1000, "client disconnect");
+    this.#driver.forget(this);
+    this.#setStatus("closed");
+  }
+
+  // ----- internals -------------------------------------------------------------------------
+
+  start() {
+    this.#unwatchOnline = this.#driver.onlineEvents?.(() => this.#retryNow());
+    this.#redial();
+  }
+
+  #terminalError() {
+    switch (this.#status) {
+      case "rejected":
+        return weftError("Rejected", `the relay rejected the session: ${this.#reason}`, {
+          reason: this.#reason,
+          rejectCode: this.#rejectCode,
+        });
+      case "closed":
+        return this.#failure ?? weftError("Closed", "the connection was closed");
+      case "offline":
+        return this.#reconnect ? null : this.#error;
+      default:
+        return null;
+    }
+  }
+
+  #rejectCode = null;
+  #failure = null; // the replica's storage error that closed this connection
+
+  #setStatus(status, detail = {}) {
+    if (status === this.#status && status !== "offline") return;
+    this.#status = status;
+    const event = { status, ...detail };
+    this.#events.emit("status", event);
+    this.#events.emit(status, event);
+  }
+
+  async #dial() {
+    if (this.#stopped) return;
+    this.#setStatus("connecting");
+    let WebSocketImpl;
+    let ws;
+    try {
+      WebSocketImpl = await this.#driver.WebSocket();
+      if (this.#stopped) return;
+      ws = new WebSocketImpl(this.#url);
+    } catch (e) {
+      this.#lost(weftError("Offline", `cannot open a WebSocket to ${this.#url}: ${e?.message ?? e}`));
+      return;
+    }
+    this.#ws = ws;
+    ws.binaryType = "arraybuffer";
+    let handshaking = false;
+    let socketError = null;
+    let handshakeTimer = null;
+    const mine = () => this.#ws === ws && !this.#stopped;
+
+    ws.onopen = () => {
+      if (!mine()) return;
+      try {
+        ws.send(this.#driver.helloFrame(this.#token, this.#collections));
+      } catch (e) {
+        this.#drop(ws, weftError("Offline", `sending Hello: ${e?.message ?? e}`));
+        return;
+      }
+      handshaking = true;
+      handshakeTimer = setTimeout(() => {
+        if (mine()) {
+          this.#drop(ws, weftError("Offline", `no Welcome from ${this.#url} within 10 s`));
+        }
+      }, HANDSHAKE_TIMEOUT_MS);
+    };
+
+    ws.onmessage = (event) => {
+      if (!mine()) return;
+      if (!(event.data instanceof ArrayBuffer)) {
+        this.#drop(ws, weftError("Offline", "the relay sent a text frame; expected binary"), 1003);
+        return;
+      }
+      const frame = new Uint8Array(event.data);
+      if (handshaking) {
+        handshaking = false;
+        clearTimeout(handshakeTimer);
+        this.#onHandshake(ws, frame);
+        return;
+      }
+      if (this.#peer == null) return;
+      if (frame[3] === SYNC_TAG && this.#status === "synced") this.#setStatus("connected");
+      try {
+        this.#driver.receive(this.#peer, frame);
+      } catch (e) {
+        this.#drop(ws, weftError("Offline", `bad frame from the relay: ${e?.message ?? e}`), 1002);
+      }
+    };
+
+    ws.onerror = (event) => {
+      // Browsers say nothing about why; `ws` in Node passes the underlying error.
+      socketError = event?.error?.message ?? event?.message ?? null;
+    };
+
+    ws.onclose = (event) => {
+      clearTimeout(handshakeTimer);
+      if (!mine()) return;
+      const code = event?.code;
+      const reason = event?.reason ? `: ${event.reason}` : "";
+      if (handshaking && code === 1008) {
+        // The relay closed during the handshake for a policy reason: a refusal.
+        this.#endSession();
+        this.#ws = null;
+        this.#rejected("Closed", event.reason || "closed by the relay during the handshake");
+        return;
+      }
+      const wasOpen = this.#peer != null;
+      let message;
+      if (wasOpen) message = `connection to ${this.#url} closed (code ${code}${reason})`;
+      else if (socketError) message = `cannot connect to ${this.#url}: ${socketError}`;
+      else message = `cannot connect to ${this.#url} (code ${code}${reason})`;
+      this.#endSession();
+      this.#ws = null;
+      this.#lost(weftError("Offline", message, { closeCode: code }));
+    };
+  }
+
+  #onHandshake(ws, frame) {
+    let answer;
+    try {
+      answer = this.#driver.handshake(frame);
+    } catch (e) {
+      this.#drop(ws, weftError("Offline", `bad handshake frame from the relay: ${e?.message ?? e}`), 1002);
+      return;
+    }
+    if (answer.kind === "reject") {
+      if (answer.code === "Busy") {
+        this.#drop(ws, weftError("Offline", `the relay is busy: ${answer.reason}`));
+        return;
+      }
+      this.#ws = null;
+      try {
+        ws.close(1000, "rejected");
+      } catch {}
+      this.#rejected(answer.code, answer.reason);
+      return;
+    }
+    this.#granted = answer.collections ?? null;
+    try {
+      this.#peer = this.#driver.openSession(this, answer.relay, answer.collections ?? null);
+    } catch (e) {
+      this.#drop(ws, weftError("Offline", `starting the session: ${e?.message ?? e}`));
+      return;
+    }
+    this.#backoff = this.#initialBackoff;
+    this.#error = null;
+    // The session's own frames (its first Summary) are already queued behind any pending
+    // writes; status goes to "synced" when the engine says so.
+    if (this.#status !== "synced") this.#setStatus("connected");
+  }
+
+  #rejected(code, reason) {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.#unwatchOnline?.();
+    this.#driver.forget(this);
+    this.#reason = `${code}: ${reason}`;
+    this.#rejectCode = code;
+    this.#setStatus("rejected", {
+      reason: this.#reason,
+      code,
+      error: weftError("Rejected", `the relay rejected the session: ${this.#reason}`, {
+        reason: this.#reason,
+        rejectCode: code,
+      }),
+    });
+  }
+
+  /** Gives up on this socket: close it, end the session, report offline, maybe retry. */
+  #drop(ws, error, code = 1000) {
+    if (this.#ws === ws) this.#ws = null;
+    try {
+      ws.close(code === 1000 || (code >= 3000 && code < 5000) ? code : 1000);
+    } catch {}
+    this.#endSession();
+    this.#lost(error);
+  }
+
+  #lost(error) {
+    if (this.#stopped) return;
+    this.#error = error;
+    this.#setStatus("offline", { error });
+    if (!this.#reconnect) {
+      this.#stopped = true;
+      this.#unwatchOnline?.();
+      this.#driver.forget(this);
+      return;
+    }
+    // Exponential backoff with up to 50% jitter, so many clients spread their reconnects.
+    const delay = this.#backoff * (1 + Math.random() / 2);
+    this.#backoff = Math.min(this.#backoff * 2, this.#maxBackoff);
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(() => this.#redial(), delay);
+  }
+
+  /** The browser says the network is back: try now instead of waiting out the backoff. */
+  #retryNow() {
+    if (this.#stopped || this.#status !== "offline") return;
+    clearTimeout(this.#timer);
+    this.#backoff = this.#initialBackoff;
+    this.#redial();
+  }
+
+  #redial() {
+    this.#dial().catch((e) => this.#lost(weftError("Offline", `connecting: ${e?.message ?? e}`)));
+  }
+
+  #endSession() {
+    if (this.#peer == null) return;
+    const peer = this.#peer;
+    this.#peer = null;
+    this.#driver.closeSession(peer);
+  }
+
+  #closeSocket(code, reason) {
+    const ws = this.#ws;
+    this.#ws = null;
+    try {
+      ws?.close(code, reason);
+    } catch {}
+  }
+
+  // ----- called by the replica after a commit ------------------------------------------
+
+  /** Sends a frame; returns whether it carried changes (a Sync message). */
+  _send(frame) {
+    const ws = this.#ws;
+    if (!ws || this.#peer == null) return false;
+    try {
+      ws.send(frame);
+    } catch (e) {
+      this.#drop(ws, weftError("Offline", `sending: ${e?.message ?? e}`));
+      return false;
+    }
+    if (frame[3] === SYNC_TAG) {
+      // Changes on their way out: not in sync until the relay confirms again.
+      if (this.#status === "synced") this.#setStatus("connected");
+      return true;
+    }
+    return false;
+  }
+
+  _sessionEvent(event, sentSync) {
+    switch (event.kind) {
+      case "insync":
+        if (!sentSync && (this.#status === "connected" || this.#status === "synced")) {
+          this.#setStatus("synced");
+        }
+        break;
+      case "error": {
+        const refusal = { doc: event.doc ?? null, code: event.code, message: event.message };
+        if (refusal.doc && (refusal.code === "Forbidden" || refusal.code === "RateLimited")) {
+          this.#refused.set(refusal.doc, refusal);
+        }
+        this.#events.emit("error", refusal);
+        break;
+      }
+      case "persisted":
+        // The relay stored a later version of these: no longer refused.
+        for (const doc of event.docs ?? []) this.#refused.delete(doc);
+        break;
+      default:
+        break;
+    }
+  }
+
+  /** The replica's storage failed: stop. */
+  _fail(error) {
+    if (this.#stopped) return;
+    this.#error = error;
+    this.#failure = error;
+    this.disconnect();
+  }
+}
+
+function checkUrl(url) {
+  let parsed;
+  try {
+    parsed = new URL(String(url));
+  } catch {
+    throw weftError("BadUrl", `not a URL: ${JSON.stringify(String(url))} (expected ws://HOST:PORT)`);
+  }
+  if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
+    throw weftError(
+      "BadUrl",
+      `a relay URL starts with ws:// or wss://, not ${parsed.protocol}// (${url})`,
+    );
+  }
+  return parsed.href;
+}

@@ -1,0 +1,199 @@
+// Type declarations of the `weft` package (the same API in browsers and Node).
+
+/** A JSON value as documents hold it. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+/** A document body: a JSON object. */
+export type JsonObject = { [key: string]: Json };
+
+/** Every error the API throws or rejects with: an `Error` with a string `code`. */
+export interface WeftError extends Error {
+  /**
+   * What went wrong: from the engine "NotFound", "Deleted", "InvalidId", "InvalidCollection",
+   * "InvalidJson", "BadPath", "BadFilter", "BadBundle", "UnknownHeads", "Corrupt", "Protocol",
+   * ...; from the JS layer "InvalidArgument", "Storage" (IndexedDB failed: reopen the
+   * replica), "Unsupported", "Locked", "Closed", "BadUrl", "Offline", "Rejected", "Timeout".
+   */
+  code: string;
+}
+
+export interface Document {
+  id: string;
+  collection: string;
+  /** The document's current heads (hex change hashes). */
+  heads: string[];
+  body: JsonObject;
+}
+
+export interface ChangeEvent {
+  /** Position in this replica's change feed (strictly increasing). */
+  seq: number;
+  id: string;
+  collection: string;
+  kind: "created" | "updated" | "deleted";
+  heads: string[];
+  /** Where the change came from ("local", or the peer's replica id). */
+  origin: string;
+  /** Milliseconds since the epoch, when this replica committed it. */
+  at: number;
+}
+
+export interface ImportReport {
+  created: number;
+  updated: number;
+  deleted: number;
+  unchanged: number;
+}
+
+export interface OpenOptions {
+  /** The replica's name: its IndexedDB database is "weft:NAME". Default "weft". */
+  name?: string;
+  /** Where the documents live. Default "indexeddb" where IndexedDB exists, else "memory". */
+  storage?: "indexeddb" | "memory";
+  /** Fixes the engine's random choices (ids, actors): for tests and replays. */
+  seed?: number;
+  /** The clock, in ms since the epoch. Default `Date.now`. */
+  now?: () => number;
+  /** How long to wait (ms) for another tab holding the same replica. Default 5000. */
+  lockTimeout?: number;
+}
+
+export interface ListOptions {
+  limit?: number;
+}
+
+export interface ChangesOptions {
+  limit?: number;
+}
+
+export interface ConnectOptions {
+  /** A token (JWT) for relays started with --auth-secret-file. */
+  token?: string;
+  /** The collections to sync (default: all the token may read). */
+  collections?: string[];
+  /** Reconnect after the connection drops (default true). */
+  reconnect?: boolean;
+  /** First reconnect delay in ms (default 200); doubles, with jitter, up to `maxBackoff`. */
+  initialBackoff?: number;
+  /** Longest reconnect delay in ms (default 30000). */
+  maxBackoff?: number;
+}
+
+export type Status = "connecting" | "connected" | "synced" | "offline" | "rejected" | "closed";
+
+export interface StatusEvent {
+  status: Status;
+  /** For "offline": why (code "Offline"). */
+  error?: WeftError;
+  /** For "rejected": the relay's code and reason, e.g. "Unauthorized: token expired". */
+  reason?: string;
+  code?: string;
+}
+
+export interface RelayError {
+  /** e.g. "Forbidden" (the token may not write this document's collection), "RateLimited". */
+  code: string;
+  message: string;
+  doc: string | null;
+}
+
+export interface ConnectionEvents {
+  status: StatusEvent;
+  connecting: StatusEvent;
+  connected: StatusEvent;
+  synced: StatusEvent;
+  offline: StatusEvent;
+  rejected: StatusEvent;
+  closed: StatusEvent;
+  error: RelayError;
+}
+
+/** A live connection to a relay, from `replica.connect(url)`. */
+export declare class Connection {
+  private constructor();
+  readonly url: string;
+  readonly status: Status;
+  /** Why the connection is offline, or null. */
+  readonly error: WeftError | null;
+  /** Why the relay rejected the session, or null. */
+  readonly reason: string | null;
+  /** The collections the relay granted in the latest session (null: all); undefined before. */
+  readonly granted: string[] | null | undefined;
+  /** Documents the relay refused to take from this replica. */
+  readonly refused: RelayError[];
+  /** Adds a listener; returns a function that removes it. */
+  on<K extends keyof ConnectionEvents>(type: K, listener: (event: ConnectionEvents[K]) => void): () => void;
+  off<K extends keyof ConnectionEvents>(type: K, listener: (event: ConnectionEvents[K]) => void): void;
+  /**
+   * Resolves when the replica is in sync with the relay; rejects on "rejected" (code
+   * "Rejected"), disconnect ("Closed"), a lost connection without reconnect ("Offline"), or
+   * after `timeout` ms ("Timeout").
+   */
+  whenSynced(options?: { timeout?: number }): Promise<void>;
+  /** Closes the socket and stops reconnecting. */
+  disconnect(): void;
+}
+
+/**
+ * A replica: documents in memory (the weft engine, WebAssembly), persisted to IndexedDB.
+ * Writes resolve once durable; reads are synchronous.
+ */
+export declare class Replica {
+  private constructor();
+  /** Opens (or creates) a replica. */
+  static open(options?: OpenOptions): Promise<Replica>;
+  /** Deletes the IndexedDB database of a (closed) replica. */
+  static deleteStorage(name: string): Promise<void>;
+  /** The weft engine's version. */
+  static version(): Promise<string>;
+
+  readonly id: string;
+  readonly name: string;
+  readonly storage: "indexeddb" | "memory";
+
+  /** Creates a document; resolves to its id once durable. */
+  create(collection: string, body: JsonObject): Promise<string>;
+  /** Reads a document; throws code "NotFound" or "Deleted". */
+  get(id: string): Document;
+  /** RFC 7386 merge patch; resolves to the new heads once durable. */
+  update(id: string, patch: JsonObject): Promise<string[]>;
+  /** Sets the value at a JSON pointer ("/a/b"); resolves to the new heads. */
+  set(id: string, path: string, value: Json): Promise<string[]>;
+  /**
+   * Makes the string at a JSON pointer collaborative text with this content (strings are
+   * last-writer-wins scalars until then); resolves to the new heads.
+   */
+  setText(id: string, path: string, text: string): Promise<string[]>;
+  /** Splices collaborative text at a JSON pointer (see `setText`); indexes count code points. */
+  splice(id: string, path: string, index: number, del: number, text: string): Promise<string[]>;
+  /** Deletes a document (a tombstone that wins over concurrent edits). */
+  delete(id: string): Promise<void>;
+  /** Live documents of a collection (null: all) matching a filter like "done = false". */
+  list(collection?: string | null, filter?: string | null, options?: ListOptions): Document[];
+
+  /** Calls back for every committed change (local and remote) once durable; returns unsubscribe. */
+  subscribe(callback: (event: ChangeEvent) => void): () => void;
+  /** The durable change feed after `since`. */
+  changes(since?: number, options?: ChangesOptions): ChangeEvent[];
+  /** The newest change's sequence number (0 when none). */
+  lastSeq(): number;
+
+  /** Every document and tombstone as a bundle (weft's bundle file format). */
+  exportBundle(): Uint8Array;
+  /** Merges a bundle; resolves once durable. */
+  importBundle(bytes: Uint8Array | ArrayBuffer): Promise<ImportReport>;
+
+  /** Syncs live with the relay at `url` (ws:// or wss://) until `disconnect()`. */
+  connect(url: string, options?: ConnectOptions): Connection;
+  /** Resolves once every write made so far is durable. */
+  flushed(): Promise<void>;
+  /** Disconnects, waits for pending writes, releases the storage (and the tab lock). */
+  close(): Promise<void>;
+}
+
+/**
+ * Loads the WebAssembly module (`Replica.open` does it on first use). Browsers fetch it next
+ * to this package's files unless given `module_or_path`.
+ */
+export declare function init(options?: {
+  module_or_path?: string | URL | Request | Response | BufferSource | WebAssembly.Module;
+}): Promise<unknown>;

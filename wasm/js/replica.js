@@ -1,0 +1,455 @@
+// The JS driver of the engine: `Replica` wraps the wasm `Core` (which holds every document in
+// memory and decides what to store and send) and does the IO: it persists the Core's journal,
+// publishes change events, and moves frames between the Core and WebSockets.
+//
+// The rule that everything follows: **acknowledge after commit**. After each call into the
+// Core, `#pump()` takes everything the Core produced (journal records, change events, frames,
+// session events) into the current batch. One batch is written in one storage transaction;
+// only when that transaction has completed are its frames sent, its session events reported,
+// its write promises resolved and its change events published — in that order, batch after
+// batch. Calls made while a transaction is in flight gather in the next batch (group commit).
+
+import { Connection } from "./connection.js";
+import { Emitter } from "./emitter.js";
+import { asWeftError, weftError } from "./errors.js";
+import { IndexedDbStorage, MemoryStorage, deleteIndexedDb } from "./storage.js";
+
+/** How often open sessions ask the engine whether it wants a tick. */
+const TICK_POLL_MS = 10;
+
+/**
+ * Builds the `Replica` class for one platform (browser or Node), given:
+ * - `loadCore()`: resolves to the wasm module's exports (`Core`, `version`) once initialized;
+ * - `indexedDB()`: the IndexedDB factory, or undefined;
+ * - `WebSocket()`: resolves to a WebSocket constructor (the browser's, or `ws` in Node);
+ * - `locks()`: the Web Locks API (`navigator.locks`), or undefined.
+ */
+export function makeReplicaClass(platform) {
+  class Replica {
+    #core;
+    #storage;
+    #name;
+    #releaseLock;
+    #batch = null;
+    #flushing = false;
+    #idle = null; // resolves when no flush is running or pending
+    #failed = null; // the storage error that made this replica unusable
+    #closed = false;
+    #subscribers = new Emitter();
+    #peers = new Map(); // peer number -> Connection
+    #connections = new Set();
+    #ticker = null;
+
+    /** Use `Replica.open()`. */
+    constructor(token, core, storage, name, releaseLock) {
+      if (token !== OPEN) throw new TypeError("use `await Replica.open(options)`");
+      this.#core = core;
+      this.#storage = storage;
+      this.#name = name;
+      this.#releaseLock = releaseLock;
+    }
+
+    /**
+     * Opens (or creates) a replica. `storage: "indexeddb"` (the default where IndexedDB
+     * exists) keeps it in the IndexedDB database "weft:NAME"; `"memory"` keeps nothing.
+     */
+    static async open(options = {}) {
+      const { name = "weft", seed, now } = options;
+      const storageKind =
+        options.storage ?? (platform.indexedDB() ? "indexeddb" : "memory");
+      if (typeof name !== "string" || name === "") {
+        throw weftError("InvalidArgument", "`name` must be a non-empty string");
+      }
+      if (storageKind !== "indexeddb" && storageKind !== "memory") {
+        throw weftError(
+          "InvalidArgument",
+          `unknown storage ${JSON.stringify(storageKind)} (use "indexeddb" or "memory")`,
+        );
+      }
+      const wasm = await platform.loadCore();
+      let storage;
+      let releaseLock = () => {};
+      if (storageKind === "indexeddb") {
+        releaseLock = await lockReplica(platform.locks(), name, options.lockTimeout ?? 5000);
+        try {
+          storage = await IndexedDbStorage.open(platform.indexedDB(), name);
+        } catch (e) {
+          releaseLock();
+          throw e;
+        }
+      } else {
+        storage = new MemoryStorage();
+      }
+      let core;
+      try {
+        const records = await storage.load();
+        const coreOptions = { records, now: now ?? (() => Date.now()) };
+        if (seed !== undefined) coreOptions.seed = seed;
+        core = wasm.Core.open(coreOptions);
+      } catch (e) {
+        storage.close();
+        releaseLock();
+        throw asWeftError(e, "Storage");
+      }
+      const replica = new Replica(OPEN, core, storage, name, releaseLock);
+      // A new replica's first journal holds its id: make it durable before handing it out.
+      await replica.#pump(true);
+      return replica;
+    }
+
+    /** Deletes the IndexedDB database of replica `name` (close it first). */
+    static async deleteStorage(name) {
+      await deleteIndexedDb(platform.indexedDB(), name);
+    }
+
+    /** The version of the weft engine inside. */
+    static async version() {
+      return (await platform.loadCore()).version();
+    }
+
+    /** This replica's id. */
+    get id() {
+      return this.#use().replicaId();
+    }
+
+    get name() {
+      return this.#name;
+    }
+
+    /** "indexeddb" or "memory". */
+    get storage() {
+      return this.#storage.kind;
+    }
+
+    // ----- documents -------------------------------------------------------------------
+
+    /** Creates a document in `collection`; resolves to its id once it is durable. */
+    async create(collection, body) {
+      const id = this.#call((core) => core.create(collection, body));
+      await this.#pump(true);
+      return id;
+    }
+
+    /** The document `{id, collection, heads, body}`; throws NotFound / Deleted. */
+    get(id) {
+      return this.#call((core) => core.get(id));
+    }
+
+    /** Applies an RFC 7386 merge patch; resolves to the new heads once durable. */
+    async update(id, patch) {
+      const heads = this.#call((core) => core.update(id, patch));
+      await this.#pump(true);
+      return heads;
+    }
+
+    /** Sets the value at a JSON pointer ("/a/b"); resolves to the new heads once durable. */
+    async set(id, path, value) {
+      const heads = this.#call((core) => core.set(id, path, value));
+      await this.#pump(true);
+      return heads;
+    }
+
+    /**
+     * Makes the string at `path` collaborative text (merged character by character; plain
+     * strings are last-writer-wins scalars) with this content; resolves to the new heads.
+     */
+    async setText(id, path, text) {
+      const heads = this.#call((core) => core.setText(id, path, text));
+      await this.#pump(true);
+      return heads;
+    }
+
+    /** Splices collaborative text at `path` (code point indexes); resolves to the new heads. */
+    async splice(id, path, index, del, text) {
+      const heads = this.#call((core) => core.splice(id, path, index, del, text));
+      await this.#pump(true);
+      return heads;
+    }
+
+    /** Deletes a document (a tombstone that wins over concurrent edits). */
+    async delete(id) {
+      this.#call((core) => core.delete(id));
+      await this.#pump(true);
+    }
+
+    /**
+     * The live documents of `collection` (all collections when null/undefined) matching
+     * `filter` (the CLI's --where syntax, e.g. "done = false"); `options.limit` caps them.
+     */
+    list(collection, filter, options = {}) {
+      return this.#call((core) =>
+        core.list(collection ?? null, filter ?? null, options.limit ?? null),
+      );
+    }
+
+    // ----- change feed -----------------------------------------------------------------
+
+    /**
+     * Calls `callback(event)` for every committed change from now on, local or remote, in
+     * feed order, after it is durable. Returns a function that unsubscribes.
+     * An event is `{seq, id, collection, kind, heads, origin, at}`.
+     */
+    subscribe(callback) {
+      this.#use();
+      return this.#subscribers.on("change", callback);
+    }
+
+    /** The durable change feed after `since` (exclusive), oldest first. */
+    changes(since = 0, options = {}) {
+      return this.#call((core) => core.changes(since, options.limit ?? null));
+    }
+
+    /** The sequence number of the newest change in the feed (0 when empty). */
+    lastSeq() {
+      return this.#call((core) => core.lastSeq());
+    }
+
+    // ----- bundles -----------------------------------------------------------------------
+
+    /** Every document and tombstone as a bundle (the same format as `weft export-bundle`). */
+    exportBundle() {
+      return this.#call((core) => core.exportBundle());
+    }
+
+    /** Merges a bundle; resolves to the engine's report once the result is durable. */
+    async importBundle(bytes) {
+      if (bytes instanceof ArrayBuffer) bytes = new Uint8Array(bytes);
+      const report = this.#call((core) => core.importBundle(bytes));
+      await this.#pump(true);
+      return report;
+    }
+
+    // ----- sync --------------------------------------------------------------------------
+
+    /**
+     * Keeps this replica in sync with the relay at `url` (ws:// or wss://) until
+     * `disconnect()`: reconnects with backoff, reports its status as events.
+     */
+    connect(url, options = {}) {
+      this.#use();
+      const connection = new Connection(this.#driverFor(), url, options);
+      this.#connections.add(connection);
+      connection.start();
+      return connection;
+    }
+
+    /** Waits until every write made so far is durable (or throws the storage error). */
+    async flushed() {
+      await this.#pump(true);
+    }
+
+    /** Disconnects, waits for pending writes, and releases the storage. */
+    async close() {
+      if (this.#closed) return;
+      for (const connection of [...this.#connections]) connection.disconnect();
+      try {
+        if (!this.#failed) await this.#pump(true);
+      } finally {
+        this.#closed = true;
+        this.#stopTicker();
+        this.#storage.close();
+        this.#releaseLock();
+        this.#core.free?.();
+        this.#core = null;
+      }
+    }
+
+    // ----- the driver ------------------------------------------------------------------
+
+    #use() {
+      if (this.#failed) throw this.#failed;
+      if (this.#closed) throw weftError("Closed", "the replica is closed");
+      return this.#core;
+    }
+
+    /** Runs one engine call and turns what it throws into a coded Error. */
+    #call(fn) {
+      const core = this.#use();
+      try {
+        return fn(core);
+      } catch (e) {
+        throw asWeftError(e);
+      } finally {
+        // A failed command changes nothing, but pump anyway: nothing may stay behind.
+        this.#pump(false);
+      }
+    }
+
+    /**
+     * Takes everything the Core produced into the current batch and makes sure a flush is
+     * scheduled. With `wait`, returns a promise that settles when that batch was committed.
+     */
+    #pump(wait) {
+      if (this.#failed) return wait ? Promise.reject(this.#failed) : undefined;
+      if (!this.#core) return wait ? Promise.resolve() : undefined;
+      const core = this.#core;
+      const journal = core.takeJournal();
+      const events = core.takeEvents();
+      const frames = core.takeFrames();
+      const sessionEvents = core.takeSessionEvents();
+      if (!wait && !journal.length && !events.length && !frames.length && !sessionEvents.length) {
+        return undefined;
+      }
+      const batch = (this.#batch ??= {
+        ops: [],
+        events: [],
+        frames: [],
+        sessionEvents: [],
+        waiters: [],
+      });
+      for (const op of journal) batch.ops.push(op);
+      for (const event of events) batch.events.push(event);
+      for (const frame of frames) batch.frames.push(frame);
+      for (const event of sessionEvents) batch.sessionEvents.push(event);
+      let done;
+      if (wait) {
+        done = new Promise((resolve, reject) => batch.waiters.push({ resolve, reject }));
+      }
+      if (!this.#flushing) {
+        this.#flushing = true;
+        // A microtask later: writes made in the same turn share one transaction.
+        queueMicrotask(() =>
+          this.#flush().catch((e) => {
+            this.#flushing = false;
+            console.error("weft: flushing failed", e);
+          }),
+        );
+      }
+      return done;
+    }
+
+    async #flush() {
+      while (this.#batch) {
+        const batch = this.#batch;
+        this.#batch = null;
+        try {
+          if (batch.ops.length) await this.#storage.commit(batch.ops);
+        } catch (e) {
+          this.#fail(asWeftError(e, "Storage"), batch);
+          break;
+        }
+        this.#release(batch);
+      }
+      this.#flushing = false;
+    }
+
+    /** A committed batch: send, report, acknowledge, publish. */
+    #release(batch) {
+      const syncSent = new Set();
+      for (const [peer, frame] of batch.frames) {
+        const connection = this.#peers.get(peer);
+        if (connection && connection._send(frame)) syncSent.add(peer);
+      }
+      for (const event of batch.sessionEvents) {
+        this.#peers.get(event.peer)?._sessionEvent(event, syncSent.has(event.peer));
+      }
+      for (const waiter of batch.waiters) waiter.resolve();
+      for (const event of batch.events) this.#subscribers.emit("change", event);
+    }
+
+    /**
+     * A storage transaction failed: memory is now ahead of storage, so this replica stops
+     * (every pending and later call fails with the error); reopening restores the last
+     * committed state.
+     */
+    #fail(error, batch) {
+      this.#failed = error;
+      const pending = [batch, this.#batch].filter(Boolean);
+      this.#batch = null;
+      for (const b of pending) for (const waiter of b.waiters) waiter.reject(error);
+      for (const connection of [...this.#connections]) connection._fail(error);
+      this.#stopTicker();
+      console.error("weft: storage failed; reopen the replica", error);
+    }
+
+    #startTicker() {
+      if (this.#ticker) return;
+      this.#ticker = setInterval(() => {
+        if (!this.#core || this.#failed) return;
+        try {
+          if (this.#core.tickWanted()) {
+            this.#core.tick();
+            this.#pump(false);
+          }
+        } catch (e) {
+          console.error("weft: tick failed", e);
+        }
+      }, TICK_POLL_MS);
+      // Node: the sockets keep the process alive, not this timer.
+      this.#ticker.unref?.();
+    }
+
+    #stopTicker() {
+      if (this.#ticker) clearInterval(this.#ticker);
+      this.#ticker = null;
+    }
+
+    /** What a Connection may do with this replica: the session half of the Core. */
+    #driverFor() {
+      const replica = this;
+      return {
+        WebSocket: () => platform.WebSocket(),
+        onlineEvents: platform.onlineEvents,
+        helloFrame: (token, collections) => replica.#use().helloFrame(token, collections),
+        handshake: (frame) => replica.#use().handshake(frame),
+        openSession: (connection, relay, collections) => {
+          const peer = replica.#use().openSession(relay, collections);
+          replica.#peers.set(peer, connection);
+          replica.#startTicker();
+          replica.#pump(false);
+          return peer;
+        },
+        receive: (peer, frame) => {
+          try {
+            replica.#use().receive(peer, frame);
+          } finally {
+            replica.#pump(false);
+          }
+        },
+        closeSession: (peer) => {
+          replica.#peers.delete(peer);
+          if (replica.#peers.size === 0) replica.#stopTicker();
+          if (!replica.#core || replica.#failed) return;
+          replica.#core.closeSession(peer);
+          replica.#pump(false);
+        },
+        forget: (connection) => replica.#connections.delete(connection),
+      };
+    }
+  }
+  return Replica;
+}
+
+const OPEN = Symbol("Replica.open");
+
+/**
+ * One tab at a time per replica: two engines writing the same IndexedDB database would each
+ * overwrite the other's records. Waits up to `timeout` ms for another holder to let go.
+ */
+async function lockReplica(locks, name, timeout) {
+  if (!locks) return () => {};
+  let release;
+  const held = new Promise((resolve) => (release = resolve));
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), timeout);
+  await new Promise((resolve, reject) => {
+    locks
+      .request(`weft:${name}`, { signal: controller.signal }, () => {
+        clearTimeout(timer);
+        resolve();
+        return held;
+      })
+      .catch((e) => {
+        clearTimeout(timer);
+        reject(
+          e?.name === "AbortError"
+            ? weftError(
+                "Locked",
+                `replica "${name}" is open in another tab or window (one engine per IndexedDB database)`,
+              )
+            : asWeftError(e),
+        );
+      });
+  });
+  return () => release();
+}
