@@ -331,7 +331,7 @@ pub(crate) async fn session(
             (Phase::AwaitingHello, other) => {
                 break Some(Close::new(
                     CloseCode::Protocol,
-                    format!("the first frame must be Hello, not {}", kind(&other)),
+                    format!("the first frame must be Hello, not {}", other.kind()),
                 ));
             }
             (Phase::Ready, Message::Hello { .. }) => {
@@ -383,10 +383,10 @@ pub(crate) async fn session(
                 }
             }
             (Phase::Ready, other) => {
-                tracing::debug!(kind = kind(&other), "unexpected message");
+                tracing::debug!(kind = other.kind(), "unexpected message");
                 let reply = Message::Error {
                     code: ErrorCode::Malformed,
-                    message: format!("a client does not send {}", kind(&other)),
+                    message: format!("a client does not send {}", other.kind()),
                     doc: None,
                 };
                 if send(&mut ws, shared, &reply).await.is_err() {
@@ -422,27 +422,6 @@ pub(crate) async fn session(
 /// Frames that count for metrics and the rate limit: everything the peer sends but its close.
 fn message_counts(message: &WsMessage) -> bool {
     !matches!(message, WsMessage::Close(_) | WsMessage::Frame(_))
-}
-
-/// The variant name of a message, for logs and close reasons: the start of its `Debug` text,
-/// formatted into a small buffer that stops the formatter early (a `Sync` frame may carry
-/// megabytes, which must not be rendered just to be named).
-fn kind(message: &Message) -> String {
-    struct Prefix(String);
-    impl std::fmt::Write for Prefix {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            for c in s.chars() {
-                if !c.is_alphanumeric() || self.0.len() >= 32 {
-                    return Err(std::fmt::Error);
-                }
-                self.0.push(c);
-            }
-            Ok(())
-        }
-    }
-    let mut name = Prefix(String::new());
-    let _ = std::fmt::Write::write_fmt(&mut name, format_args!("{message:?}"));
-    name.0
 }
 
 /// A WebSocket-level read failure: a close code when the peer can still hear one.

@@ -196,6 +196,24 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// The variant's name, for logs and error messages (never the possibly large contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Reject { .. } => "Reject",
+            Message::Summary { .. } => "Summary",
+            Message::Entries { .. } => "Entries",
+            Message::Sync { .. } => "Sync",
+            Message::Persisted { .. } => "Persisted",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
+            Message::Error { .. } => "Error",
+        }
+    }
+}
+
 /// The 64-bit digest of a document's version: equal on two replicas exactly when they hold the
 /// same heads (up to a 2^-64 chance), or both hold its tombstone.
 pub fn doc_digest(id: &DocumentId, heads: &[automerge::ChangeHash], deleted: bool) -> Digest {

@@ -5,7 +5,6 @@
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 use weft::engine::{PeerEvent, PeerId};
-use weft::protocol::Message;
 use weft::store::mem::{Record, Table};
 use weft::{ChangeEvent, ChangeHash, Document};
 
@@ -164,20 +163,4 @@ pub fn records_from_js(value: &JsValue) -> JsResult<Vec<(Table, String, Vec<u8>)
         out.push((table, key, bytes.to_vec()));
     }
     Ok(out)
-}
-
-/// A message's variant name, for errors.
-pub fn kind(message: &Message) -> &'static str {
-    match message {
-        Message::Hello { .. } => "Hello",
-        Message::Welcome { .. } => "Welcome",
-        Message::Reject { .. } => "Reject",
-        Message::Summary { .. } => "Summary",
-        Message::Entries { .. } => "Entries",
-        Message::Sync { .. } => "Sync",
-        Message::Persisted { .. } => "Persisted",
-        Message::Ping { .. } => "Ping",
-        Message::Pong { .. } => "Pong",
-        Message::Error { .. } => "Error",
-    }
 }

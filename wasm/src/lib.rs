@@ -329,7 +329,7 @@ impl Core {
             })),
             Ok(other) => Err(error(
                 "Protocol",
-                &format!("expected Welcome or Reject, got {}", convert::kind(&other)),
+                &format!("expected Welcome or Reject, got {}", other.kind()),
             )),
             Err(e) => Err(error("Protocol", &e)),
         }
@@ -382,7 +382,7 @@ impl Core {
                 @ (Message::Hello { .. } | Message::Welcome { .. } | Message::Reject { .. }),
             ) => Err(error(
                 "Protocol",
-                &format!("unexpected {} during a session", convert::kind(&message)),
+                &format!("unexpected {} during a session", message.kind()),
             )),
             Ok(message) => {
                 self.replica.peer_message(peer, message);

@@ -617,7 +617,7 @@ async fn idle_handshake(
     match recv(&mut ws).await? {
         Message::Welcome { .. } => {}
         Message::Reject { code, reason } => return Err(format!("rejected: {code:?}: {reason}")),
-        other => return Err(format!("expected Welcome, got {}", name(&other))),
+        other => return Err(format!("expected Welcome, got {}", other.kind())),
     }
     send_bytes(&mut ws, summary.to_vec()).await?;
     loop {
@@ -633,7 +633,7 @@ async fn idle_handshake(
             Message::Error { code, message, .. } => {
                 return Err(format!("relay error {code:?}: {message}"));
             }
-            other => eprintln!("  note: unexpected {} during reconciliation", name(&other)),
+            other => eprintln!("  note: unexpected {} during reconciliation", other.kind()),
         }
     }
 }
@@ -681,20 +681,4 @@ async fn idle_hold(mut ws: Ws, stats: &IdleStats, stop: &mut watch::Receiver<boo
 /// Resolves once `stop` turns true (or its sender is gone), without holding the watch guard.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
-}
-
-/// A message's variant name (never its possibly large contents).
-fn name(message: &Message) -> &'static str {
-    match message {
-        Message::Hello { .. } => "Hello",
-        Message::Welcome { .. } => "Welcome",
-        Message::Reject { .. } => "Reject",
-        Message::Summary { .. } => "Summary",
-        Message::Entries { .. } => "Entries",
-        Message::Sync { .. } => "Sync",
-        Message::Persisted { .. } => "Persisted",
-        Message::Ping { .. } => "Ping",
-        Message::Pong { .. } => "Pong",
-        Message::Error { .. } => "Error",
-    }
 }
