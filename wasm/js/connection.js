@@ -35,6 +35,7 @@ export class Connection {
   #timer = null;
   #stopped = false;
   #unwatchOnline = null;
+  #keepalive;
 
   /** Use `replica.connect(url, options)`. */
   constructor(driver, url, options = {}) {
@@ -45,6 +46,7 @@ export class Connection {
     this.#reconnect = options.reconnect ?? true;
     this.#initialBackoff = options.initialBackoff ?? 200;
     this.#maxBackoff = options.maxBackoff ?? 30_000;
+    this.#keepalive = options.keepalive ?? 30_000;
     this.#backoff = this.#initialBackoff;
   }
 
@@ -202,6 +204,31 @@ export class Connection {
     let socketError = null;
     let handshakeTimer = null;
     const mine = () => this.#ws === ws && !this.#stopped;
+    // Keepalive: a relay silent for `keepalive` ms gets a protocol Ping; silent for twice as
+    // long, the connection counts as lost and is redialed. Without it a half-open socket (a
+    // laptop that slept, a mobile network that dropped the route) is noticed only by TCP,
+    // minutes later.
+    let lastHeard = Date.now();
+    let lastPing = 0;
+    let nonce = 0;
+    const keepaliveTimer = setInterval(() => {
+      if (!mine()) {
+        clearInterval(keepaliveTimer);
+        return;
+      }
+      if (this.#peer == null) return;
+      const now = Date.now();
+      const silent = now - lastHeard;
+      if (silent >= 2 * this.#keepalive) {
+        clearInterval(keepaliveTimer);
+        this.#drop(ws, weftError("Offline", `the relay was silent for ${Math.round(silent / 1000)} s`));
+      } else if (silent >= this.#keepalive && now - lastPing >= this.#keepalive) {
+        lastPing = now;
+        try {
+          ws.send(this.#driver.pingFrame(++nonce));
+        } catch {}
+      }
+    }, Math.max(10, this.#keepalive / 4));
 
     ws.onopen = () => {
       if (!mine()) return;
@@ -221,6 +248,7 @@ export class Connection {
 
     ws.onmessage = (event) => {
       if (!mine()) return;
+      lastHeard = Date.now();
       if (!(event.data instanceof ArrayBuffer)) {
         this.#drop(ws, weftError("Offline", "the relay sent a text frame; expected binary"), 1003);
         return;
@@ -248,6 +276,7 @@ export class Connection {
 
     ws.onclose = (event) => {
       clearTimeout(handshakeTimer);
+      clearInterval(keepaliveTimer);
       if (!mine()) return;
       const code = event?.code;
       const reason = event?.reason ? `: ${event.reason}` : "";

@@ -76,6 +76,11 @@ export interface ConnectOptions {
   initialBackoff?: number;
   /** Longest reconnect delay in ms (default 30000). */
   maxBackoff?: number;
+  /**
+   * A relay silent for this many ms gets a ping; silent for twice as long, the connection
+   * counts as lost and is redialed (default 30000).
+   */
+  keepalive?: number;
 }
 
 export type Status = "connecting" | "connected" | "synced" | "offline" | "rejected" | "closed";

@@ -392,6 +392,7 @@ export function makeReplicaClass(platform) {
         onlineEvents: platform.onlineEvents,
         helloFrame: (token, collections) => replica.#use().helloFrame(token, collections),
         handshake: (frame) => replica.#use().handshake(frame),
+        pingFrame: (nonce) => replica.#use().pingFrame(nonce),
         openSession: (connection, relay, collections) => {
           const peer = replica.#use().openSession(relay, collections);
           replica.#peers.set(peer, connection);

@@ -310,6 +310,14 @@ impl Core {
         })
     }
 
+    /// A protocol `Ping` for a session's keepalive (the relay answers `Pong`).
+    #[wasm_bindgen(js_name = pingFrame)]
+    pub fn ping_frame(&self, nonce: f64) -> Vec<u8> {
+        protocol::encode(&Message::Ping {
+            nonce: nonce as u64,
+        })
+    }
+
     /// Decodes the relay's answer to `Hello`: `{kind: "welcome", relay, collections}` or
     /// `{kind: "reject", code, reason}`.
     pub fn handshake(&self, frame: &[u8]) -> JsResult<JsValue> {

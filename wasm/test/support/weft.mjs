@@ -82,6 +82,7 @@ export async function startRelay({ secret, listen = "127.0.0.1:0", data } = {}) 
   });
   const relay = {
     url,
+    pid: child.pid,
     dataDir,
     secretFile,
     /** Stops the relay (SIGTERM, then SIGKILL after 5 s) and waits for the exit. */
