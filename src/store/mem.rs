@@ -335,9 +335,7 @@ impl MemStore {
                 snapshot,
                 seq,
             } => {
-                if self.ids.contains_key(&id) {
-                    return Err(corrupt(format!("insert of {id}, which exists")));
-                }
+                // (Checked in `commit` before anything is applied.)
                 let key = self.next_key;
                 self.next_key += 1;
                 self.ids.insert(id, key);
@@ -481,6 +479,32 @@ impl MemStore {
         Ok(())
     }
 
+    /// Why the staged writes cannot all apply (a write for an unknown document, an insert of
+    /// one that exists), if they cannot.
+    fn first_problem(&self) -> Option<String> {
+        let mut known: std::collections::HashSet<DocumentId> = std::collections::HashSet::new();
+        for op in &self.staged {
+            match op {
+                StorageOp::InsertDocument { id, .. } => {
+                    if self.ids.contains_key(id) || !known.insert(*id) {
+                        return Some(format!("insert of {id}, which exists"));
+                    }
+                }
+                StorageOp::PutDocument { id, .. } => {
+                    known.insert(*id);
+                }
+                StorageOp::PutSyncState { .. } => {}
+                other => {
+                    let id = other.doc();
+                    if !known.contains(&id) && !self.ids.contains_key(&id) {
+                        return Some(format!("write for {id}, which has no catalog row"));
+                    }
+                }
+            }
+        }
+        None
+    }
+
     fn doc_mut(&mut self, id: &DocumentId) -> Result<&mut Doc, StoreError> {
         self.ids
             .get(id)
@@ -514,21 +538,9 @@ impl Store for MemStore {
 
     fn commit(&mut self) -> Result<(), StoreError> {
         // Check first, so that a failing step changes nothing.
-        let mut known: std::collections::HashSet<DocumentId> = std::collections::HashSet::new();
-        for op in &self.staged {
-            match op {
-                StorageOp::InsertDocument { id, .. } | StorageOp::PutDocument { id, .. } => {
-                    known.insert(*id);
-                }
-                StorageOp::PutSyncState { .. } => {}
-                other => {
-                    let id = other.doc();
-                    if !known.contains(&id) && !self.ids.contains_key(&id) {
-                        self.staged.clear();
-                        return Err(corrupt(format!("write for {id}, which has no catalog row")));
-                    }
-                }
-            }
+        if let Some(problem) = self.first_problem() {
+            self.staged.clear();
+            return Err(corrupt(problem));
         }
         for op in std::mem::take(&mut self.staged) {
             self.apply(op)?;
@@ -733,5 +745,59 @@ impl Store for MemStore {
 
     fn checkpoint(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert(id: DocumentId) -> StorageOp {
+        StorageOp::InsertDocument {
+            id,
+            collection: "c".into(),
+            heads: Vec::new(),
+            body: "{}".into(),
+            snapshot: vec![1, 2, 3],
+            seq: 1,
+        }
+    }
+
+    #[test]
+    fn a_commit_that_cannot_fully_apply_changes_nothing() {
+        let mut store = MemStore::new(ReplicaId::from_seed(1));
+        let journal = store.journal();
+        journal.drain();
+        let (a, b) = (
+            DocumentId::from_bytes([1; 16]),
+            DocumentId::from_bytes([2; 16]),
+        );
+        for bad in [
+            vec![
+                insert(a),
+                StorageOp::AppendChunk {
+                    id: b,
+                    bytes: vec![9],
+                },
+            ],
+            vec![insert(a), insert(a)],
+        ] {
+            store.begin().unwrap();
+            store.write(&bad).unwrap();
+            assert!(store.commit().is_err());
+            assert!(store.get(&a).unwrap().is_none());
+            assert!(journal.drain().is_empty());
+        }
+        store.begin().unwrap();
+        store.write(&[insert(a)]).unwrap();
+        store.commit().unwrap();
+        assert!(store.get(&a).unwrap().is_some());
+        store.begin().unwrap();
+        store.write(&[insert(a)]).unwrap();
+        assert!(
+            store.commit().is_err(),
+            "a second insert of the same document"
+        );
+        assert_eq!(store.load(&a).unwrap().unwrap().chunks.len(), 1);
     }
 }
