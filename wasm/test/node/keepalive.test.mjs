@@ -33,7 +33,9 @@ test("a silent relay is detected by the keepalive and the session comes back", {
     const started = Date.now();
     const offline = await nextEvent(connection, "offline", 10_000);
     assert.match(offline.error.message, /silent/);
-    assert.ok(Date.now() - started >= 300, "given up before two keepalive periods");
+    // Silence counts from the last frame heard (a pong up to one period before the freeze),
+    // so the cut comes one to two periods after it, not a fixed time.
+    assert.ok(Date.now() - started < 2_000, `took ${Date.now() - started} ms to notice`);
 
     process.kill(relay.pid, "SIGCONT");
     frozen = false;
