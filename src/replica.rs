@@ -33,7 +33,7 @@ pub use crate::store::Durability;
 
 /// One input of a replication session, for [`Replica::peer_batch`]; the same as calling
 /// `peer_connected`, `peer_message`, `peer_disconnected` or `peer_flow`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum SessionInput {
     Connected {
         peer: PeerId,
@@ -52,6 +52,39 @@ pub enum SessionInput {
         peer: PeerId,
         paused: bool,
     },
+}
+
+impl SessionInput {
+    /// The session this input is for.
+    pub fn peer(&self) -> PeerId {
+        match self {
+            SessionInput::Connected { peer, .. }
+            | SessionInput::Message { peer, .. }
+            | SessionInput::Disconnected { peer }
+            | SessionInput::Flow { peer, .. } => *peer,
+        }
+    }
+}
+
+impl From<SessionInput> for Input {
+    fn from(input: SessionInput) -> Input {
+        match input {
+            SessionInput::Connected {
+                peer,
+                remote,
+                access,
+                initiator,
+            } => Input::PeerConnected {
+                peer,
+                remote,
+                access,
+                initiator,
+            },
+            SessionInput::Message { peer, message } => Input::PeerMessage { peer, message },
+            SessionInput::Disconnected { peer } => Input::PeerDisconnected { peer },
+            SessionInput::Flow { peer, paused } => Input::PeerFlow { peer, paused },
+        }
+    }
 }
 
 /// Options for [`Replica::open_with`].
@@ -255,9 +288,39 @@ impl Replica {
     /// One driver step: feed `inputs` to the engine, answer its loads and catalog reads, commit
     /// its writes in one transaction, then (only after the commit) publish events, hand frames
     /// to the transport and return the results of the commands numbered `first..first+count`.
+    ///
+    /// A panic inside the step (a bug) leaves nothing half-done: the transaction is rolled
+    /// back and the engine forgets everything that is not in storage ([`Engine::recover`])
+    /// before the panic goes on to the caller.
     fn step(
         &self,
         mut inner: MutexGuard<'_, Inner>,
+        inputs: Vec<Input>,
+        first: u64,
+        count: usize,
+    ) -> Vec<Result<Output>> {
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.step_locked(&mut inner, inputs, first, count)
+        }));
+        match stepped {
+            Ok(results) => {
+                drop(inner);
+                self.shared.hooks.dispatch();
+                results
+            }
+            Err(panic) => {
+                tracing::error!("a replica step panicked; rolled back, engine memory reset");
+                inner.store.rollback();
+                inner.engine.recover();
+                drop(inner);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    fn step_locked(
+        &self,
+        inner: &mut Inner,
         inputs: Vec<Input>,
         first: u64,
         count: usize,
@@ -408,8 +471,6 @@ impl Replica {
                 }
             }
         }
-        drop(inner);
-        self.shared.hooks.dispatch();
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Internal("command did not complete".into()))))
@@ -449,28 +510,48 @@ impl Replica {
     /// Applies session inputs of any number of sessions in one step: one storage transaction,
     /// one commit (group commit for a relay with many busy sessions). Each session's inputs
     /// keep their order.
-    pub fn peer_batch(&self, inputs: Vec<SessionInput>) {
-        let inputs = inputs
-            .into_iter()
-            .map(|input| match input {
-                SessionInput::Connected {
-                    peer,
-                    remote,
-                    access,
-                    initiator,
-                } => Input::PeerConnected {
-                    peer,
-                    remote,
-                    access,
-                    initiator,
-                },
-                SessionInput::Message { peer, message } => Input::PeerMessage { peer, message },
-                SessionInput::Disconnected { peer } => Input::PeerDisconnected { peer },
-                SessionInput::Flow { peer, paused } => Input::PeerFlow { peer, paused },
-            })
-            .collect();
-        let inner = self.lock();
-        let _ = self.step(inner, inputs, 0, 0);
+    ///
+    /// A panic is one session's problem: if the step panics (a bug some input triggers), it
+    /// is rolled back and the inputs are applied again one by one; a session whose input
+    /// panics on its own is ended (the engine forgets it, its later inputs in the batch are
+    /// skipped) and returned, for the driver to close its connection. Everyone else's inputs
+    /// are applied.
+    pub fn peer_batch(&self, inputs: Vec<SessionInput>) -> Vec<PeerId> {
+        let together = inputs.iter().cloned().map(Input::from).collect();
+        if self.peer_step(together).is_ok() {
+            return Vec::new();
+        }
+        tracing::error!(
+            inputs = inputs.len(),
+            "applying session inputs panicked; applying them one by one"
+        );
+        let mut failed: Vec<PeerId> = Vec::new();
+        for input in inputs {
+            let peer = input.peer();
+            if failed.contains(&peer) {
+                continue;
+            }
+            if self.peer_step(vec![Input::from(input)]).is_err() {
+                tracing::error!(?peer, "a session's input panicked; ending the session");
+                failed.push(peer);
+                if self
+                    .peer_step(vec![Input::PeerDisconnected { peer }])
+                    .is_err()
+                {
+                    tracing::error!(?peer, "ending the session panicked too");
+                }
+            }
+        }
+        failed
+    }
+
+    /// One step of session inputs; `Err` if it panicked (and was rolled back).
+    fn peer_step(&self, inputs: Vec<Input>) -> std::result::Result<(), ()> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let inner = self.lock();
+            let _ = self.step(inner, inputs, 0, 0);
+        }))
+        .map_err(|_| ())
     }
 
     /// A session with `remote` is established (after the handshake).

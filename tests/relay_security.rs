@@ -20,7 +20,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft::net::auth::TokenKey;
 use weft::net::{ConnectOptions, RelayConfig, Status};
-use weft::protocol::{self, ErrorCode, Message, Payload, RejectCode, SyncItem, WireScope};
+use weft::protocol::{
+    self, CatalogEntry, ErrorCode, Message, Payload, RejectCode, SyncItem, WireScope,
+};
 use weft::{Bundle, BundleEntry, BundleScope, DocumentId, Replica, ReplicaId, Scope};
 
 type Raw = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -325,16 +327,17 @@ async fn raw_frames_cannot_read_or_write_past_the_token() {
     assert_eq!(expect_error(&mut ws, a, &[b]).await, ErrorCode::Forbidden);
     drop(ws);
 
-    // Read-write on alpha, trying to reach beta's document by claiming it is in alpha.
+    // Read-write on alpha, trying to reach beta's document by claiming it is in alpha: refused
+    // as outside the session's scope, the same answer as for any document it may not read.
     let (mut ws, welcome) = relay.raw(&relay.token(A, A)).await;
     assert!(matches!(welcome, Message::Welcome { .. }), "{welcome:?}");
     let forged = sync_with_a_change(&b_doc);
     send(&mut ws, &sync_item(b, A, Payload::Sync(forged))).await;
-    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::BadDocument);
+    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::Forbidden);
     send(&mut ws, &sync_item(b, A, Payload::Tombstone)).await;
-    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::BadDocument);
+    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::Forbidden);
     send(&mut ws, &sync_item(b, A, Payload::Whole(b_doc.save()))).await;
-    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::BadDocument);
+    assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::Forbidden);
     send(&mut ws, &sync_item(b, B, Payload::Tombstone)).await;
     assert_eq!(expect_error(&mut ws, b, &[b]).await, ErrorCode::Forbidden);
 
@@ -354,6 +357,100 @@ async fn raw_frames_cannot_read_or_write_past_the_token() {
         }
     }
     assert_ne!(relay.state(&a), before.0);
+}
+
+/// Reads until the relay's `Error { Unexpected }`, then its close: the code must be 1002
+/// (protocol error) and nothing about another document may arrive before it.
+async fn expect_ended_for_protocol(ws: &mut Raw) -> String {
+    let message = loop {
+        match recv(ws).await {
+            Message::Error {
+                code: ErrorCode::Unexpected,
+                message,
+                ..
+            } => break message,
+            Message::Error { .. } => {}
+            other => panic!("expected Error Unexpected, got {other:?}"),
+        }
+    };
+    let (code, _) = expect_close(ws).await;
+    assert_eq!(code, CloseCode::Protocol, "{message}");
+    message
+}
+
+/// The attack from the hostile-peers issue: a session sends `Entries` it was never asked for,
+/// claiming a document (or an id the relay never saw) is deleted. The relay stored the
+/// tombstones. Now a message out of its sender's role is refused and ends the session, with
+/// every token, and the relay's documents are as they were.
+#[tokio::test]
+async fn frames_out_of_role_end_the_session_and_change_nothing() {
+    let relay = Relay::start(|_| {}).await;
+    let [(a, _), (b, b_doc)] = seed(&relay).await;
+    let fresh = DocumentId::from_bytes([9; 16]);
+    let before = (relay.state(&a), relay.state(&b));
+    let tombstone_entries = |ids: &[DocumentId]| Message::Entries {
+        buckets: ids.iter().map(protocol::bucket_of).collect(),
+        entries: ids
+            .iter()
+            .map(|id| CatalogEntry {
+                id: *id,
+                collection: A.into(),
+                digest: protocol::doc_digest(id, &[], true),
+                deleted: true,
+            })
+            .collect(),
+    };
+    for (read, write) in [(A, ""), (A, A), ("*", "*")] {
+        for ids in [vec![a], vec![fresh], vec![a, fresh]] {
+            let (mut ws, welcome) = relay.raw(&relay.token(read, write)).await;
+            assert!(matches!(welcome, Message::Welcome { .. }), "{welcome:?}");
+            send(&mut ws, &tombstone_entries(&ids)).await;
+            let why = expect_ended_for_protocol(&mut ws).await;
+            assert!(why.contains("Entries"), "{why}");
+        }
+    }
+    let welcome = Message::Welcome {
+        replica: ReplicaId::from_bytes([1; 16]),
+        scope: WireScope::All,
+        max_frame: 1 << 20,
+    };
+    let reject = Message::Reject {
+        code: RejectCode::Busy,
+        reason: "no".into(),
+    };
+    let persisted = Message::Persisted {
+        docs: vec![(b, vec![[0; 32]])],
+    };
+    let hello = Message::Hello {
+        protocol: protocol::PROTOCOL_VERSION.into(),
+        replica: ReplicaId::from_bytes([42; 16]),
+        token: Some(relay.token("*", "*")),
+        scope: WireScope::All,
+    };
+    for (message, says) in [
+        (welcome, "Welcome"),
+        (reject, "Reject"),
+        (persisted, "Persisted"),
+        (hello, "Hello"),
+    ] {
+        let (mut ws, _) = relay.raw(&relay.token("*", "*")).await;
+        send(&mut ws, &message).await;
+        let why = expect_ended_for_protocol(&mut ws).await;
+        assert!(why.contains(says), "{why}");
+    }
+    assert_eq!((relay.state(&a), relay.state(&b)), before);
+    assert!(
+        relay.state(&fresh).contains("not found"),
+        "{}",
+        relay.state(&fresh)
+    );
+    // The relay still serves: a well-behaved client reads both documents as they were.
+    let dir = tempfile::tempdir().unwrap();
+    let client = Replica::open(dir.path().join("c.db")).unwrap();
+    let connection = relay.synced(&client, relay.token("*", "*")).await;
+    assert_eq!(client.get(&b).unwrap().heads, b_doc.get_heads());
+    assert!(client.get(&a).is_ok());
+    connection.close().await;
 }
 
 #[tokio::test]
@@ -534,10 +631,12 @@ async fn flooding_clients_are_cut_off_while_a_good_client_keeps_syncing() {
         expect_rate_limited(&mut frames).await
     });
     let byte_flood = tokio::spawn(async move {
-        // Valid frames the relay reads and drops (a client's acknowledgements), 512 KiB each:
-        // cheap to handle, just too many bytes.
-        let padding = Message::Persisted {
-            docs: vec![(DocumentId::from_bytes([3; 16]), vec![[0u8; 32]; 16 * 1024])],
+        // Valid frames the relay reads and only logs (a client's error reports), 512 KiB
+        // each: cheap to handle, just too many bytes.
+        let padding = Message::Error {
+            code: ErrorCode::Internal,
+            message: "x".repeat(512 * 1024),
+            doc: None,
         };
         let frame = protocol::encode(&padding);
         for _ in 0..10 {

@@ -372,3 +372,87 @@ fn live_documents(db: &Path) -> i64 {
         })
         .unwrap_or(0)
 }
+
+/// A panic while applying one session's input (a bug some input triggers; here a store that
+/// panics loading one document) ends that session only: the batch is rolled back and applied
+/// again input by input, the other sessions' documents are stored and acknowledged, the
+/// panicking session's later inputs are skipped, and the replica goes on working.
+#[test]
+fn a_panic_ends_only_the_session_whose_input_caused_it() {
+    use std::sync::{Arc, Mutex};
+    use weft::automerge::transaction::Transactable;
+    use weft::engine::PeerId;
+    use weft::protocol::{Message, Payload, SyncItem};
+    use weft::store::mem::MemStore;
+    use weft::{DocumentId, ReplicaId, ReplicaOptions, SessionInput};
+
+    let (store, faults) =
+        support::faulty_store::FaultyStore::new(MemStore::new(ReplicaId::from_seed(7)));
+    let options = ReplicaOptions {
+        seed: Some(1),
+        ..ReplicaOptions::default()
+    };
+    let relay = Replica::with_store(Box::new(store), "relay".into(), options).unwrap();
+    let sent: Arc<Mutex<Vec<(PeerId, Message)>>> = Arc::default();
+    let frames = sent.clone();
+    relay.set_transport(move |out, _events| {
+        frames.lock().unwrap().extend(out);
+        Vec::new()
+    });
+    let whole = |id: DocumentId, n: i64| {
+        let mut doc = weft::automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(weft::automerge::ROOT, "n", n).unwrap();
+        tx.commit();
+        Message::Sync {
+            batch: vec![SyncItem {
+                id,
+                collection: "c".into(),
+                payload: Payload::Whole(doc.save()),
+            }],
+        }
+    };
+    let ids: Vec<DocumentId> = (1..=4u8).map(|b| DocumentId::from_bytes([b; 16])).collect();
+    for p in 1..=3 {
+        relay.peer_connected(PeerId(p), ReplicaId::from_seed(100 + p), Scope::All, false);
+    }
+    faults.lock().unwrap().panic_on_load = Some(ids[1]);
+    let message = |peer: u64, message| SessionInput::Message {
+        peer: PeerId(peer),
+        message,
+    };
+    let failed = relay.peer_batch(vec![
+        message(1, whole(ids[0], 1)),
+        message(2, whole(ids[1], 2)),
+        message(3, whole(ids[2], 3)),
+        // Peer 2's session ends with its panicking input: this one must not be applied.
+        message(2, whole(ids[3], 4)),
+    ]);
+    assert_eq!(failed, vec![PeerId(2)]);
+    assert_eq!(relay.get(&ids[0]).unwrap().body, json!({"n": 1}));
+    assert_eq!(relay.get(&ids[2]).unwrap().body, json!({"n": 3}));
+    for id in [ids[1], ids[3]] {
+        assert!(
+            matches!(relay.get(&id), Err(weft::Error::NotFound(_))),
+            "{id} was stored"
+        );
+    }
+    let acked = |peer: u64| {
+        sent.lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, m)| *p == PeerId(peer) && matches!(m, Message::Persisted { .. }))
+            .count()
+    };
+    assert_eq!((acked(1), acked(2), acked(3)), (1, 0, 1));
+    // The engine forgot session 2: what it sends now is ignored, even with the fault gone.
+    faults.lock().unwrap().panic_on_load = None;
+    relay.peer_message(PeerId(2), whole(ids[3], 4));
+    assert!(matches!(relay.get(&ids[3]), Err(weft::Error::NotFound(_))));
+    // The replica goes on: sessions 1 and 3 still sync, local writes work.
+    relay.peer_message(PeerId(3), whole(ids[3], 5));
+    assert_eq!(relay.get(&ids[3]).unwrap().body, json!({"n": 5}));
+    let local = relay.create("c", json!({"local": true})).unwrap();
+    assert_eq!(relay.get(&local).unwrap().body, json!({"local": true}));
+    relay.integrity_check().unwrap();
+}

@@ -36,8 +36,9 @@ pub(crate) enum DocState {
         collection: String,
         snapshot: Vec<u8>,
     },
-    /// A tombstone: deleted here or by a peer. Final.
-    Deleted,
+    /// A tombstone: deleted here or by a peer. Final. The collection it was in still decides
+    /// who may learn of it.
+    Deleted { collection: String },
     /// Storage has no such document.
     Absent,
     /// Storage holds it but it could not be loaded. Forgotten after the commands waiting for it
@@ -69,7 +70,9 @@ impl LiveDoc {
     /// Rebuilds a document from its stored chunks, checking it against the recorded heads.
     pub fn load(id: DocumentId, stored: StoredDoc, actor: &ActorId) -> Result<DocState, Error> {
         if stored.deleted {
-            return Ok(DocState::Deleted);
+            return Ok(DocState::Deleted {
+                collection: stored.collection,
+            });
         }
         let mut snapshot_bytes = 0;
         let mut incremental_bytes = 0;

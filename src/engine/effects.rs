@@ -5,7 +5,8 @@
 use automerge::ChangeHash;
 
 use super::command::{CommandId, Output};
-use super::sync::{CatalogRead, PeerEvent, PeerId};
+use super::reconcile::CatalogRead;
+use super::session::{PeerEvent, PeerId};
 use crate::error::Error;
 use crate::id::{DocumentId, ReplicaId};
 use crate::protocol::Message;

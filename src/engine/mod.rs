@@ -19,10 +19,14 @@
 //! publish(fx.events); deliver(fx.completed);       // 3. only after the commit
 //! ```
 
+mod access;
 mod command;
 mod doc;
 mod effects;
-mod sync;
+mod fanout;
+mod receive;
+mod reconcile;
+mod session;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -38,8 +42,10 @@ pub use doc::CompactionPolicy;
 pub use effects::{
     ChangeEvent, ChangeKind, ChunkKind, Effects, Origin, StorageOp, StoredChunk, StoredDoc,
 };
-pub use sync::{CatalogAnswer, CatalogRead, PeerEvent, PeerId, RESYNC_QUIET_MS, ReadPurpose};
+pub use reconcile::{CatalogAnswer, CatalogRead, ReadPurpose};
+pub use session::{PeerEvent, PeerId, RESYNC_QUIET_MS};
 
+use self::access::By;
 use self::doc::{DocState, LiveDoc, check_heads};
 use crate::bundle::{Bundle, BundleEntry};
 use crate::error::Error;
@@ -148,7 +154,7 @@ pub enum Input {
 /// Queued work: a caller's command, or a peer's request that needs a document in memory.
 enum Work {
     Command(CommandId, Command),
-    Peer(PeerId, sync::PeerWork),
+    Peer(PeerId, receive::PeerWork),
 }
 
 impl Work {
@@ -184,7 +190,7 @@ pub struct Engine {
     empty: Automerge,
     docs: HashMap<DocumentId, Entry>,
     queue: VecDeque<Work>,
-    peers: std::collections::BTreeMap<PeerId, sync::Peer>,
+    peers: std::collections::BTreeMap<PeerId, session::Peer>,
     loading: HashSet<DocumentId>,
     /// Documents with writes emitted since the last [`Input::Committed`]; never evicted.
     dirty: HashSet<DocumentId>,
@@ -241,6 +247,22 @@ impl Engine {
     /// The Automerge actor this engine writes with.
     pub fn actor(&self) -> &ActorId {
         &self.actor
+    }
+
+    /// After a panic inside [`handle`](Self::handle) (a bug), memory may be half-updated: this
+    /// forgets everything that is not in storage — loaded documents, queued work, the
+    /// sessions' Automerge sync states and pending items — and keeps the sessions themselves
+    /// (their access, budgets, refusals, flow control). The driver rolls back the step's
+    /// transaction; what was lost costs a reload and some sync bytes, never correctness.
+    pub fn recover(&mut self) {
+        self.docs.clear();
+        self.loading.clear();
+        self.dirty.clear();
+        self.queue.clear();
+        self.broken = false;
+        for peer in self.peers.values_mut() {
+            peer.forget_volatile();
+        }
     }
 
     /// Advances the state machine by one input. `now` is milliseconds since the Unix epoch.
@@ -443,7 +465,7 @@ impl Engine {
                     }
                 }
             }),
-            Command::Delete { id } => self.delete(now, id, Origin::Local, fx),
+            Command::Delete { id } => self.delete(now, id, fx),
             Command::GetAt { id, heads } => self.get_at(id, &heads),
             Command::ImportBundle { bundle } => self.import(now, bundle, fx),
             Command::Compact { id } => self.compact(id, fx),
@@ -475,7 +497,7 @@ impl Engine {
         }
         match &mut entry.state {
             DocState::Live(live) => Touched::Live(live),
-            DocState::Deleted => Touched::Deleted,
+            DocState::Deleted { .. } => Touched::Deleted,
             DocState::Absent | DocState::Saved { .. } => Touched::Absent,
             DocState::Broken(reason) => Touched::Broken(reason.clone()),
         }
@@ -544,7 +566,7 @@ impl Engine {
             heads.clone(),
             body,
             snapshot,
-            Origin::Local,
+            By::Local,
             fx,
         );
         Ok(Output::Created { id, heads })
@@ -562,9 +584,13 @@ impl Engine {
         heads: Vec<ChangeHash>,
         body: String,
         snapshot: Vec<u8>,
-        origin: Origin,
+        by: By,
         fx: &mut Effects,
     ) {
+        if !by.may_write(id, &collection) {
+            return;
+        }
+        let origin = by.origin();
         let seq = self.take_seq();
         fx.writes.push(StorageOp::InsertDocument {
             id,
@@ -623,7 +649,7 @@ impl Engine {
             });
         }
         tx.commit_with(Self::commit_options(now));
-        let heads = self.record_change(now, id, &before, Origin::Local, fx);
+        let heads = self.record_change(now, id, &before, By::Local, fx);
         Ok(Output::Changed {
             heads,
             changed: true,
@@ -631,15 +657,16 @@ impl Engine {
     }
 
     /// Emits the writes and the event for a live document whose heads moved from `before`.
-    fn record_change(
+    /// (A writer without the right to it — an engine bug — has its in-memory change dropped
+    /// with the document, which is loaded again from storage on next use.)
+    pub(crate) fn record_change(
         &mut self,
         now: i64,
         id: DocumentId,
         before: &[ChangeHash],
-        origin: Origin,
+        by: By,
         fx: &mut Effects,
     ) -> Vec<ChangeHash> {
-        let seq = self.take_seq();
         let policy = self.config.compaction;
         let Some(Entry {
             state: DocState::Live(live),
@@ -648,6 +675,13 @@ impl Engine {
         else {
             return Vec::new();
         };
+        if !by.may_write(id, &live.collection) {
+            self.docs.remove(&id);
+            return Vec::new();
+        }
+        let origin = by.origin();
+        let seq = self.next_seq;
+        self.next_seq += 1;
         let heads = live.doc.get_heads();
         let incremental = live.doc.save_after(before);
         let body = json::materialize(&live.doc, None).to_string();
@@ -690,13 +724,7 @@ impl Engine {
         fx.events.push(event);
     }
 
-    fn delete(
-        &mut self,
-        now: i64,
-        id: DocumentId,
-        origin: Origin,
-        fx: &mut Effects,
-    ) -> Result<Output, Error> {
+    fn delete(&mut self, now: i64, id: DocumentId, fx: &mut Effects) -> Result<Output, Error> {
         let (collection, heads) = match self.touch(&id) {
             Touched::Live(live) => (live.collection.clone(), live.doc.get_heads()),
             Touched::Deleted => return Ok(Output::Deleted { changed: false }),
@@ -705,19 +733,23 @@ impl Engine {
             }
             Touched::Absent => return Err(Error::NotFound(id)),
         };
-        self.write_tombstone(now, id, collection, heads, origin, fx);
+        self.write_tombstone(now, id, collection, heads, By::Local, fx);
         Ok(Output::Deleted { changed: true })
     }
 
-    fn write_tombstone(
+    pub(crate) fn write_tombstone(
         &mut self,
         now: i64,
         id: DocumentId,
         collection: String,
         heads: Vec<ChangeHash>,
-        origin: Origin,
+        by: By,
         fx: &mut Effects,
     ) {
+        if !by.may_write(id, &collection) {
+            return;
+        }
+        let origin = by.origin();
         let seq = self.take_seq();
         fx.writes.push(StorageOp::PutDocument {
             id,
@@ -744,7 +776,9 @@ impl Engine {
         self.docs.insert(
             id,
             Entry {
-                state: DocState::Deleted,
+                state: DocState::Deleted {
+                    collection: collection.clone(),
+                },
                 last_used: self.tick,
                 used_at: now,
             },
@@ -813,12 +847,12 @@ impl Engine {
                 Incoming::Tombstone { id, collection } => match self.touch(&id) {
                     Touched::Live(live) => {
                         let (collection, heads) = (live.collection.clone(), live.doc.get_heads());
-                        self.write_tombstone(now, id, collection, heads, Origin::Bundle, fx);
+                        self.write_tombstone(now, id, collection, heads, By::Bundle, fx);
                         report.deleted += 1;
                     }
                     Touched::Deleted | Touched::Broken(_) => report.unchanged += 1,
                     Touched::Absent => {
-                        self.write_tombstone(now, id, collection, Vec::new(), Origin::Bundle, fx);
+                        self.write_tombstone(now, id, collection, Vec::new(), By::Bundle, fx);
                         report.deleted += 1;
                     }
                 },
@@ -841,7 +875,7 @@ impl Engine {
                         if live.doc.get_heads() == before {
                             report.unchanged += 1;
                         } else {
-                            self.record_change(now, id, &before, Origin::Bundle, fx);
+                            self.record_change(now, id, &before, By::Bundle, fx);
                             report.updated += 1;
                         }
                     }
@@ -850,16 +884,7 @@ impl Engine {
                         doc.set_actor(self.actor.clone());
                         let heads = doc.get_heads();
                         let body = json::materialize(&*doc, None).to_string();
-                        self.insert_new(
-                            now,
-                            id,
-                            collection,
-                            heads,
-                            body,
-                            bytes,
-                            Origin::Bundle,
-                            fx,
-                        );
+                        self.insert_new(now, id, collection, heads, body, bytes, By::Bundle, fx);
                         report.created += 1;
                     }
                 },

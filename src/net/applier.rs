@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::engine::PeerId;
 use crate::{Replica, SessionInput};
 
 /// Inputs applied per step at most (bounds a step's duration)...
@@ -61,15 +62,16 @@ fn run(replica: Replica, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
         }
         tracing::trace!(inputs = inputs.len(), "applying");
-        let applied =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| replica.peer_batch(inputs)));
-        match applied {
-            // Dropping the senders tells the sessions it failed: they close.
-            Err(_) => tracing::error!("applying session inputs panicked"),
-            Ok(()) => {
-                for done in waiting {
-                    let _ = done.send(());
-                }
+        let peers: Vec<PeerId> = inputs.iter().map(SessionInput::peer).collect();
+        // A panic is one session's problem: `peer_batch` retries the inputs one by one and
+        // names the sessions whose input panicked; dropping their senders tells those
+        // connections it failed (they close). The others' inputs were applied.
+        let failed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| replica.peer_batch(inputs)))
+                .unwrap_or_else(|_| peers.clone());
+        for (peer, done) in peers.into_iter().zip(waiting) {
+            if !failed.contains(&peer) {
+                let _ = done.send(());
             }
         }
     }

@@ -15,7 +15,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::router::{Outbound, Router};
@@ -233,14 +234,10 @@ async fn run(
                 }
             }
         }
-        // Exponential backoff with jitter (from the clock's low bits: spreading reconnects of
-        // many clients is all it is for).
+        // Exponential backoff with up to 50% jitter, so that many clients cut off at once (a
+        // relay restart) spread their reconnects.
         attempt += 1;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let jitter = backoff.mul_f64(f64::from(nanos % 1000) / 2000.0);
+        let jitter = backoff.mul_f64(random_fraction() / 2.0);
         tracing::debug!(attempt, delay = ?(backoff + jitter), "reconnecting");
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
@@ -306,7 +303,7 @@ async fn session(
                         ..
                     }) => break (remote, scope),
                     Ok(Message::Reject { code, reason }) => {
-                        let reason = format!("{code:?}: {reason}");
+                        let reason = format!("{code}: {reason}");
                         return match code {
                             RejectCode::Busy => Ended::Lost(reason),
                             _ => Ended::Rejected(reason),
@@ -370,6 +367,12 @@ async fn session(
                         refused.insert(doc, Refusal { doc, code, message });
                     }
                 }
+                Some(Outbound::Event(PeerEvent::Closed { reason })) => {
+                    // The relay broke the protocol; the Error frame saying so went out first.
+                    let close = CloseFrame { code: CloseCode::Protocol, reason: reason.clone().into() };
+                    let _ = sink.send(WsMessage::Close(Some(close))).await;
+                    break Ended::Lost(format!("the session ended: {reason}"));
+                }
                 Some(Outbound::Event(PeerEvent::Persisted(docs))) => {
                     if let Ok(mut refused) = report.refused.lock()
                         && !refused.is_empty()
@@ -417,7 +420,10 @@ async fn session(
                         .into_iter()
                         .map(|message| SessionInput::Message { peer, message })
                         .collect();
-                    blocking(replica, move |r| r.peer_batch(inputs)).await;
+                    let failed = blocking(replica, move |r| r.peer_batch(inputs)).await;
+                    if failed.is_none_or(|failed| failed.contains(&peer)) {
+                        break Ended::Lost("internal error while applying the relay's frames".into());
+                    }
                 }
                 if let Some(reason) = ended {
                     break Ended::Lost(reason);
@@ -520,15 +526,44 @@ fn read(
 }
 
 /// Runs replica work (SQLite) off the async workers; awaited, so a session's frames are applied
-/// in order.
-async fn blocking(replica: &Replica, f: impl FnOnce(&Replica) + Send + 'static) {
+/// in order. `None` if it panicked.
+async fn blocking<T: Send + 'static>(
+    replica: &Replica,
+    f: impl FnOnce(&Replica) -> T + Send + 'static,
+) -> Option<T> {
     let replica = replica.clone();
-    if let Err(e) = tokio::task::spawn_blocking(move || f(&replica)).await {
-        tracing::error!(error = %e, "replica work failed");
+    match tokio::task::spawn_blocking(move || f(&replica)).await {
+        Ok(value) => Some(value),
+        Err(e) => {
+            tracing::error!(error = %e, "replica work failed");
+            None
+        }
+    }
+}
+
+/// A uniformly random number in [0, 1] from the OS (0.5 if it has none to give).
+fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 4];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX),
+        Err(_) => 0.5,
     }
 }
 
 /// Resolves once `stop` turns true (or its sender is gone), without holding the watch guard.
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random_fraction;
+
+    #[test]
+    fn backoff_jitter_is_random_and_in_range() {
+        let draws: Vec<f64> = (0..64).map(|_| random_fraction()).collect();
+        assert!(draws.iter().all(|f| (0.0..=1.0).contains(f)), "{draws:?}");
+        let distinct: std::collections::BTreeSet<u64> = draws.iter().map(|f| f.to_bits()).collect();
+        assert!(distinct.len() > 32, "{draws:?}");
+    }
 }

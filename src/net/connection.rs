@@ -21,6 +21,7 @@ use super::rate::TokenBucket;
 use super::server::Shared;
 
 use super::router::{Frame, Outbound, Router, Session};
+use crate::engine::PeerEvent;
 use crate::protocol::{self, ErrorCode, Message, ProtocolError, RejectCode, WireScope};
 use crate::{Access, Scope, SessionInput};
 
@@ -197,6 +198,11 @@ pub(crate) async fn session(
                             break close;
                         }
                     }
+                    // The engine ended the session (the client broke the protocol); its
+                    // Error frame saying why was queued before this event and is sent.
+                    Some(Outbound::Event(PeerEvent::Closed { reason })) => {
+                        break Some(Close::new(CloseCode::Protocol, reason));
+                    }
                     Some(Outbound::Event(event)) => tracing::debug!(?event, "session event"),
                     None => break Some(Close::new(CloseCode::Error, "replica router closed")),
                 }
@@ -335,6 +341,12 @@ pub(crate) async fn session(
                 ));
             }
             (Phase::Ready, Message::Hello { .. }) => {
+                let error = Message::Error {
+                    code: ErrorCode::Unexpected,
+                    message: "Hello sent twice: the handshake is over".into(),
+                    doc: None,
+                };
+                let _ = send(&mut ws, shared, &error).await;
                 break Some(Close::new(CloseCode::Protocol, "Hello sent twice"));
             }
             (Phase::Ready, Message::Ping { nonce }) => {
@@ -346,18 +358,9 @@ pub(crate) async fn session(
                 }
             }
             (Phase::Ready, Message::Pong { .. }) => {}
-            // Clients do not acknowledge (see the engine's `ack`); one that does is heard
-            // without a replica step.
-            (Phase::Ready, Message::Persisted { docs }) => {
-                tracing::debug!(docs = docs.len(), "client acknowledged");
-            }
-            (
-                Phase::Ready,
-                other @ (Message::Summary { .. }
-                | Message::Entries { .. }
-                | Message::Sync { .. }
-                | Message::Error { .. }),
-            ) => {
+            // Every other message goes to the engine, whose role table refuses what a client
+            // may not send (Entries, Persisted, Welcome, Reject) and ends the session.
+            (Phase::Ready, other) => {
                 let Some(session) = sync.as_ref() else {
                     break None;
                 };
@@ -380,17 +383,6 @@ pub(crate) async fn session(
                         CloseCode::Error,
                         "internal error while applying a frame",
                     ));
-                }
-            }
-            (Phase::Ready, other) => {
-                tracing::debug!(kind = other.kind(), "unexpected message");
-                let reply = Message::Error {
-                    code: ErrorCode::Malformed,
-                    message: format!("a client does not send {}", other.kind()),
-                    doc: None,
-                };
-                if send(&mut ws, shared, &reply).await.is_err() {
-                    break None;
                 }
             }
         }

@@ -69,6 +69,49 @@ pub enum ErrorCode {
     RateLimited,
     /// The peer failed on its side.
     Internal,
+    /// A message the sender may not send in its role or at this point of the session
+    /// (`Entries` that answer no `Summary`, `Persisted` from a client, a second `Hello`...).
+    /// The session ends.
+    Unexpected,
+}
+
+impl ErrorCode {
+    /// The stable name of the code, as JavaScript and the command line show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "Malformed",
+            ErrorCode::TooLarge => "TooLarge",
+            ErrorCode::BadDocument => "BadDocument",
+            ErrorCode::Forbidden => "Forbidden",
+            ErrorCode::RateLimited => "RateLimited",
+            ErrorCode::Internal => "Internal",
+            ErrorCode::Unexpected => "Unexpected",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl RejectCode {
+    /// The stable name of the code, as JavaScript and the command line show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::ProtocolVersion => "ProtocolVersion",
+            RejectCode::Unauthorized => "Unauthorized",
+            RejectCode::Forbidden => "Forbidden",
+            RejectCode::Busy => "Busy",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a sync item carries for one document.

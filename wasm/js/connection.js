@@ -438,6 +438,11 @@ export class Connection {
         this.#events.emit("error", refusal);
         break;
       }
+      case "closed":
+        // The relay broke the protocol: the engine ended the session (its Error frame went
+        // out first); drop the connection and dial again with backoff.
+        if (this.#ws) this.#drop(this.#ws, weftError("Offline", `the session ended: ${event.reason}`));
+        break;
       case "persisted":
         // The relay stored a later version of these: no longer refused.
         for (const doc of event.docs ?? []) this.#refused.delete(doc);

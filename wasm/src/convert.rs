@@ -102,9 +102,14 @@ pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
             PeerEvent::Error { code, message, doc } => serde_json::json!({
                 "peer": peer.0,
                 "kind": "error",
-                "code": format!("{code:?}"),
+                "code": code.as_str(),
                 "message": message,
                 "doc": doc.map(|d| d.to_string()),
+            }),
+            PeerEvent::Closed { reason } => serde_json::json!({
+                "peer": peer.0,
+                "kind": "closed",
+                "reason": reason,
             }),
         })
         .collect();

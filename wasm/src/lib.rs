@@ -332,7 +332,7 @@ impl Core {
             })),
             Ok(Message::Reject { code, reason }) => to_js(&serde_json::json!({
                 "kind": "reject",
-                "code": format!("{code:?}"),
+                "code": code.as_str(),
                 "reason": reason,
             })),
             Ok(other) => Err(error(

@@ -616,7 +616,7 @@ async fn idle_handshake(
     send(&mut ws, &hello).await?;
     match recv(&mut ws).await? {
         Message::Welcome { .. } => {}
-        Message::Reject { code, reason } => return Err(format!("rejected: {code:?}: {reason}")),
+        Message::Reject { code, reason } => return Err(format!("rejected: {code}: {reason}")),
         other => return Err(format!("expected Welcome, got {}", other.kind())),
     }
     send_bytes(&mut ws, summary.to_vec()).await?;
@@ -631,7 +631,7 @@ async fn idle_handshake(
             }
             // Nothing else is expected; a stray typed error or acknowledgement is not fatal.
             Message::Error { code, message, .. } => {
-                return Err(format!("relay error {code:?}: {message}"));
+                return Err(format!("relay error {code}: {message}"));
             }
             other => eprintln!("  note: unexpected {} during reconciliation", other.kind()),
         }

@@ -335,6 +335,18 @@ enum CliError {
     Io(String),
     #[error("{0}")]
     Input(String),
+    /// Whoever read our output went away (`weft changes | head`): not an error.
+    #[error("output closed")]
+    OutputClosed,
+}
+
+/// A failed write to stdout: a closed pipe ends the command quietly, anything else is an error.
+fn output_err(e: io::Error) -> CliError {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        CliError::OutputClosed
+    } else {
+        CliError::Io(format!("writing output: {e}"))
+    }
 }
 
 type CliResult<T = ()> = Result<T, CliError>;
@@ -355,7 +367,7 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::Io(msg)) if msg.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(CliError::OutputClosed) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(1)
@@ -373,7 +385,7 @@ fn parse_id(text: &str) -> CliResult<DocumentId> {
 
 fn out(line: &str) -> CliResult {
     let mut stdout = io::stdout().lock();
-    writeln!(stdout, "{line}").map_err(|e| CliError::Io(format!("writing output: {e}")))
+    writeln!(stdout, "{line}").map_err(output_err)
 }
 
 fn read_json_arg(arg: Option<String>) -> CliResult<Value> {
@@ -661,7 +673,7 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
                 Ok(Ok(())) if !refused.is_empty() => {
                     let list: Vec<String> = refused
                         .iter()
-                        .map(|r| format!("  {} ({:?}: {})", r.doc, r.code, r.message))
+                        .map(|r| format!("  {} ({}: {})", r.doc, r.code, r.message))
                         .collect();
                     Err(CliError::Io(format!(
                         "{} refused {} document(s); everything else is in sync:\n{}",
@@ -697,7 +709,7 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
                 _ = every_second.tick() => {
                     for r in connection.refused() {
                         if shown.insert((r.doc, r.message.clone())) {
-                            eprintln!("refused by {}: {} ({:?}: {})", args.server, r.doc, r.code, r.message);
+                            eprintln!("refused by {}: {} ({}: {})", args.server, r.doc, r.code, r.message);
                         }
                     }
                 }
@@ -867,9 +879,7 @@ fn doc(db: &std::path::Path, cmd: DocCmd) -> CliResult {
             let replica = open(db)?;
             let docs = replica.query(&query)?;
             let mut stdout = io::BufWriter::new(io::stdout().lock());
-            let write = |w: &mut dyn Write, line: String| {
-                writeln!(w, "{line}").map_err(|e| CliError::Io(format!("writing output: {e}")))
-            };
+            let write = |w: &mut dyn Write, line: String| writeln!(w, "{line}").map_err(output_err);
             for d in docs {
                 if json {
                     write(
@@ -888,9 +898,7 @@ fn doc(db: &std::path::Path, cmd: DocCmd) -> CliResult {
                     )?;
                 }
             }
-            stdout
-                .flush()
-                .map_err(|e| CliError::Io(format!("writing output: {e}")))
+            stdout.flush().map_err(output_err)
         }
     }
 }
@@ -980,13 +988,10 @@ fn changes(
         let page = replica.changes_since(last, 1000, collection.as_deref())?;
         let mut stdout = io::BufWriter::new(io::stdout().lock());
         for e in &page {
-            writeln!(stdout, "{}", change_line(e))
-                .map_err(|e| CliError::Io(format!("writing output: {e}")))?;
+            writeln!(stdout, "{}", change_line(e)).map_err(output_err)?;
             last = e.seq;
         }
-        stdout
-            .flush()
-            .map_err(|e| CliError::Io(format!("writing output: {e}")))?;
+        stdout.flush().map_err(output_err)?;
         if page.len() == 1000 {
             continue;
         }

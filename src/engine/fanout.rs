@@ -1,0 +1,278 @@
+//! What we send to peers: live fan-out of committed changes, whole documents, tombstones, and
+//! packing a step's items into frames.
+//!
+//! **Live.** Every committed change is pushed to every peer whose scope covers its collection:
+//! a created document whole, an edit as an Automerge sync message (per-peer sync state), a
+//! delete as a tombstone. Items for one peer produced in one step go out in as few frames as
+//! [`TARGET_FRAME_BYTES`] allows. Nothing leaves for a peer that may not read the document's
+//! stored collection.
+
+use automerge::sync::{self, SyncDoc};
+
+use super::access::{OUTSIDE_SCOPE, state_of};
+use super::doc::DocState;
+use super::receive::PeerWork;
+use super::session::{Held, PeerId};
+use super::{ChangeKind, Effects, Engine, Origin, Touched, Work};
+use crate::id::DocumentId;
+use crate::protocol::{ErrorCode, Message, Payload, SyncItem, TARGET_FRAME_BYTES};
+
+impl Engine {
+    /// Live fan-out of a committed change to every session in scope (the origin peer excepted:
+    /// it has the change, and was answered where it was received).
+    pub(crate) fn fan_out(
+        &mut self,
+        id: DocumentId,
+        collection: &str,
+        kind: ChangeKind,
+        origin: Origin,
+    ) {
+        if self.peers.is_empty() {
+            return;
+        }
+        let targets: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.scope.contains(collection))
+            .filter(|(_, p)| !matches!(origin, Origin::Peer(r) if p.remote == r))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in targets {
+            if let Some(p) = self.peers.get_mut(&peer).filter(|p| p.paused) {
+                let what = match kind {
+                    ChangeKind::Deleted => Held::Tombstone,
+                    ChangeKind::Created => Held::Whole,
+                    ChangeKind::Updated => Held::Changes,
+                };
+                // The stronger need wins: a tombstone over anything, whole over changes.
+                let slot = p
+                    .held
+                    .entry(id)
+                    .or_insert_with(|| (what, collection.to_owned()));
+                slot.0 = slot.0.max(what);
+                continue;
+            }
+            match kind {
+                ChangeKind::Deleted => self.push_tombstone(peer, id, collection.to_owned()),
+                ChangeKind::Created => {
+                    if let Some((collection, bytes)) = self.whole(id) {
+                        self.push(
+                            peer,
+                            SyncItem {
+                                id,
+                                collection,
+                                payload: Payload::Whole(bytes),
+                            },
+                        );
+                    }
+                }
+                ChangeKind::Updated => {
+                    let Some(p) = self.peers.get_mut(&peer) else {
+                        continue;
+                    };
+                    if !p.states.contains_key(&id) {
+                        // First change of this document in the session: its stored sync state
+                        // must be read first.
+                        p.busy = true;
+                        self.queue
+                            .push_back(Work::Peer(peer, PeerWork::SendSync(id)));
+                        continue;
+                    }
+                    self.send_sync(peer, id);
+                }
+            }
+        }
+    }
+
+    /// Queues the session's next Automerge sync message for a loaded document, if there is
+    /// anything to say.
+    pub(crate) fn send_sync(&mut self, peer: PeerId, id: DocumentId) {
+        let writable = self
+            .peers
+            .get(&peer)
+            .is_some_and(|p| self.stored_in(id).is_some_and(|c| p.may_write(c)));
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(super::Entry {
+            state: DocState::Live(live),
+            ..
+        }) = self.docs.get_mut(&id)
+        else {
+            return;
+        };
+        if !p.scope.contains(&live.collection) {
+            return;
+        }
+        let state = state_of(p, id, writable);
+        if let Some(msg) = live.doc.generate_sync_message(state) {
+            p.busy = true;
+            p.outbox.push(SyncItem {
+                id,
+                collection: live.collection.clone(),
+                payload: Payload::Sync(msg.encode()),
+            });
+        }
+    }
+
+    /// Sends a document whole (or its tombstone) from its stored bytes (see
+    /// `Effects::whole_reads`), if the peer may read its stored collection.
+    pub(crate) fn whole_from_storage(
+        &mut self,
+        peer: PeerId,
+        id: DocumentId,
+        result: Result<Option<super::StoredDoc>, String>,
+    ) {
+        match result {
+            Ok(Some(stored)) if !self.may_read(peer, &stored.collection) => {
+                self.peer_error(peer, ErrorCode::Forbidden, OUTSIDE_SCOPE.into(), Some(id))
+            }
+            Ok(Some(stored)) if stored.deleted => self.push_tombstone(peer, id, stored.collection),
+            Ok(Some(stored)) => {
+                let bytes = stored.chunks.into_iter().flat_map(|c| c.bytes).collect();
+                self.push(
+                    peer,
+                    SyncItem {
+                        id,
+                        collection: stored.collection,
+                        payload: Payload::Whole(bytes),
+                    },
+                );
+            }
+            Ok(None) => {}
+            Err(e) => self.peer_error(
+                peer,
+                ErrorCode::Internal,
+                format!("reading the document failed: {e}"),
+                Some(id),
+            ),
+        }
+    }
+
+    /// Sends a document in memory whole, or its tombstone, if the peer may read it (a `Want`,
+    /// or reconciliation found the peer lacks it).
+    pub(crate) fn send_whole(&mut self, peer: PeerId, id: DocumentId) {
+        let Some(collection) = self.readable(peer, id) else {
+            if self.stored_in(id).is_some() {
+                self.peer_error(peer, ErrorCode::Forbidden, OUTSIDE_SCOPE.into(), Some(id));
+            }
+            return;
+        };
+        if matches!(
+            self.docs.get(&id).map(|e| &e.state),
+            Some(DocState::Deleted { .. })
+        ) {
+            return self.push_tombstone(peer, id, collection);
+        }
+        if let Some((collection, bytes)) = self.whole(id) {
+            self.push(
+                peer,
+                SyncItem {
+                    id,
+                    collection,
+                    payload: Payload::Whole(bytes),
+                },
+            );
+        }
+    }
+
+    /// The whole document as bytes, if we have it live.
+    pub(crate) fn whole(&mut self, id: DocumentId) -> Option<(String, Vec<u8>)> {
+        if let Some(super::Entry {
+            state:
+                DocState::Saved {
+                    collection,
+                    snapshot,
+                },
+            ..
+        }) = self.docs.get(&id)
+        {
+            return Some((collection.clone(), snapshot.clone()));
+        }
+        match self.touch(&id) {
+            Touched::Live(live) => Some((live.collection.clone(), live.doc.save())),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn push_tombstone(&mut self, peer: PeerId, id: DocumentId, collection: String) {
+        self.push(
+            peer,
+            SyncItem {
+                id,
+                collection,
+                payload: Payload::Tombstone,
+            },
+        );
+    }
+
+    /// Queues an item for the peer, if it may read the item's collection (the last check
+    /// before anything leaves: every item we send names the document's stored collection).
+    pub(crate) fn push(&mut self, peer: PeerId, item: SyncItem) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if !p.scope.contains(&item.collection) {
+                tracing::error!(?peer, doc = %item.id, "an item outside the peer's scope; not sent");
+                debug_assert!(false, "an item outside the peer's scope");
+                return;
+            }
+            p.busy = true;
+            p.outbox.push(item);
+        }
+    }
+
+    /// Moves every peer's pending items into frames.
+    pub(crate) fn flush_peers(&mut self, now: i64, fx: &mut Effects) {
+        for (peer, p) in self.peers.iter_mut() {
+            for error in p.errors.drain(..) {
+                fx.send.push((*peer, error));
+            }
+            if !p.persisted.is_empty() {
+                fx.send.push((
+                    *peer,
+                    Message::Persisted {
+                        docs: std::mem::take(&mut p.persisted),
+                    },
+                ));
+            }
+            if p.outbox.is_empty() {
+                continue;
+            }
+            p.last_activity = now;
+            let mut batch = Vec::new();
+            let mut size = 0;
+            for item in p.outbox.drain(..) {
+                let item_size = 40
+                    + item.collection.len()
+                    + match &item.payload {
+                        Payload::Sync(b) | Payload::Whole(b) => b.len(),
+                        Payload::Want | Payload::Tombstone => 0,
+                    };
+                if size + item_size > TARGET_FRAME_BYTES && !batch.is_empty() {
+                    fx.send.push((
+                        *peer,
+                        Message::Sync {
+                            batch: std::mem::take(&mut batch),
+                        },
+                    ));
+                    size = 0;
+                }
+                size += item_size;
+                batch.push(item);
+            }
+            fx.send.push((*peer, Message::Sync { batch }));
+        }
+    }
+}
+
+/// Whether a reply would only echo: it carries no changes and asks for none, and our heads are
+/// changes already sent to the peer in this session. That happens on every live push that
+/// crosses the peer's answer to the previous one; the peer's answer to the changes in flight
+/// will tell us its new heads, so the reply would only start another round of heads and Bloom
+/// filters (measured: 40% more frames to each receiver under a steady stream of changes).
+/// Reconciliation would repair a session this ever stalled.
+pub(crate) fn is_echo(reply: &sync::Message, state: &sync::State) -> bool {
+    reply.changes.is_empty()
+        && reply.need.is_empty()
+        && !reply.heads.is_empty()
+        && reply.heads.iter().all(|h| state.sent_hashes.contains(h))
+}
