@@ -169,6 +169,9 @@ pub(crate) struct ChannelGuard {
     _guard: HookGuard,
 }
 
+/// How often a waiting subscription checks for commits by other processes.
+const EXTERNAL_POLL: Duration = Duration::from_millis(50);
+
 /// A lossless, ordered stream of committed changes (see [`Replica::subscribe`]).
 pub struct Subscription {
     replica: Replica,
@@ -227,17 +230,27 @@ impl Subscription {
                 }
                 self.catching_up = false;
             }
-            let wait = deadline.saturating_duration_since(Instant::now());
+            // Wait in slices, checking between them for commits by other processes on the
+            // file (they reach the channel through the step that notices them).
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(EXTERNAL_POLL);
             match self.channel.rx.recv_timeout(wait) {
                 Ok(event) if event.seq > self.last_seq => {
                     self.last_seq = event.seq;
                     return Ok(Some(event));
                 }
                 Ok(_) => continue, // already delivered from the durable feed
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                    // A lag flagged while we waited is handled on the next call.
-                    return Ok(None);
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.replica.poll_external()? {
+                        continue;
+                    }
+                    if Instant::now() >= deadline {
+                        // A lag flagged while we waited is handled on the next call.
+                        return Ok(None);
+                    }
                 }
+                Err(RecvTimeoutError::Disconnected) => return Ok(None),
             }
         }
     }

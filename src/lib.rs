@@ -59,7 +59,8 @@ pub use id::{DocumentId, ReplicaId};
 pub use json::{JsonError, Path, PathSeg};
 pub use query::{CmpOp, FieldPath, Filter, Query};
 pub use replica::{
-    Clock, CompactReport, Document, Durability, Replica, ReplicaOptions, SessionInput,
+    Clock, CompactReport, Document, Durability, Replica, ReplicaOptions, SessionFailure,
+    SessionInput,
 };
 pub use scope::{Access, Scope};
 pub use store::StoreError;

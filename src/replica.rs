@@ -87,6 +87,43 @@ impl From<SessionInput> for Input {
     }
 }
 
+/// What one driver step did with storage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Storage {
+    /// Its writes committed.
+    Committed,
+    /// It had nothing to write.
+    Untouched,
+    /// Its transaction did not start or did not commit: nothing of it was applied, and the
+    /// engine forgot what it had ahead of storage.
+    Failed(String),
+}
+
+/// The outcome of one driver step.
+struct StepOutcome {
+    /// The commands' results, in order.
+    results: Vec<Result<Output>>,
+    storage: Storage,
+}
+
+/// Why [`Replica::peer_batch`] ended a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionFailure {
+    /// Applying one of its inputs panicked (a bug); the step was rolled back.
+    Panicked,
+    /// Storage failed (a full disk, a read-only file): its input was not applied.
+    Storage(String),
+}
+
+impl std::fmt::Display for SessionFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionFailure::Panicked => f.write_str("internal error while applying its frames"),
+            SessionFailure::Storage(e) => write!(f, "storage failed: {e}"),
+        }
+    }
+}
+
 /// Options for [`Replica::open_with`].
 #[derive(Clone, Debug)]
 pub struct ReplicaOptions {
@@ -99,6 +136,9 @@ pub struct ReplicaOptions {
     pub idle_unload: std::time::Duration,
     /// Seed for the engine's random choices; `None` takes one from the OS. Fix it only to replay.
     pub seed: Option<u64>,
+    /// A quota for the SQLite file: it may not grow beyond this many bytes; a write that
+    /// needs more fails as on a full disk (reads go on). `None` (the default): no limit.
+    pub max_size: Option<u64>,
     /// Where time comes from (milliseconds since the Unix epoch); the system clock by default.
     /// Simulations pass a clock they advance themselves.
     pub clock: Clock,
@@ -111,6 +151,7 @@ impl Default for ReplicaOptions {
             max_loaded_docs: 1000,
             idle_unload: std::time::Duration::from_secs(60),
             seed: None,
+            max_size: None,
             clock: Clock::system(),
         }
     }
@@ -170,6 +211,8 @@ struct Shared {
     router: std::sync::OnceLock<Arc<crate::net::router::Router>>,
     inner: Mutex<Inner>,
     transport: Mutex<Option<Transport>>,
+    /// The last storage failure, until a write succeeds (see [`Replica::storage_health`]).
+    storage_error: Mutex<Option<String>>,
     clock: Clock,
     hooks: Hooks,
     path: PathBuf,
@@ -212,6 +255,7 @@ impl Replica {
             &path,
             StoreOptions {
                 durability: options.durability,
+                max_size: options.max_size,
             },
         )?;
         Self::with_store(Box::new(store), path, options)
@@ -242,6 +286,7 @@ impl Replica {
                 }),
                 hooks: Hooks::default(),
                 transport: Mutex::new(None),
+                storage_error: Mutex::new(None),
                 #[cfg(feature = "net")]
                 router: std::sync::OnceLock::new(),
                 clock: options.clock.clone(),
@@ -282,7 +327,7 @@ impl Replica {
             .enumerate()
             .map(|(i, c)| Input::Command(CommandId(first + i as u64), c))
             .collect();
-        self.step(inner, inputs, first, count)
+        self.step(inner, inputs, first, count).results
     }
 
     /// One driver step: feed `inputs` to the engine, answer its loads and catalog reads, commit
@@ -298,15 +343,16 @@ impl Replica {
         inputs: Vec<Input>,
         first: u64,
         count: usize,
-    ) -> Vec<Result<Output>> {
+    ) -> StepOutcome {
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.step_locked(&mut inner, inputs, first, count)
         }));
         match stepped {
-            Ok(results) => {
+            Ok(outcome) => {
                 drop(inner);
+                self.note_storage(&outcome.storage);
                 self.shared.hooks.dispatch();
-                results
+                outcome
             }
             Err(panic) => {
                 tracing::error!("a replica step panicked; rolled back, engine memory reset");
@@ -324,25 +370,49 @@ impl Replica {
         inputs: Vec<Input>,
         first: u64,
         count: usize,
-    ) -> Vec<Result<Output>> {
+    ) -> StepOutcome {
         let now = self.shared.clock.now();
         let mut results: Vec<Option<Result<Output>>> = (0..count).map(|_| None).collect();
         // The whole step runs inside one write transaction, so loads and writes see the same
         // state even if other processes use the file.
+        let mut external = Vec::new();
         match inner.store.begin() {
             Ok(false) => {}
             Ok(true) => {
+                // Another process committed: what it wrote goes to our sessions and hooks
+                // like our own changes (its feed entries are the ones past our next seq).
+                let ours = inner.engine.next_seq();
+                external = inner
+                    .store
+                    .changes_since(ours.saturating_sub(1), usize::MAX, None)
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "reading the other process's changes failed");
+                        Vec::new()
+                    });
                 let next_seq = inner.store.max_seq().map(|s| s + 1).unwrap_or(0);
                 let _ = inner.engine.handle(now, Input::StorageChanged { next_seq });
             }
             Err(e) => {
+                // Nothing was handed to the engine: its state is as before the step, and the
+                // inputs are not applied (sessions whose input this was are told, see
+                // `peer_batch`).
                 let message = e.to_string();
-                return (0..count)
-                    .map(|_| Err(Error::Store(StoreError::CommitFailed(message.clone()))))
-                    .collect();
+                tracing::error!(error = %message, "could not start a transaction");
+                return StepOutcome {
+                    results: (0..count)
+                        .map(|_| Err(Error::Store(StoreError::CommitFailed(message.clone()))))
+                        .collect(),
+                    storage: Storage::Failed(message),
+                };
             }
         }
         let mut fx = Effects::default();
+        if !external.is_empty() {
+            let events = external.clone();
+            fx.extend(inner.engine.handle(now, Input::External { events }));
+            // Committed already, whatever happens to this step.
+            self.shared.hooks.enqueue(external);
+        }
         for input in inputs {
             fx.extend(inner.engine.handle(now, input));
         }
@@ -410,6 +480,11 @@ impl Replica {
             .write(&writes)
             .and_then(|()| inner.store.commit());
         let mut outgoing = None;
+        let storage = match &committed {
+            Ok(()) if writes.is_empty() => Storage::Untouched,
+            Ok(()) => Storage::Committed,
+            Err(e) => Storage::Failed(e.to_string()),
+        };
         match committed {
             Ok(()) => {
                 let after = inner.engine.handle(now, Input::Committed);
@@ -471,10 +546,15 @@ impl Replica {
                 }
             }
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::Internal("command did not complete".into()))))
-            .collect()
+        StepOutcome {
+            results: results
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| Err(Error::Internal("command did not complete".into())))
+                })
+                .collect(),
+            storage,
+        }
     }
 
     // ----- replication sessions (driven by a network layer or a simulation) ------------------
@@ -511,47 +591,113 @@ impl Replica {
     /// one commit (group commit for a relay with many busy sessions). Each session's inputs
     /// keep their order.
     ///
-    /// A panic is one session's problem: if the step panics (a bug some input triggers), it
-    /// is rolled back and the inputs are applied again one by one; a session whose input
-    /// panics on its own is ended (the engine forgets it, its later inputs in the batch are
-    /// skipped) and returned, for the driver to close its connection. Everyone else's inputs
-    /// are applied.
-    pub fn peer_batch(&self, inputs: Vec<SessionInput>) -> Vec<PeerId> {
+    /// Returns the sessions this ended, and why; the driver closes their connections. A
+    /// failure is one session's problem: when the step panics (a bug some input triggers) or
+    /// its storage fails (a full disk), it is rolled back, and if the batch held several
+    /// sessions' inputs they are applied again one by one. A session whose input fails on its
+    /// own is ended (the engine forgets it; its later inputs in the batch are skipped), so it
+    /// never believes that something was applied, acknowledged or answered when it was not;
+    /// everyone else's inputs are applied.
+    pub fn peer_batch(&self, inputs: Vec<SessionInput>) -> Vec<(PeerId, SessionFailure)> {
         let together = inputs.iter().cloned().map(Input::from).collect();
-        if self.peer_step(together).is_ok() {
-            return Vec::new();
+        let failure = match self.peer_step(together) {
+            Ok(()) => return Vec::new(),
+            Err(failure) => failure,
+        };
+        let sessions: std::collections::BTreeSet<PeerId> =
+            inputs.iter().map(SessionInput::peer).collect();
+        let mut failed: Vec<(PeerId, SessionFailure)> = Vec::new();
+        if let [peer] = sessions.iter().copied().collect::<Vec<_>>()[..] {
+            tracing::warn!(?peer, %failure, "ending the session");
+            self.end_session(peer);
+            failed.push((peer, failure));
+            return failed;
         }
-        tracing::error!(
+        tracing::warn!(
             inputs = inputs.len(),
-            "applying session inputs panicked; applying them one by one"
+            %failure,
+            "applying session inputs failed; applying them one by one"
         );
-        let mut failed: Vec<PeerId> = Vec::new();
         for input in inputs {
             let peer = input.peer();
-            if failed.contains(&peer) {
+            if failed.iter().any(|(p, _)| *p == peer) {
                 continue;
             }
-            if self.peer_step(vec![Input::from(input)]).is_err() {
-                tracing::error!(?peer, "a session's input panicked; ending the session");
-                failed.push(peer);
-                if self
-                    .peer_step(vec![Input::PeerDisconnected { peer }])
-                    .is_err()
-                {
-                    tracing::error!(?peer, "ending the session panicked too");
-                }
+            if let Err(failure) = self.peer_step(vec![Input::from(input)]) {
+                tracing::warn!(?peer, %failure, "ending the session");
+                self.end_session(peer);
+                failed.push((peer, failure));
             }
         }
         failed
     }
 
-    /// One step of session inputs; `Err` if it panicked (and was rolled back).
-    fn peer_step(&self, inputs: Vec<Input>) -> std::result::Result<(), ()> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    /// One step of session inputs; `Err` if it panicked or its storage failed (either way it
+    /// was rolled back).
+    fn peer_step(&self, inputs: Vec<Input>) -> std::result::Result<(), SessionFailure> {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let inner = self.lock();
-            let _ = self.step(inner, inputs, 0, 0);
-        }))
-        .map_err(|_| ())
+            self.step(inner, inputs, 0, 0).storage
+        }));
+        match outcome {
+            Err(_) => Err(SessionFailure::Panicked),
+            Ok(Storage::Failed(e)) => Err(SessionFailure::Storage(e)),
+            Ok(Storage::Committed | Storage::Untouched) => Ok(()),
+        }
+    }
+
+    /// Makes the engine forget a session that failed.
+    fn end_session(&self, peer: PeerId) {
+        if let Err(failure) = self.peer_step(vec![Input::PeerDisconnected { peer }]) {
+            // The engine forgets the session before it writes anything; only its sync
+            // states (an optimization) may not have been saved.
+            tracing::warn!(?peer, %failure, "ending the session did not save its sync states");
+        }
+    }
+
+    /// Whether storage works: `Err` with the cause while the last write to it failed (a full
+    /// disk, a read-only file), until a write succeeds again. Relays report it on `/healthz`.
+    pub fn storage_health(&self) -> std::result::Result<(), String> {
+        match &*self
+            .shared
+            .storage_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// While storage fails, checks whether a write commits again (see [`Store::probe`]) and
+    /// updates [`storage_health`](Self::storage_health). Cheap when storage is healthy.
+    pub fn probe_storage(&self) -> std::result::Result<(), String> {
+        self.storage_health().or_else(|_| {
+            let probed = self.lock().store.probe();
+            let storage = match probed {
+                Ok(()) => Storage::Committed,
+                Err(e) => Storage::Failed(e.to_string()),
+            };
+            self.note_storage(&storage);
+            self.storage_health()
+        })
+    }
+
+    fn note_storage(&self, storage: &Storage) {
+        let mut error = self
+            .shared
+            .storage_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match storage {
+            Storage::Committed => {
+                if let Some(was) = error.take() {
+                    tracing::info!(%was, "storage works again");
+                }
+            }
+            Storage::Untouched => {}
+            Storage::Failed(e) => *error = Some(e.clone()),
+        }
     }
 
     /// A session with `remote` is established (after the handshake).
@@ -592,6 +738,19 @@ impl Replica {
     /// How many documents are in memory (loaded or kept as their saved bytes).
     pub fn loaded_documents(&self) -> usize {
         self.lock().engine.loaded_docs()
+    }
+
+    /// Notices commits that other processes made to this replica's file (a CLI next to a
+    /// running app): they go to this replica's sessions, hooks and subscriptions like its own
+    /// changes. Returns whether there were any. Cheap when there were none (one SQLite pragma);
+    /// connections and subscriptions call it every 50 ms, the relay every second.
+    pub fn poll_external(&self) -> Result<bool> {
+        let inner = self.lock();
+        if !inner.store.changed_elsewhere()? {
+            return Ok(false);
+        }
+        let _ = self.step(inner, Vec::new(), 0, 0);
+        Ok(true)
     }
 
     /// Lets sessions notice that time passed (call every few milliseconds while connected)

@@ -428,7 +428,7 @@ fn a_panic_ends_only_the_session_whose_input_caused_it() {
         // Peer 2's session ends with its panicking input: this one must not be applied.
         message(2, whole(ids[3], 4)),
     ]);
-    assert_eq!(failed, vec![PeerId(2)]);
+    assert_eq!(failed, vec![(PeerId(2), weft::SessionFailure::Panicked)]);
     assert_eq!(relay.get(&ids[0]).unwrap().body, json!({"n": 1}));
     assert_eq!(relay.get(&ids[2]).unwrap().body, json!({"n": 3}));
     for id in [ids[1], ids[3]] {

@@ -12,12 +12,41 @@ use automerge::sync::{self, SyncDoc};
 use super::access::{OUTSIDE_SCOPE, state_of};
 use super::doc::DocState;
 use super::receive::PeerWork;
-use super::session::{Held, PeerId};
-use super::{ChangeKind, Effects, Engine, Origin, Touched, Work};
+use super::session::{Held, Peer, PeerId};
+use super::{ChangeEvent, ChangeKind, Effects, Engine, Origin, Touched, Work};
 use crate::id::DocumentId;
 use crate::protocol::{ErrorCode, Message, Payload, SyncItem, TARGET_FRAME_BYTES};
 
+/// More changes by another process than this in one step are left to reconciliation.
+const EXTERNAL_BURST: usize = 1000;
+
 impl Engine {
+    /// Changes another process committed to our storage: each goes to the sessions like one
+    /// of ours. A burst (a bulk import next to us) is left to reconciliation instead: our
+    /// initiator sessions announce again, which costs a summary, not a frame per document.
+    pub(crate) fn external(&mut self, events: Vec<ChangeEvent>, fx: &mut Effects) {
+        if events.is_empty() || self.peers.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            changes = events.len(),
+            "changes committed by another process"
+        );
+        let burst = events.len() > EXTERNAL_BURST;
+        if burst {
+            for p in self.peers.values_mut().filter(|p| p.initiator) {
+                p.busy = true;
+            }
+        }
+        for event in events {
+            let (id, collection, kind, origin) =
+                (event.id, event.collection, event.kind, event.origin);
+            self.fan_out_where(id, &collection, kind, origin, fx, |p| {
+                !(burst && p.initiator)
+            });
+        }
+    }
+
     /// Live fan-out of a committed change to every session in scope (the origin peer excepted:
     /// it has the change, and was answered where it was received).
     pub(crate) fn fan_out(
@@ -26,6 +55,20 @@ impl Engine {
         collection: &str,
         kind: ChangeKind,
         origin: Origin,
+        fx: &mut Effects,
+    ) {
+        self.fan_out_where(id, collection, kind, origin, fx, |_| true);
+    }
+
+    /// [`fan_out`](Self::fan_out) to the sessions that `include` accepts.
+    fn fan_out_where(
+        &mut self,
+        id: DocumentId,
+        collection: &str,
+        kind: ChangeKind,
+        origin: Origin,
+        fx: &mut Effects,
+        include: impl Fn(&Peer) -> bool,
     ) {
         if self.peers.is_empty() {
             return;
@@ -33,6 +76,7 @@ impl Engine {
         let targets: Vec<PeerId> = self
             .peers
             .iter()
+            .filter(|(_, p)| include(p))
             .filter(|(_, p)| p.scope.contains(collection))
             .filter(|(_, p)| !matches!(origin, Origin::Peer(r) if p.remote == r))
             .map(|(id, _)| *id)
@@ -54,6 +98,10 @@ impl Engine {
             }
             match kind {
                 ChangeKind::Deleted => self.push_tombstone(peer, id, collection.to_owned()),
+                ChangeKind::Created if !self.docs.contains_key(&id) => {
+                    // Committed by another process: sent from storage.
+                    fx.whole_reads.push((peer, id));
+                }
                 ChangeKind::Created => {
                     if let Some((collection, bytes)) = self.whole(id) {
                         self.push(

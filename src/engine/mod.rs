@@ -101,12 +101,19 @@ pub enum Input {
     },
     /// Every write emitted so far is durable.
     Committed,
-    /// The writes to these documents did not reach storage: forget their in-memory state.
+    /// The step's transaction did not commit: its writes to these documents did not reach
+    /// storage, and its frames were not sent. The engine forgets the documents' in-memory
+    /// state and every session's Automerge sync states (which believe those frames went
+    /// out), and initiators reconcile again.
     StorageFailed { docs: Vec<DocumentId> },
     /// Someone else (another process on the same file) wrote to storage: drop every loaded
     /// document and continue the change feed at `next_seq`. Send only between transactions,
     /// when nothing is uncommitted.
     StorageChanged { next_seq: u64 },
+    /// Changes another process committed to our storage (its change-feed entries since our
+    /// last step, after `StorageChanged`): sent to the sessions like our own, so a connected
+    /// replica forwards what a CLI next to it wrote.
+    External { events: Vec<ChangeEvent> },
     /// A replication session is established (handshake done by the driver). The initiator is
     /// the side that connected; it drives reconciliation.
     PeerConnected {
@@ -330,10 +337,23 @@ impl Engine {
                 self.docs.retain(|id, _| self.dirty.contains(id));
                 self.next_seq = self.next_seq.max(next_seq);
             }
+            Input::External { events } => self.external(events, &mut fx),
             Input::StorageFailed { docs } => {
                 for id in docs {
                     self.dirty.remove(&id);
                     self.docs.remove(&id);
+                }
+                // The step's frames were dropped with its writes: the sessions' sync states
+                // believe they sent them, and answers the peers wait for never left. Start
+                // the sync states over, and let initiators reconcile again (the driver ends
+                // the sessions whose input this step was).
+                for peer in self.peers.values_mut() {
+                    peer.forget_volatile();
+                    if peer.initiator {
+                        peer.announced = false;
+                        peer.busy = true;
+                        peer.last_activity = now;
+                    }
                 }
             }
         }
@@ -625,7 +645,7 @@ impl Engine {
             },
         );
         self.dirty.insert(id);
-        self.fan_out(id, &collection, ChangeKind::Created, origin);
+        self.fan_out(id, &collection, ChangeKind::Created, origin, fx);
     }
 
     /// Runs `f` in one Automerge transaction. On error nothing changes (the transaction is rolled
@@ -715,7 +735,7 @@ impl Engine {
         };
         self.emit(fx, event);
         self.dirty.insert(id);
-        self.fan_out(id, &collection, ChangeKind::Updated, origin);
+        self.fan_out(id, &collection, ChangeKind::Updated, origin, fx);
         heads
     }
 
@@ -784,7 +804,7 @@ impl Engine {
             },
         );
         self.dirty.insert(id);
-        self.fan_out(id, &collection, ChangeKind::Deleted, origin);
+        self.fan_out(id, &collection, ChangeKind::Deleted, origin, fx);
     }
 
     fn get_at(&mut self, id: DocumentId, heads: &[ChangeHash]) -> Result<Output, Error> {

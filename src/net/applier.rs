@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::PeerId;
-use crate::{Replica, SessionInput};
+use crate::{Replica, SessionFailure, SessionInput};
 
 /// Inputs applied per step at most (bounds a step's duration)...
 const MAX_BATCH: usize = 256;
@@ -20,7 +20,20 @@ const MAX_BATCH: usize = 256;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// An input, the size of the frame it came in, and who waits for it.
-type Job = (SessionInput, usize, oneshot::Sender<()>);
+type Job = (
+    SessionInput,
+    usize,
+    oneshot::Sender<Result<(), SessionFailure>>,
+);
+
+/// Why an input was not applied.
+#[derive(Debug)]
+pub(crate) enum NotApplied {
+    /// The relay is shutting down.
+    Gone,
+    /// The session failed (see [`Replica::peer_batch`]): close it.
+    Failed(SessionFailure),
+}
 
 /// Handle to the applier thread; it stops once every handle is dropped.
 pub(crate) struct Applier {
@@ -39,11 +52,16 @@ impl Applier {
 
     /// Applies `input` (with whatever else is queued) and returns once it is committed and its
     /// frames are queued. `bytes`: the size of the frame it came in (0 for session events).
-    /// `Err` if the applier is gone.
-    pub(crate) async fn apply(&self, input: SessionInput, bytes: usize) -> Result<(), ()> {
+    pub(crate) async fn apply(&self, input: SessionInput, bytes: usize) -> Result<(), NotApplied> {
         let (done, applied) = oneshot::channel();
-        self.tx.send((input, bytes, done)).map_err(|_| ())?;
-        applied.await.map_err(|_| ())
+        self.tx
+            .send((input, bytes, done))
+            .map_err(|_| NotApplied::Gone)?;
+        match applied.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(failure)) => Err(NotApplied::Failed(failure)),
+            Err(_) => Err(NotApplied::Gone),
+        }
     }
 }
 
@@ -63,16 +81,23 @@ fn run(replica: Replica, mut rx: mpsc::UnboundedReceiver<Job>) {
         }
         tracing::trace!(inputs = inputs.len(), "applying");
         let peers: Vec<PeerId> = inputs.iter().map(SessionInput::peer).collect();
-        // A panic is one session's problem: `peer_batch` retries the inputs one by one and
-        // names the sessions whose input panicked; dropping their senders tells those
-        // connections it failed (they close). The others' inputs were applied.
+        // A failure is one session's problem: `peer_batch` names the sessions it ended (an
+        // input that panicked, or whose storage failed); they are told why and close. The
+        // others' inputs were applied.
         let failed =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| replica.peer_batch(inputs)))
-                .unwrap_or_else(|_| peers.clone());
+                .unwrap_or_else(|_| {
+                    peers
+                        .iter()
+                        .map(|p| (*p, SessionFailure::Panicked))
+                        .collect()
+                });
         for (peer, done) in peers.into_iter().zip(waiting) {
-            if !failed.contains(&peer) {
-                let _ = done.send(());
-            }
+            let result = match failed.iter().find(|(p, _)| *p == peer) {
+                Some((_, failure)) => Err(failure.clone()),
+                None => Ok(()),
+            };
+            let _ = done.send(result);
         }
     }
 }

@@ -24,7 +24,7 @@ use super::tls;
 use crate::engine::PeerEvent;
 use crate::id::DocumentId;
 use crate::protocol::{self, ErrorCode, Message, RejectCode, WireScope};
-use crate::{Replica, Scope, SessionInput};
+use crate::{Replica, Scope, SessionFailure, SessionInput};
 
 /// How a connection behaves.
 #[derive(Clone, Debug)]
@@ -218,7 +218,17 @@ async fn run(
     loop {
         let _ = status.send(Status::Connecting);
         let reporting = (status.clone(), report.clone());
-        match session(&replica, &url, &options, reporting, &mut stop).await {
+        let mut reached_sync = false;
+        match session(
+            &replica,
+            &url,
+            &options,
+            reporting,
+            &mut stop,
+            &mut reached_sync,
+        )
+        .await
+        {
             Ended::Stopped => return,
             Ended::Rejected(reason) => {
                 // Reported through the status; the application decides how loud to be.
@@ -235,7 +245,11 @@ async fn run(
             }
         }
         // Exponential backoff with up to 50% jitter, so that many clients cut off at once (a
-        // relay restart) spread their reconnects.
+        // relay restart) spread their reconnects. A session that got in sync starts the
+        // backoff over; one that failed before (a relay or a disk that keeps failing) does not.
+        if reached_sync {
+            backoff = options.initial_backoff;
+        }
         attempt += 1;
         let jitter = backoff.mul_f64(random_fraction() / 2.0);
         tracing::debug!(attempt, delay = ?(backoff + jitter), "reconnecting");
@@ -253,6 +267,7 @@ async fn session(
     options: &ConnectOptions,
     (status, report): (std::sync::Arc<watch::Sender<Status>>, SharedReport),
     stop: &mut watch::Receiver<bool>,
+    reached_sync: &mut bool,
 ) -> Ended {
     // A small read buffer: tungstenite zero-fills the free part of it before every read.
     let config = WebSocketConfig::default()
@@ -346,6 +361,9 @@ async fn session(
     let mut last_ping = last_heard;
     let mut ticker = tokio::time::interval(options.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Commits by other processes on our file (a CLI next to us) go out within this.
+    let mut external = tokio::time::interval(EXTERNAL_POLL);
+    external.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let ended = loop {
         tokio::select! {
             out = session.rx.recv() => match out {
@@ -358,7 +376,11 @@ async fn session(
                         blocking(replica, move |r| r.peer_flow(peer, false)).await;
                     }
                 }
-                Some(Outbound::Event(PeerEvent::InSync)) => {}
+                Some(Outbound::Event(PeerEvent::InSync)) => *reached_sync = true,
+                Some(Outbound::Event(PeerEvent::Error { code: ErrorCode::Storage, message, .. })) => {
+                    // The relay stored nothing of what we sent last; it closes the session.
+                    break Ended::Lost(format!("relay storage failed: {message}"));
+                }
                 Some(Outbound::Event(PeerEvent::Error { code, message, doc })) => {
                     tracing::info!(?code, %message, ?doc, "relay reported an error");
                     if let (Some(doc), ErrorCode::Forbidden | ErrorCode::RateLimited) = (doc, code)
@@ -421,8 +443,12 @@ async fn session(
                         .map(|message| SessionInput::Message { peer, message })
                         .collect();
                     let failed = blocking(replica, move |r| r.peer_batch(inputs)).await;
-                    if failed.is_none_or(|failed| failed.contains(&peer)) {
-                        break Ended::Lost("internal error while applying the relay's frames".into());
+                    match failed.as_deref() {
+                        Some([]) => {}
+                        Some([(_, SessionFailure::Storage(e)), ..]) => {
+                            break Ended::Lost(format!("local storage failed: {e}"));
+                        }
+                        _ => break Ended::Lost("internal error while applying the relay's frames".into()),
                     }
                 }
                 if let Some(reason) = ended {
@@ -443,6 +469,11 @@ async fn session(
                 // Checked without waiting for the replica: most ticks have nothing to do.
                 if replica.tick_wanted() {
                     blocking(replica, |r| r.tick()).await;
+                }
+            }
+            _ = external.tick() => {
+                if let Some(Err(e)) = blocking(replica, |r| r.poll_external()).await {
+                    break Ended::Lost(format!("local storage failed: {e}"));
                 }
             }
             () = stopped(stop) => {
@@ -483,6 +514,9 @@ async fn dial(
         .map(|(ws, _)| ws)
         .map_err(|e| tls::dial_error(url, &e))
 }
+
+/// How often a connected replica checks its file for commits by other processes.
+const EXTERNAL_POLL: Duration = Duration::from_millis(50);
 
 /// Frames applied per replica step at most: many small live frames share a commit, while
 /// the (up to 1 MiB) frames of a cold sync go one per step, which keeps memory flat (two per

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage};
 
+use super::applier::NotApplied;
 use super::auth::{self, AuthError};
 use super::http::Rewind;
 use super::metrics::ConnectionGauge;
@@ -23,7 +24,7 @@ use super::server::Shared;
 use super::router::{Frame, Outbound, Router, Session};
 use crate::engine::PeerEvent;
 use crate::protocol::{self, ErrorCode, Message, ProtocolError, RejectCode, WireScope};
-use crate::{Access, Scope, SessionInput};
+use crate::{Access, Scope, SessionFailure, SessionInput};
 
 /// What a session was granted at `Hello`.
 struct Admitted {
@@ -330,8 +331,8 @@ pub(crate) async fn session(
                 };
                 // Set first, so that the session is unregistered however this ends.
                 sync = Some(session);
-                if shared.applier.apply(connected, 0).await.is_err() {
-                    break Some(Close::new(CloseCode::Error, "relay is shutting down"));
+                if let Err(e) = shared.applier.apply(connected, 0).await {
+                    break not_applied(&mut ws, shared, e).await;
                 }
             }
             (Phase::AwaitingHello, other) => {
@@ -378,11 +379,8 @@ pub(crate) async fn session(
                     )
                     .await;
                 shared.metrics.sync_latency.observe(arrived.elapsed());
-                if applied.is_err() {
-                    break Some(Close::new(
-                        CloseCode::Error,
-                        "internal error while applying a frame",
-                    ));
+                if let Err(e) = applied {
+                    break not_applied(&mut ws, shared, e).await;
                 }
             }
         }
@@ -408,6 +406,31 @@ pub(crate) async fn session(
         close_with(ws, close).await;
     } else {
         tracing::debug!("session closed by peer");
+    }
+}
+
+/// A frame the relay could not apply ends the session, saying why: a failed store (a full
+/// disk) as a typed `Error { Storage }` first, so the client reports the cause and retries
+/// later; nothing of the frame was stored or acknowledged.
+async fn not_applied(ws: &mut Ws, shared: &Shared, e: NotApplied) -> Option<Close> {
+    match e {
+        NotApplied::Gone => Some(Close::new(CloseCode::Away, "relay shutting down")),
+        NotApplied::Failed(SessionFailure::Panicked) => Some(Close::new(
+            CloseCode::Error,
+            "internal error while applying a frame",
+        )),
+        NotApplied::Failed(SessionFailure::Storage(cause)) => {
+            let error = Message::Error {
+                code: ErrorCode::Storage,
+                message: format!("the relay could not store what this session sent: {cause}"),
+                doc: None,
+            };
+            let _ = send(ws, shared, &error).await;
+            Some(Close::new(
+                CloseCode::Again,
+                format!("relay storage failed: {cause}"),
+            ))
+        }
     }
 }
 

@@ -115,20 +115,44 @@ pub async fn run(
 }
 
 /// Ticks the replica once a second so idle documents are unloaded even when no client is
-/// active (the relay's memory follows the active set).
+/// active (the relay's memory follows the active set). While storage fails, it probes it
+/// with backoff (1 s doubling to 30 s), so the relay (and `/healthz`) recovers by itself once
+/// the disk has room again, even if no client writes.
 async fn housekeep(replica: Replica, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(HOUSEKEEPING);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut probe_every = HOUSEKEEPING;
+    let mut next_probe = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 let r = replica.clone();
-                let _ = tokio::task::spawn_blocking(move || r.tick()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    // Commits by another process on relay.db go to the sessions too.
+                    if let Err(e) = r.poll_external() {
+                        tracing::warn!(error = %e, "checking for other writers failed");
+                    }
+                    r.tick()
+                })
+                .await;
+                if replica.storage_health().is_err() && tokio::time::Instant::now() >= next_probe {
+                    let r = replica.clone();
+                    let healthy = tokio::task::spawn_blocking(move || r.probe_storage().is_ok())
+                        .await
+                        .unwrap_or(false);
+                    probe_every = if healthy { HOUSEKEEPING } else { (probe_every * 2).min(MAX_PROBE_BACKOFF) };
+                    next_probe = tokio::time::Instant::now() + probe_every;
+                } else if replica.storage_health().is_ok() {
+                    probe_every = HOUSEKEEPING;
+                }
             }
             () = async { let _ = stop.wait_for(|s| *s).await; } => return,
         }
     }
 }
+
+/// The longest wait between two storage probes while storage fails.
+const MAX_PROBE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn open_replica(config: &RelayConfig) -> Result<Replica, NetError> {
     let dir = config.data_dir.clone();
@@ -252,7 +276,13 @@ async fn serve_stream(
     let route = http::route(&head);
     tracing::debug!(?route, "request");
     let result = match route {
-        Route::Healthz => http::respond_text(&mut stream, "200 OK", "ok\n").await,
+        Route::Healthz => match shared.replica.storage_health() {
+            Ok(()) => http::respond_text(&mut stream, "200 OK", "ok\n").await,
+            Err(cause) => {
+                let body = format!("storage failing: {cause}\n");
+                http::respond_text(&mut stream, "503 Service Unavailable", &body).await
+            }
+        },
         Route::Metrics => {
             let replica = shared.replica.clone();
             let (stored, loaded) = tokio::task::spawn_blocking(move || {

@@ -73,6 +73,9 @@ pub enum ErrorCode {
     /// (`Entries` that answer no `Summary`, `Persisted` from a client, a second `Hello`...).
     /// The session ends.
     Unexpected,
+    /// The sender's storage failed (a full disk): what it was sent was not stored, and the
+    /// session ends; try again later.
+    Storage,
 }
 
 impl ErrorCode {
@@ -86,6 +89,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "RateLimited",
             ErrorCode::Internal => "Internal",
             ErrorCode::Unexpected => "Unexpected",
+            ErrorCode::Storage => "Storage",
         }
     }
 }

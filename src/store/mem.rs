@@ -552,6 +552,14 @@ impl Store for MemStore {
         self.staged.clear();
     }
 
+    fn probe(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn changed_elsewhere(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
     fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
         Ok(self.doc(id).map(|doc| StoredDoc {
             collection: doc.collection.clone(),

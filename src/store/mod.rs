@@ -44,6 +44,9 @@ pub trait Store: Send {
     /// Starts a step's transaction. True when another process committed since the last one
     /// (whatever the caller cached from storage is stale).
     fn begin(&mut self) -> Result<bool, StoreError>;
+    /// Whether another process committed since our last transaction (cheap, no transaction:
+    /// drivers poll it to notice other writers of the file promptly).
+    fn changed_elsewhere(&self) -> Result<bool, StoreError>;
     fn commit(&mut self) -> Result<(), StoreError>;
     fn rollback(&mut self);
     /// Applies engine writes inside the step's transaction.
@@ -89,6 +92,9 @@ pub trait Store: Send {
     fn counts(&self) -> Result<(u64, u64, u64), StoreError>;
     /// Makes everything written so far durable in the main file (SQLite's WAL checkpoint).
     fn checkpoint(&self) -> Result<(), StoreError>;
+    /// Checks that a write commits (a small write in its own transaction), to learn that
+    /// storage works again after a failure (a disk that has room again).
+    fn probe(&mut self) -> Result<(), StoreError>;
 }
 
 /// Errors of the storage layer.

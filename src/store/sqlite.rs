@@ -71,6 +71,10 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StoreOptions {
     pub durability: Durability,
+    /// A quota: the file may not grow beyond this many bytes (SQLite's `max_page_count`,
+    /// rounded down to whole pages, and never below the file's current size). A write that
+    /// needs more fails exactly as on a full disk; reads go on. `None`: no limit.
+    pub max_size: Option<u64>,
 }
 
 /// A replica's SQLite file.
@@ -91,9 +95,21 @@ pub struct SqliteStore {
 struct SummaryCache {
     version: i64,
     by_scope: std::collections::HashMap<Option<Vec<String>>, CatalogSummary>,
+    /// The summaries hold writes of the open transaction: if it does not commit, they are
+    /// wrong and must go (a summary that counts a write the disk refused would make a
+    /// session report "in sync" over data that was never stored).
+    uncommitted: bool,
 }
 
 impl SummaryCache {
+    /// The open transaction will not commit: drop whatever it taught the cache.
+    fn abandon(&mut self) {
+        if self.uncommitted {
+            self.by_scope.clear();
+            self.uncommitted = false;
+        }
+    }
+
     /// Whether a cached summary covers documents of `collection`.
     fn covers(&self, collection: &str) -> bool {
         self.by_scope.keys().any(|scope| match scope {
@@ -115,6 +131,7 @@ impl SummaryCache {
                     summary.remove(id, old);
                 }
                 summary.add(id, new);
+                self.uncommitted = true;
             }
         }
     }
@@ -220,6 +237,17 @@ impl SqliteStore {
         store.data_version = store
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        if let Some(bytes) = options.max_size {
+            let page: i64 = store.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = i64::try_from(bytes).unwrap_or(i64::MAX) / page.max(1);
+            let set: i64 =
+                store
+                    .conn
+                    .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                        r.get(0)
+                    })?;
+            tracing::debug!(path = %shown, max_pages = set, "quota set");
+        }
         Ok(store)
     }
 
@@ -328,18 +356,31 @@ impl SqliteStore {
 
     /// Commits the transaction opened by [`begin`](Self::begin).
     pub fn commit(&mut self) -> Result<(), StoreError> {
-        self.conn.prepare_cached("COMMIT")?.execute([])?;
-        Ok(())
+        match self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut s| s.execute([]))
+        {
+            Ok(_) => {
+                self.summaries.borrow_mut().uncommitted = false;
+                Ok(())
+            }
+            Err(e) => {
+                // SQLite may have rolled the transaction back itself (a full disk does):
+                // whatever the cache learned from it goes either way.
+                self.summaries.borrow_mut().abandon();
+                Err(e.into())
+            }
+        }
     }
 
     /// Abandons the transaction opened by [`begin`](Self::begin), if any.
     pub fn rollback(&mut self) {
-        if !self.conn.is_autocommit() {
-            // The cached summaries may hold writes of this transaction.
-            self.summaries.borrow_mut().by_scope.clear();
-            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
-                tracing::error!(error = %e, "rollback failed");
-            }
+        self.summaries.borrow_mut().abandon();
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(error = %e, "rollback failed");
         }
     }
 
@@ -996,5 +1037,27 @@ impl Store for SqliteStore {
 
     fn checkpoint(&self) -> Result<(), StoreError> {
         SqliteStore::checkpoint(self)
+    }
+
+    fn changed_elsewhere(&self) -> Result<bool, StoreError> {
+        let version: i64 = self
+            .conn
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        Ok(version != self.data_version)
+    }
+
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.begin()?;
+        let written = self
+            .conn
+            .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?1)")
+            .and_then(|mut s| s.execute([self.data_version.to_le_bytes().as_slice()]))
+            .map_err(StoreError::from)
+            .and_then(|_| self.commit());
+        if written.is_err() {
+            self.rollback();
+        }
+        written
     }
 }

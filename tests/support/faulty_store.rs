@@ -53,6 +53,9 @@ impl<S: Store> Store for FaultyStore<S> {
     fn begin(&mut self) -> Result<bool, StoreError> {
         self.inner.begin()
     }
+    fn changed_elsewhere(&self) -> Result<bool, StoreError> {
+        self.inner.changed_elsewhere()
+    }
     fn commit(&mut self) -> Result<(), StoreError> {
         let fail = {
             let mut faults = self.faults();
@@ -134,5 +137,13 @@ impl<S: Store> Store for FaultyStore<S> {
     }
     fn checkpoint(&self) -> Result<(), StoreError> {
         self.inner.checkpoint()
+    }
+    fn probe(&mut self) -> Result<(), StoreError> {
+        if self.faults().failing_commits > 0 {
+            return Err(StoreError::CommitFailed(
+                "injected fault: database or disk is full".into(),
+            ));
+        }
+        self.inner.probe()
     }
 }
