@@ -69,6 +69,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tx.execute("INSERT INTO mirror_position (one, seq) VALUES (1, ?1) ON CONFLICT (one) DO UPDATE SET seq = excluded.seq", [event.seq as i64])?;
         tx.commit()?;
         applied += 1;
+        if follow {
+            // One line per change, so a supervisor (or a test) can follow along.
+            println!("{} {:?} {}", event.seq, event.kind, event.id);
+        }
     }
     let rows: i64 = db.query_row("SELECT count(*) FROM mirror", [], |r| r.get(0))?;
     eprintln!("applied {applied} changes; the mirror holds {rows} documents");

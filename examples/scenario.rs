@@ -155,7 +155,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let ms = rng.below(50) as i64 + 1;
             clock.fetch_add(ms, Ordering::SeqCst);
             for node in &nodes {
-                node.replica.tick();
+                node.replica.tick()?;
             }
         }
         drain(&nodes, &mut links);
@@ -173,7 +173,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         clock.fetch_add(25, Ordering::SeqCst);
         for node in &nodes {
-            node.replica.tick();
+            node.replica.tick()?;
         }
         drain(&nodes, &mut links);
         if links.values().all(|q| q.is_empty()) {

@@ -99,6 +99,16 @@ enum Storage {
     Failed(String),
 }
 
+/// How long after its last failure a successful write must come for storage to count as
+/// working again (milliseconds).
+pub const HEALTH_SETTLE_MS: i64 = 2_000;
+
+/// The last storage failure and when (clock milliseconds), until storage works again.
+#[derive(Default)]
+struct StorageHealth {
+    failing: Option<(String, i64)>,
+}
+
 /// The outcome of one driver step.
 struct StepOutcome {
     /// The commands' results, in order.
@@ -211,8 +221,8 @@ struct Shared {
     router: std::sync::OnceLock<Arc<crate::net::router::Router>>,
     inner: Mutex<Inner>,
     transport: Mutex<Option<Transport>>,
-    /// The last storage failure, until a write succeeds (see [`Replica::storage_health`]).
-    storage_error: Mutex<Option<String>>,
+    /// Whether storage fails (see [`Replica::storage_health`]).
+    health: Mutex<StorageHealth>,
     clock: Clock,
     hooks: Hooks,
     path: PathBuf,
@@ -286,7 +296,7 @@ impl Replica {
                 }),
                 hooks: Hooks::default(),
                 transport: Mutex::new(None),
-                storage_error: Mutex::new(None),
+                health: Mutex::default(),
                 #[cfg(feature = "net")]
                 router: std::sync::OnceLock::new(),
                 clock: options.clock.clone(),
@@ -397,7 +407,7 @@ impl Replica {
                 // inputs are not applied (sessions whose input this was are told, see
                 // `peer_batch`).
                 let message = e.to_string();
-                tracing::error!(error = %message, "could not start a transaction");
+                tracing::debug!(error = %message, "could not start a transaction");
                 return StepOutcome {
                     results: (0..count)
                         .map(|_| Err(Error::Store(StoreError::CommitFailed(message.clone()))))
@@ -504,7 +514,8 @@ impl Replica {
             }
             Err(e) => {
                 inner.store.rollback();
-                tracing::error!(error = %e, writes = writes.len(), "commit failed; nothing was applied");
+                // The caller hears of it (a command's error, a session ended with the cause).
+                tracing::debug!(error = %e, writes = writes.len(), "commit failed; nothing was applied");
                 let mut docs: Vec<DocumentId> = writes.iter().map(|w| w.doc()).collect();
                 docs.sort_unstable();
                 docs.dedup();
@@ -608,7 +619,7 @@ impl Replica {
             inputs.iter().map(SessionInput::peer).collect();
         let mut failed: Vec<(PeerId, SessionFailure)> = Vec::new();
         if let [peer] = sessions.iter().copied().collect::<Vec<_>>()[..] {
-            tracing::warn!(?peer, %failure, "ending the session");
+            tracing::info!(?peer, %failure, "ending the session");
             self.end_session(peer);
             failed.push((peer, failure));
             return failed;
@@ -624,7 +635,7 @@ impl Replica {
                 continue;
             }
             if let Err(failure) = self.peer_step(vec![Input::from(input)]) {
-                tracing::warn!(?peer, %failure, "ending the session");
+                tracing::info!(?peer, %failure, "ending the session");
                 self.end_session(peer);
                 failed.push((peer, failure));
             }
@@ -655,16 +666,13 @@ impl Replica {
         }
     }
 
-    /// Whether storage works: `Err` with the cause while the last write to it failed (a full
-    /// disk, a read-only file), until a write succeeds again. Relays report it on `/healthz`.
+    /// Whether storage works: `Err` with the cause from the moment a write fails (a full
+    /// disk, a read-only file) until a write commits again at least
+    /// [`HEALTH_SETTLE_MS`] later (a disk with a little room lets small writes through between
+    /// failing big ones: that is still failing). Relays report it on `/healthz`.
     pub fn storage_health(&self) -> std::result::Result<(), String> {
-        match &*self
-            .shared
-            .storage_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            Some(error) => Err(error.clone()),
+        match &self.health().failing {
+            Some((error, _)) => Err(error.clone()),
             None => Ok(()),
         }
     }
@@ -672,31 +680,35 @@ impl Replica {
     /// While storage fails, checks whether a write commits again (see [`Store::probe`]) and
     /// updates [`storage_health`](Self::storage_health). Cheap when storage is healthy.
     pub fn probe_storage(&self) -> std::result::Result<(), String> {
-        self.storage_health().or_else(|_| {
-            let probed = self.lock().store.probe();
-            let storage = match probed {
-                Ok(()) => Storage::Committed,
-                Err(e) => Storage::Failed(e.to_string()),
-            };
-            self.note_storage(&storage);
-            self.storage_health()
-        })
+        if self.storage_health().is_ok() {
+            return Ok(());
+        }
+        let probed = self.lock().store.probe();
+        self.note_storage(&match probed {
+            Ok(()) => Storage::Committed,
+            Err(e) => Storage::Failed(e.to_string()),
+        });
+        self.storage_health()
+    }
+
+    fn health(&self) -> MutexGuard<'_, StorageHealth> {
+        self.shared.health.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn note_storage(&self, storage: &Storage) {
-        let mut error = self
-            .shared
-            .storage_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let now = self.shared.clock.now();
+        let mut health = self.health();
         match storage {
             Storage::Committed => {
-                if let Some(was) = error.take() {
+                if let Some((was, at)) = &health.failing
+                    && now - at >= HEALTH_SETTLE_MS
+                {
                     tracing::info!(%was, "storage works again");
+                    health.failing = None;
                 }
             }
             Storage::Untouched => {}
-            Storage::Failed(e) => *error = Some(e.clone()),
+            Storage::Failed(e) => health.failing = Some((e.clone(), now)),
         }
     }
 
@@ -749,16 +761,26 @@ impl Replica {
         if !inner.store.changed_elsewhere()? {
             return Ok(false);
         }
-        let _ = self.step(inner, Vec::new(), 0, 0);
-        Ok(true)
+        match self.step(inner, Vec::new(), 0, 0).storage {
+            Storage::Failed(e) => Err(Error::Store(StoreError::CommitFailed(e))),
+            Storage::Committed | Storage::Untouched => Ok(true),
+        }
     }
 
     /// Lets sessions notice that time passed (call every few milliseconds while connected)
     /// and unloads idle documents. Cheap when there is nothing to do.
-    pub fn tick(&self) {
+    ///
+    /// `Err` if the step's storage failed: its frames (a session's new announcement, say) were
+    /// not sent, so a client ends the session and reconnects with backoff rather than tick
+    /// into the same failure.
+    pub fn tick(&self) -> Result<()> {
         let inner = self.lock();
-        if inner.engine.wants_tick(self.shared.clock.now()) {
-            let _ = self.step(inner, vec![Input::Tick], 0, 0);
+        if !inner.engine.wants_tick(self.shared.clock.now()) {
+            return Ok(());
+        }
+        match self.step(inner, vec![Input::Tick], 0, 0).storage {
+            Storage::Failed(e) => Err(Error::Store(StoreError::CommitFailed(e))),
+            Storage::Committed | Storage::Untouched => Ok(()),
         }
     }
 

@@ -1428,11 +1428,11 @@ fn idle_documents_are_unloaded_so_memory_follows_the_active_set() {
     advance(6_000);
     r.update(&ids[0], json!({"touched": true})).unwrap();
     advance(6_000);
-    r.tick();
+    r.tick().unwrap();
     // Only the document used within the last 10 s stays.
     assert_eq!(r.loaded_documents(), 1);
     advance(11_000);
-    r.tick();
+    r.tick().unwrap();
     assert_eq!(r.loaded_documents(), 0);
     // Unloading loses nothing: every document loads again on use.
     assert_eq!(

@@ -339,7 +339,7 @@ impl Sim {
     fn tick_all(&mut self, ms: i64) {
         self.clock.fetch_add(ms, Ordering::SeqCst);
         for n in &self.nodes {
-            n.tick();
+            n.tick().unwrap();
         }
     }
 

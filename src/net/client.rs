@@ -467,8 +467,10 @@ async fn session(
                     }
                 }
                 // Checked without waiting for the replica: most ticks have nothing to do.
-                if replica.tick_wanted() {
-                    blocking(replica, |r| r.tick()).await;
+                if replica.tick_wanted()
+                    && let Some(Err(e)) = blocking(replica, |r| r.tick()).await
+                {
+                    break Ended::Lost(format!("local storage failed: {e}"));
                 }
             }
             _ = external.tick() => {

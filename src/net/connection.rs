@@ -420,6 +420,7 @@ async fn not_applied(ws: &mut Ws, shared: &Shared, e: NotApplied) -> Option<Clos
             "internal error while applying a frame",
         )),
         NotApplied::Failed(SessionFailure::Storage(cause)) => {
+            tracing::warn!(%cause, "storage failed: the session's writes were refused");
             let error = Message::Error {
                 code: ErrorCode::Storage,
                 message: format!("the relay could not store what this session sent: {cause}"),

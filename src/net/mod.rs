@@ -37,7 +37,7 @@ use std::time::Duration;
 
 pub use client::{ConnectOptions, Connection, Refusal, Status};
 pub use metrics::Metrics;
-pub use server::run;
+pub use server::{run, run_with_replica};
 pub use tls::TlsConfig;
 
 /// A rate: `per_second` sustained, bursts up to `burst` (frames, or bytes).
@@ -92,6 +92,10 @@ pub struct RelayConfig {
     /// Documents one connection may create per minute (`None`: no limit); more are refused
     /// per document with a `RateLimited` error and offered again by the client later.
     pub creates_per_minute: Option<u32>,
+    /// A quota for `relay.db` in bytes (`None`: the disk is the limit). Past it, writes fail
+    /// as on a full disk: the relay refuses them (`Error Storage`), reports it on `/healthz`,
+    /// and goes on serving reads.
+    pub max_db_size: Option<u64>,
 }
 
 impl RelayConfig {
@@ -117,6 +121,7 @@ impl RelayConfig {
             },
             // Enough for a replica's first sync of a large catalog (W1 pushes 10,000).
             creates_per_minute: Some(20_000),
+            max_db_size: None,
         }
     }
 }

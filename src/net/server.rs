@@ -45,6 +45,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NetError> {
     let replica = open_replica(&config).await?;
+    run_with_replica(listener, config, replica, shutdown).await
+}
+
+/// [`run`] over a replica the caller opened (any [`Store`](crate::store::Store), any
+/// options); `config.data_dir` and `config.max_db_size` are then not used.
+pub async fn run_with_replica(
+    listener: TcpListener,
+    config: RelayConfig,
+    replica: Replica,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NetError> {
     let relay_id = replica.replica_id();
     let local = listener.local_addr().ok();
     tracing::info!(?local, relay = %relay_id, data = %config.data_dir.display(), tls = ?config.tls, "relay started");
@@ -132,7 +143,9 @@ async fn housekeep(replica: Replica, mut stop: watch::Receiver<bool>) {
                     if let Err(e) = r.poll_external() {
                         tracing::warn!(error = %e, "checking for other writers failed");
                     }
-                    r.tick()
+                    if let Err(e) = r.tick() {
+                        tracing::warn!(error = %e, "housekeeping: storage failed");
+                    }
                 })
                 .await;
                 if replica.storage_health().is_err() && tokio::time::Instant::now() >= next_probe {
@@ -156,12 +169,16 @@ const MAX_PROBE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30
 
 async fn open_replica(config: &RelayConfig) -> Result<Replica, NetError> {
     let dir = config.data_dir.clone();
+    let options = crate::ReplicaOptions {
+        max_size: config.max_db_size,
+        ..crate::ReplicaOptions::default()
+    };
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir).map_err(|source| NetError::Io {
             what: format!("creating {}", dir.display()),
             source,
         })?;
-        Ok(Replica::open(dir.join("relay.db"))?)
+        Ok(Replica::open_with(dir.join("relay.db"), options)?)
     })
     .await
     .map_err(|e| NetError::Io {

@@ -1048,13 +1048,17 @@ impl Store for SqliteStore {
     }
 
     fn probe(&mut self) -> Result<(), StoreError> {
+        // Room for a quarter MiB: the write grows the file (so a quota or a full disk shows),
+        // and is taken back in the same transaction.
         self.begin()?;
         let written = self
             .conn
-            .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?1)")
-            .and_then(|mut s| s.execute([self.data_version.to_le_bytes().as_slice()]))
+            .execute_batch(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', zeroblob(262144));
+                 DELETE FROM meta WHERE key = 'probe';",
+            )
             .map_err(StoreError::from)
-            .and_then(|_| self.commit());
+            .and_then(|()| self.commit());
         if written.is_err() {
             self.rollback();
         }

@@ -14,7 +14,7 @@ use weft::{BundleEntry, BundleScope, DocumentId, Query, ReplicaId};
 pub struct Faults {
     /// Loading this document panics.
     pub panic_on_load: Option<DocumentId>,
-    /// This many of the next commits fail (as a full disk would).
+    /// This many of the next commits with writes fail (as on a full disk).
     pub failing_commits: u32,
 }
 
@@ -24,6 +24,8 @@ pub type FaultHandle = Arc<Mutex<Faults>>;
 pub struct FaultyStore<S> {
     inner: S,
     faults: FaultHandle,
+    /// The open transaction has writes (a commit without any cannot fill a disk).
+    wrote: bool,
 }
 
 impl<S: Store> FaultyStore<S> {
@@ -33,6 +35,7 @@ impl<S: Store> FaultyStore<S> {
             FaultyStore {
                 inner,
                 faults: faults.clone(),
+                wrote: false,
             },
             faults,
         )
@@ -57,7 +60,7 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.changed_elsewhere()
     }
     fn commit(&mut self) -> Result<(), StoreError> {
-        let fail = {
+        let fail = std::mem::take(&mut self.wrote) && {
             let mut faults = self.faults();
             let fail = faults.failing_commits > 0;
             faults.failing_commits = faults.failing_commits.saturating_sub(1);
@@ -72,9 +75,11 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.commit()
     }
     fn rollback(&mut self) {
+        self.wrote = false;
         self.inner.rollback()
     }
     fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
+        self.wrote |= !ops.is_empty();
         self.inner.write(ops)
     }
     fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {

@@ -7,7 +7,7 @@ pub mod faulty_store;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -168,7 +168,9 @@ pub enum LineEvent {
 }
 
 /// Starts a thread that sends every complete stdout line of a child, then `Eof`.
-pub fn line_reader(stdout: ChildStdout) -> (mpsc::Receiver<LineEvent>, JoinHandle<()>) {
+pub fn line_reader(
+    stdout: impl Read + Send + 'static,
+) -> (mpsc::Receiver<LineEvent>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);

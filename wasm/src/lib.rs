@@ -435,8 +435,8 @@ impl Core {
         self.replica.tick_wanted()
     }
 
-    pub fn tick(&self) {
-        self.replica.tick();
+    pub fn tick(&self) -> JsResult<()> {
+        self.replica.tick().map_err(|e| error_of(&e))
     }
 
     /// The documents in `scope` as a sorted list of `[id, heads]` (convergence checks).

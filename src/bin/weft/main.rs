@@ -26,6 +26,10 @@ struct Cli {
     /// The replica's database file.
     #[arg(long, global = true, env = "WEFT_DB", default_value = "./weft.db")]
     db: PathBuf,
+    /// A quota for the database file (`serve`: relay.db), like 500MB or 2GiB: writes that
+    /// would grow it further fail as on a full disk, and are reported as such.
+    #[arg(long, global = true, env = "WEFT_MAX_DB_SIZE", value_parser = parse_size)]
+    max_db_size: Option<u64>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -145,6 +149,32 @@ enum TokenCmd {
 
 /// `24h`, `90m`, `30d`, `45s`.
 #[cfg(feature = "net")]
+/// `500MB`, `2GiB`, `4096` (bytes): decimal (kB, MB, GB) and binary (KiB, MiB, GiB) units.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size like 500MB or 2GiB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1_000,
+        "mb" | "m" => 1_000_000,
+        "gb" | "g" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{s:?}: the unit must be B, kB, MB, GB, KiB, MiB or GiB"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{s:?}: out of range"))
+}
+
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
@@ -364,6 +394,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(io::stderr)
+        // Colour codes only for a terminal: not in log files, pipes and CI output.
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -375,8 +407,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--max-db-size`, set once at start.
+static MAX_DB_SIZE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
+fn replica_options() -> weft::ReplicaOptions {
+    weft::ReplicaOptions {
+        max_size: MAX_DB_SIZE.get().copied().flatten(),
+        ..weft::ReplicaOptions::default()
+    }
+}
+
 fn open(db: &std::path::Path) -> CliResult<Replica> {
-    Ok(Replica::open(db)?)
+    Ok(Replica::open_with(db, replica_options())?)
 }
 
 fn parse_id(text: &str) -> CliResult<DocumentId> {
@@ -410,6 +452,7 @@ fn parse_value(text: &str) -> CliResult<Value> {
 }
 
 fn run(cli: Cli) -> CliResult {
+    let _ = MAX_DB_SIZE.set(cli.max_db_size);
     match cli.command {
         Cmd::Doc(cmd) => doc(&cli.db, cmd),
         Cmd::Import {
@@ -520,8 +563,17 @@ fn serve(args: ServeArgs) -> CliResult {
         config.tls = tls;
         config.creates_per_minute =
             (args.creates_per_minute > 0).then_some(args.creates_per_minute);
+        // Say "listening" only once the store is open too: a relay that cannot open its
+        // database never claims to serve.
+        let data = args.data.clone();
+        let replica = tokio::task::spawn_blocking(move || -> CliResult<Replica> {
+            std::fs::create_dir_all(&data).map_err(io_err("creating", &data))?;
+            open(&data.join("relay.db"))
+        })
+        .await
+        .map_err(|e| CliError::Io(format!("opening the relay's database: {e}")))??;
         out(&format!("weft relay listening on {scheme}://{addr}"))?;
-        weft::net::run(listener, config, shutdown_signal())
+        weft::net::run_with_replica(listener, config, replica, shutdown_signal())
             .await
             .map_err(|e| CliError::Io(e.to_string()))
     })
