@@ -357,6 +357,19 @@ async fn raw_frames_cannot_read_or_write_past_the_token() {
         }
     }
     assert_ne!(relay.state(&a), before.0);
+    // Even a session that may write cannot store a document without any change (every
+    // document has heads).
+    let empty = DocumentId::from_bytes([6; 16]);
+    send(
+        &mut ws,
+        &sync_item(empty, A, Payload::Whole(Automerge::new().save())),
+    )
+    .await;
+    assert_eq!(
+        expect_error(&mut ws, empty, &[b]).await,
+        ErrorCode::BadDocument
+    );
+    assert!(relay.state(&empty).contains("not found"));
 }
 
 /// Reads until the relay's `Error { Unexpected }`, then its close: the code must be 1002

@@ -173,6 +173,15 @@ impl Engine {
         let options =
             automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
         let mut doc = match Automerge::load_with_options(&bytes, options) {
+            // Every document has heads (an empty body is one empty change).
+            Ok(doc) if doc.get_heads().is_empty() => {
+                return self.peer_error(
+                    peer,
+                    ErrorCode::BadDocument,
+                    "a whole document without any change".into(),
+                    Some(id),
+                );
+            }
             Ok(doc) => doc,
             Err(e) => {
                 return self.peer_error(
