@@ -228,7 +228,8 @@ struct Shared {
     path: PathBuf,
 }
 
-/// A replica backed by a SQLite file. See the crate docs for a tour.
+/// A replica: the engine over a [`Store`] (a SQLite file natively, memory plus IndexedDB in the
+/// browser). See the crate docs for a tour.
 #[derive(Clone)]
 pub struct Replica {
     shared: Arc<Shared>,

@@ -6,18 +6,27 @@
 //! back. The same engine runs natively over SQLite ([`crate::Replica`]), in the browser over
 //! IndexedDB, and in tests under a simulated clock.
 //!
-//! A driver's loop, in full:
+//! A driver's step, in full (`Replica::step_locked` is the native one):
 //!
 //! ```text
-//! let mut fx = engine.handle(now, Input::Command(id, command));
-//! while let Some(doc) = fx.loads.pop() {          // 1. answer loads
-//!     let stored = storage.load(doc);
-//!     fx.extend(engine.handle(now, Input::Loaded { id: doc, result: stored }));
-//! }
-//! storage.commit(&fx.writes)?;                     // 2. one transaction
-//! engine.handle(now, Input::Committed);            //    (lets the engine evict idle docs)
-//! publish(fx.events); deliver(fx.completed);       // 3. only after the commit
+//! storage.begin()                                    // one transaction per step; if another
+//!     → changed? engine.handle(StorageChanged), handle(External(their feed entries))
+//! let mut fx = engine.handle(now, input) for each input (commands, session messages, ticks)
+//! loop {                                             // 1. answer every read the engine asks for
+//!     fx.loads          → handle(Loaded { id, result })        documents into memory
+//!     fx.whole_reads    → handle(Whole { peer, id, result })   documents sent from storage
+//!     fx.sync_state_reads → handle(SyncState { .. })           persisted sync states
+//!     fx.catalog_reads  → handle(Catalog { .. })               reconciliation summaries/entries
+//! }                                                  //    until none is left
+//! fx.extend(engine.handle(now, Flush))              // 2. pack session items into frames
+//! storage.write(fx.writes); storage.commit()         // 3. one commit
+//!   ok   → handle(Committed); publish fx.events, deliver fx.completed, send fx.send and
+//!          fx.peer_events — only now, and in this order
+//!   fail → rollback; handle(StorageFailed { docs }); every completion becomes the error;
+//!          nothing is published or sent; sessions whose input this was are ended
 //! ```
+//!
+//! A panic inside the step is rolled back the same way, plus [`Engine::recover`].
 
 mod access;
 mod command;

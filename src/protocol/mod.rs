@@ -1,5 +1,5 @@
-//! The wire protocol between replicas and the relay (work in progress: the replication issue
-//! builds the sessions on top of it).
+//! The wire protocol between replicas and the relay: the messages of a replication session
+//! (the engine's `session.rs` has the table of which side sends which).
 //!
 //! A connection carries frames; one frame is one WebSocket binary message:
 //!

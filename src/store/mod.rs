@@ -1,6 +1,7 @@
 //! Storage: what a replica keeps on disk, and the errors of doing so.
 //!
-//! The logical model (the same in SQLite and, later, IndexedDB):
+//! The logical model (the same in SQLite and in `MemStore`, whose records the browser keeps in
+//! IndexedDB):
 //! * `documents` — the catalog: id, collection, tombstone flag, heads, materialized JSON body and
 //!   the change-feed sequence number of the last write;
 //! * `chunks` — Automerge bytes per document: one snapshot plus incremental chunks;
