@@ -62,5 +62,5 @@ pub use replica::{
     Clock, CompactReport, Document, Durability, Replica, ReplicaOptions, SessionFailure,
     SessionInput,
 };
-pub use scope::{Access, Scope};
+pub use scope::{Access, CreateLimit, Scope};
 pub use store::StoreError;

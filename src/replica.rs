@@ -144,6 +144,9 @@ pub struct ReplicaOptions {
     /// Documents unused for this long are unloaded (on the next step or [`Replica::tick`]),
     /// so memory follows the active set.
     pub idle_unload: std::time::Duration,
+    /// How long to wait before offering a relay again the documents it refused to create
+    /// because of its create limit (default: a minute).
+    pub rate_limited_retry: std::time::Duration,
     /// Seed for the engine's random choices; `None` takes one from the OS. Fix it only to replay.
     pub seed: Option<u64>,
     /// A quota for the SQLite file: it may not grow beyond this many bytes; a write that
@@ -160,6 +163,7 @@ impl Default for ReplicaOptions {
             durability: Durability::default(),
             max_loaded_docs: 1000,
             idle_unload: std::time::Duration::from_secs(60),
+            rate_limited_retry: std::time::Duration::from_secs(60),
             seed: None,
             max_size: None,
             clock: Clock::system(),
@@ -286,6 +290,8 @@ impl Replica {
         let mut config = EngineConfig::new(store.replica_id(), seed, store.max_seq()? + 1);
         config.max_loaded_docs = options.max_loaded_docs;
         config.idle_unload_ms = i64::try_from(options.idle_unload.as_millis()).unwrap_or(i64::MAX);
+        config.rate_limited_retry_ms =
+            i64::try_from(options.rate_limited_retry.as_millis()).unwrap_or(i64::MAX);
         let engine = Engine::new(config);
         tracing::debug!(path = %path.display(), replica = %engine.replica_id(), "replica opened");
         Ok(Self {

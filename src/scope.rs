@@ -35,8 +35,29 @@ pub struct Access {
     /// The collections the peer may change: send changes, create and delete documents. Only
     /// collections that are also readable count (the session sees nothing else).
     pub write: Scope,
-    /// How many documents the peer may create per minute; `None`: no limit.
-    pub creates_per_minute: Option<u32>,
+    /// How many documents the peer may create; `None`: no limit.
+    pub creates: Option<CreateLimit>,
+}
+
+/// How many documents a session may create: up to `burst` at once (a replica's first sync of
+/// the data set it already has), then `per_minute` sustained (a token bucket). Creates beyond
+/// it are refused per document with `RateLimited`; the client offers them again later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreateLimit {
+    pub per_minute: u32,
+    /// How many at once; 0: `per_minute`.
+    pub burst: u32,
+}
+
+impl CreateLimit {
+    /// How many documents may be created at once.
+    pub fn at_once(&self) -> u32 {
+        if self.burst == 0 {
+            self.per_minute
+        } else {
+            self.burst
+        }
+    }
 }
 
 impl Access {
@@ -45,7 +66,7 @@ impl Access {
         Access {
             read: scope.clone(),
             write: scope,
-            creates_per_minute: None,
+            creates: None,
         }
     }
 }

@@ -62,7 +62,9 @@ fn emit(line: &str) {
 #[ignore = "the child process of the crash tests, which run it; not a test on its own"]
 fn crash_child_writer() {
     let Some(db) = std::env::var_os(CHILD_DB_ENV) else {
-        panic!("{CHILD_TEST} is the crash tests' child process: they run it with {CHILD_DB_ENV} set");
+        panic!(
+            "{CHILD_TEST} is the crash tests' child process: they run it with {CHILD_DB_ENV} set"
+        );
     };
     let seed: u64 = std::env::var(CHILD_SEED_ENV).unwrap().parse().unwrap();
     let run: u64 = std::env::var(CHILD_RUN_ENV).unwrap().parse().unwrap();

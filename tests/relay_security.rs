@@ -565,7 +565,13 @@ async fn a_token_that_expires_ends_the_live_session() {
 
 #[tokio::test]
 async fn creates_over_the_per_minute_limit_are_refused_per_document() {
-    let relay = Relay::start(|c| c.creates_per_minute = Some(3)).await;
+    let relay = Relay::start(|c| {
+        c.creates = Some(weft::CreateLimit {
+            per_minute: 3,
+            burst: 0,
+        })
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let replica = Replica::open(dir.path().join("c.db")).unwrap();
     let ids: Vec<DocumentId> = (0..5)
@@ -594,6 +600,54 @@ async fn creates_over_the_per_minute_limit_are_refused_per_document() {
         relay.state(kept),
         format!("heads {:?}", replica.get(kept).unwrap().heads)
     );
+}
+
+/// A first sync of more documents than the relay takes at once finishes: the relay takes its
+/// burst, the client offers the rest again as the rate allows, and `wait_all_synced` (what
+/// `sync --once` uses) returns once everything is in — no refusal left, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_over_the_limit_go_through_later_at_the_limits_pace() {
+    let relay = Relay::start(|c| {
+        c.creates = Some(weft::CreateLimit {
+            per_minute: 240,
+            burst: 3,
+        })
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let options = weft::ReplicaOptions {
+        rate_limited_retry: Duration::from_millis(300),
+        ..weft::ReplicaOptions::default()
+    };
+    let replica = Replica::open_with(dir.path().join("c.db"), options).unwrap();
+    let ids: Vec<DocumentId> = (0..12)
+        .map(|i| replica.create(A, json!({ "i": i })).unwrap())
+        .collect();
+    let connection = replica.connect(
+        &relay.url(),
+        ConnectOptions {
+            token: Some(relay.token("*", "*")),
+            ..ConnectOptions::default()
+        },
+    );
+    let mut rounds = Vec::new();
+    timeout(LIMIT, connection.wait_all_synced(|held| rounds.push(held)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!rounds.is_empty(), "the limit never held anything back");
+    assert_eq!(
+        rounds[0], 9,
+        "the burst of 3 went through at once: {rounds:?}"
+    );
+    assert!(
+        connection.refused().is_empty(),
+        "{:?}",
+        connection.refused()
+    );
+    for id in &ids {
+        assert!(relay.state(id).starts_with("heads"), "{id} missing");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,7 +183,7 @@ impl Sim {
             Access {
                 read: Scope::All,
                 write: Scope::collection("todos"),
-                creates_per_minute: None,
+                creates: None,
             }
         } else {
             Access::full(Scope::All)

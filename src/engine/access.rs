@@ -18,6 +18,7 @@ use super::doc::DocState;
 use super::{Engine, Origin, validate_collection};
 use crate::id::{DocumentId, ReplicaId};
 use crate::protocol::ErrorCode;
+use crate::scope::CreateLimit;
 
 use super::session::{Peer, PeerId};
 
@@ -88,8 +89,8 @@ pub(crate) enum Refusal {
     WrongCollection,
     /// Not a valid collection name.
     InvalidCollection(String),
-    /// The session's create budget for this minute is spent.
-    RateLimited(u32),
+    /// The session's create budget is spent.
+    RateLimited(CreateLimit),
     /// The document cannot be read here (storage failed or it is corrupt).
     Unreadable(String),
 }
@@ -111,9 +112,11 @@ impl Refusal {
             }
             Refusal::WrongCollection => WRONG_COLLECTION.into(),
             Refusal::InvalidCollection(name) => format!("invalid collection name {name:?}"),
-            Refusal::RateLimited(limit) => {
-                format!("this session may create at most {limit} documents per minute")
-            }
+            Refusal::RateLimited(limit) => format!(
+                "this session may create {} documents at once, then {} per minute; offer the rest later",
+                limit.at_once(),
+                limit.per_minute
+            ),
             Refusal::Unreadable(reason) => format!("document is unreadable here: {reason}"),
         }
     }
@@ -154,7 +157,7 @@ impl Engine {
             && let Some(budget) = p.creates.as_mut()
             && !budget.take(now)
         {
-            return Err(Refusal::RateLimited(budget.per_minute));
+            return Err(Refusal::RateLimited(budget.limit));
         }
         Ok(Permit {
             id,

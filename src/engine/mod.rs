@@ -79,6 +79,9 @@ pub struct EngineConfig {
     /// Documents unused for this long (milliseconds) are unloaded, so memory follows the
     /// active set (drivers send `Tick`s; see [`Engine::wants_tick`]).
     pub idle_unload_ms: i64,
+    /// How long an initiator waits before offering again a document its peer refused to
+    /// create because of its create limit (milliseconds).
+    pub rate_limited_retry_ms: i64,
     /// When to compact a document's storage.
     pub compaction: CompactionPolicy,
 }
@@ -92,6 +95,7 @@ impl EngineConfig {
             next_seq,
             max_loaded_docs: 1000,
             idle_unload_ms: 60_000,
+            rate_limited_retry_ms: 60_000,
             compaction: CompactionPolicy::default(),
         }
     }

@@ -57,10 +57,19 @@ pub enum CatalogAnswer {
 impl Engine {
     /// Initiator: asks for our summary, to announce it.
     pub(crate) fn announce(&mut self, peer: PeerId, fx: &mut Effects) {
+        let now = self.now;
         if let Some(p) = self.peers.get_mut(&peer) {
             p.announced = true;
             p.busy = false;
-            p.retry_at = None;
+            // Documents refused for a while (a create limit) whose time has come are in this
+            // round; the next retry is for those still waiting.
+            p.rejected.retain(|_, until| *until > now);
+            p.retry_at = p
+                .rejected
+                .values()
+                .copied()
+                .filter(|until| *until != i64::MAX)
+                .min();
             fx.catalog_reads.push(CatalogRead {
                 peer,
                 scope: p.scope.clone(),

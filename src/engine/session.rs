@@ -32,15 +32,11 @@ use super::receive::PeerWork;
 use super::{Effects, Engine, Work};
 use crate::id::{DocumentId, ReplicaId};
 use crate::protocol::{CatalogEntry, ErrorCode, Message, SyncItem};
-use crate::scope::{Access, Scope};
+use crate::scope::{Access, CreateLimit, Scope};
 
 /// How long an initiator waits after the last sync traffic before checking again that both
 /// sides are in sync.
 pub const RESYNC_QUIET_MS: i64 = 20;
-
-/// How long an initiator leaves out a document the peer refused to create because of its
-/// create limit, before offering it again.
-const RATE_LIMITED_RETRY_MS: i64 = 60_000;
 
 /// A connection, as the driver numbers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -109,22 +105,43 @@ pub(crate) struct Peer {
     pub(crate) held: BTreeMap<DocumentId, (Held, String)>,
 }
 
-/// A per-minute budget of documents a peer may create.
+/// The documents a peer may still create: a token bucket of `limit.burst` creates refilled
+/// at `limit.per_minute` (see [`CreateLimit`]).
 pub(crate) struct CreateBudget {
-    pub(crate) per_minute: u32,
-    window_start: i64,
-    used: u32,
+    pub(crate) limit: CreateLimit,
+    /// Creates available, in thousandths (integer arithmetic, no drift).
+    milli_tokens: u64,
+    refilled_at: i64,
 }
 
 impl CreateBudget {
-    /// Takes one create from the budget; false when the minute's budget is spent.
-    pub(crate) fn take(&mut self, now: i64) -> bool {
-        if now - self.window_start >= 60_000 {
-            self.window_start = now;
-            self.used = 0;
+    fn new(limit: CreateLimit, now: i64) -> Self {
+        let budget = CreateBudget {
+            limit,
+            milli_tokens: 0,
+            refilled_at: now,
+        };
+        CreateBudget {
+            milli_tokens: budget.capacity(),
+            ..budget
         }
-        if self.used < self.per_minute {
-            self.used += 1;
+    }
+
+    fn capacity(&self) -> u64 {
+        u64::from(self.limit.at_once()) * 1000
+    }
+
+    /// Takes one create from the budget; false when it is spent.
+    pub(crate) fn take(&mut self, now: i64) -> bool {
+        let elapsed = u64::try_from(now - self.refilled_at).unwrap_or(0);
+        // per_minute creates per 60,000 ms = per_minute / 60 milli-creates per ms.
+        let refill = elapsed.saturating_mul(u64::from(self.limit.per_minute)) / 60;
+        if refill > 0 {
+            self.milli_tokens = (self.milli_tokens.saturating_add(refill)).min(self.capacity());
+            self.refilled_at = now;
+        }
+        if self.milli_tokens >= 1000 {
+            self.milli_tokens -= 1000;
             true
         } else {
             false
@@ -222,11 +239,7 @@ impl Engine {
                 remote,
                 scope: access.read,
                 write: access.write,
-                creates: access.creates_per_minute.map(|per_minute| CreateBudget {
-                    per_minute,
-                    window_start: now,
-                    used: 0,
-                }),
+                creates: access.creates.map(|limit| CreateBudget::new(limit, now)),
                 rejected: HashMap::new(),
                 retry_at: None,
                 initiator,
@@ -443,7 +456,7 @@ impl Engine {
                             p.rejected.insert(id, i64::MAX);
                         }
                         ErrorCode::RateLimited => {
-                            let until = now + RATE_LIMITED_RETRY_MS;
+                            let until = now + self.config.rate_limited_retry_ms;
                             p.rejected.insert(id, until);
                             p.retry_at = Some(p.retry_at.map_or(until, |t| t.min(until)));
                         }
@@ -483,5 +496,40 @@ impl Engine {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.errors.push(Message::Error { code, message, doc });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_budget_allows_the_burst_then_the_rate() {
+        let limit = CreateLimit {
+            per_minute: 600,
+            burst: 1000,
+        };
+        let mut budget = CreateBudget::new(limit, 0);
+        assert_eq!((0..1500).filter(|_| budget.take(0)).count(), 1000);
+        // 600 a minute: 10 a second.
+        assert_eq!((0..50).filter(|_| budget.take(1000)).count(), 10);
+        assert!(
+            !budget.take(1050),
+            "5 ms after: less than one create refilled"
+        );
+        assert!(budget.take(1100));
+        // A long pause refills up to the burst, not beyond.
+        assert_eq!((0..5000).filter(|_| budget.take(10_000_000)).count(), 1000);
+        // Without a burst, a minute's worth at once.
+        let mut small = CreateBudget::new(
+            CreateLimit {
+                per_minute: 3,
+                burst: 0,
+            },
+            0,
+        );
+        assert_eq!((0..5).filter(|_| small.take(0)).count(), 3);
+        assert!(small.take(20_000), "one create refills in 20 s");
+        assert!(!small.take(20_000));
     }
 }

@@ -92,15 +92,49 @@ pub struct Refusal {
 }
 
 /// What the sessions learned that the status does not say, shared with the [`Connection`].
+/// The router keeps `refused` current as it delivers each step's events, in commit order, so
+/// a caller that sees `Synced` also sees the refusals of the same step.
 #[derive(Default)]
-struct Report {
+pub(crate) struct Report {
     /// The documents the relay refused, until it acknowledges a later version of one.
     refused: Mutex<BTreeMap<DocumentId, Refusal>>,
     /// The collections the relay granted in the latest session.
     granted: Mutex<Option<Scope>>,
 }
 
-type SharedReport = Arc<Report>;
+impl Report {
+    /// Keeps the refused documents current with a session event.
+    pub(crate) fn note(&self, event: &PeerEvent) {
+        let Ok(mut refused) = self.refused.lock() else {
+            return;
+        };
+        match event {
+            PeerEvent::Error {
+                code: code @ (ErrorCode::Forbidden | ErrorCode::RateLimited),
+                message,
+                doc: Some(doc),
+            } => {
+                refused.insert(
+                    *doc,
+                    Refusal {
+                        doc: *doc,
+                        code: *code,
+                        message: message.clone(),
+                    },
+                );
+            }
+            // The relay stored a later version of these: no longer refused.
+            PeerEvent::Persisted(docs) => {
+                for (doc, _) in docs {
+                    refused.remove(doc);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+pub(crate) type SharedReport = Arc<Report>;
 
 /// A live connection to a relay. Dropping it disconnects.
 pub struct Connection {
@@ -153,6 +187,33 @@ impl Connection {
             Ok(Status::Synced) => Ok(()),
             Ok(other) => Err(other),
             Err(_) => Err(self.status()),
+        }
+    }
+
+    /// Like [`wait_synced`](Self::wait_synced), and also waits out the relay's create limit:
+    /// documents it refused with `RateLimited` are offered again later
+    /// ([`ReplicaOptions::rate_limited_retry`](crate::ReplicaOptions::rate_limited_retry)),
+    /// so this returns once every document the relay accepts is in sync. Documents it
+    /// forbids stay in [`refused`](Self::refused). `on_wait(n)` is called each time `n`
+    /// documents wait for the limit (to show progress).
+    pub async fn wait_all_synced(&self, mut on_wait: impl FnMut(usize)) -> Result<(), Status> {
+        loop {
+            self.wait_synced().await?;
+            // Seen from here on: a round that starts (and even ends) after this wakes us.
+            let mut status = self.status.clone();
+            status.borrow_and_update();
+            let held = self
+                .refused()
+                .iter()
+                .filter(|r| r.code == ErrorCode::RateLimited)
+                .count();
+            if held == 0 {
+                return Ok(());
+            }
+            on_wait(held);
+            if status.changed().await.is_err() {
+                return Err(self.status());
+            }
         }
     }
 
@@ -349,7 +410,7 @@ async fn session(
     // The router moves the status between Connected and Synced itself, under the replica's
     // lock and in commit order: a write made after `wait_synced` saw Synced has already
     // turned it back to Connected when the write returns.
-    let mut session = router.register(Some(status.clone()));
+    let mut session = router.register(Some((status.clone(), report.clone())));
     let peer = session.peer;
     let _ = status.send(Status::Connected);
     tracing::info!(%url, %remote, ?peer, "connected");
@@ -381,13 +442,9 @@ async fn session(
                     // The relay stored nothing of what we sent last; it closes the session.
                     break Ended::Lost(format!("relay storage failed: {message}"));
                 }
+                // Refusals were recorded by the router (`Report::note`).
                 Some(Outbound::Event(PeerEvent::Error { code, message, doc })) => {
                     tracing::info!(?code, %message, ?doc, "relay reported an error");
-                    if let (Some(doc), ErrorCode::Forbidden | ErrorCode::RateLimited) = (doc, code)
-                        && let Ok(mut refused) = report.refused.lock()
-                    {
-                        refused.insert(doc, Refusal { doc, code, message });
-                    }
                 }
                 Some(Outbound::Event(PeerEvent::Closed { reason })) => {
                     // The relay broke the protocol; the Error frame saying so went out first.
@@ -395,15 +452,7 @@ async fn session(
                     let _ = sink.send(WsMessage::Close(Some(close))).await;
                     break Ended::Lost(format!("the session ended: {reason}"));
                 }
-                Some(Outbound::Event(PeerEvent::Persisted(docs))) => {
-                    if let Ok(mut refused) = report.refused.lock()
-                        && !refused.is_empty()
-                    {
-                        for (doc, _) in &docs {
-                            refused.remove(doc);
-                        }
-                    }
-                }
+                Some(Outbound::Event(PeerEvent::Persisted(_))) => {}
                 None => break Ended::Lost("router closed".into()),
             },
             incoming = stream.next() => {

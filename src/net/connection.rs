@@ -48,7 +48,7 @@ fn admit(
     let Some(key) = &shared.config.auth else {
         return Ok(Admitted {
             access: Access {
-                creates_per_minute: shared.config.creates_per_minute,
+                creates: shared.config.creates,
                 ..Access::full(requested)
             },
             expires: None,
@@ -76,7 +76,7 @@ fn admit(
         access: Access {
             read,
             write,
-            creates_per_minute: shared.config.creates_per_minute,
+            creates: shared.config.creates,
         },
     })
 }

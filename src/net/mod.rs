@@ -89,9 +89,10 @@ pub struct RelayConfig {
     pub auth: Option<auth::TokenKey>,
     /// Bytes per second per connection (frame payloads), sustained and burst.
     pub byte_limit: RateLimit,
-    /// Documents one connection may create per minute (`None`: no limit); more are refused
-    /// per document with a `RateLimited` error and offered again by the client later.
-    pub creates_per_minute: Option<u32>,
+    /// Documents one connection may create: a burst, then a rate (`None`: no limit); more
+    /// are refused per document with a `RateLimited` error and offered again by the client
+    /// later.
+    pub creates: Option<crate::CreateLimit>,
     /// A quota for `relay.db` in bytes (`None`: the disk is the limit). Past it, writes fail
     /// as on a full disk: the relay refuses them (`Error Storage`), reports it on `/healthz`,
     /// and goes on serving reads.
@@ -119,8 +120,12 @@ impl RelayConfig {
                 per_second: 32.0 * 1024.0 * 1024.0,
                 burst: 128.0 * 1024.0 * 1024.0,
             },
-            // Enough for a replica's first sync of a large catalog (W1 pushes 10,000).
-            creates_per_minute: Some(20_000),
+            // A replica's first sync of the data set it already has goes through at full
+            // speed (up to 100,000 documents); after that, 20,000 a minute.
+            creates: Some(crate::CreateLimit {
+                per_minute: 20_000,
+                burst: 100_000,
+            }),
             max_db_size: None,
         }
     }

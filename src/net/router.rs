@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Bytes;
 
-use super::client::Status;
+use super::client::{SharedReport, Status};
 use crate::Replica;
 use crate::engine::{PeerEvent, PeerId};
 use crate::protocol::{self, Message};
@@ -102,9 +102,12 @@ pub(crate) struct Session {
 struct Slot {
     tx: mpsc::UnboundedSender<Outbound>,
     flow: Arc<Flow>,
-    /// A client session's status, kept here so that it follows commits in order.
-    status: Option<Arc<watch::Sender<Status>>>,
+    /// A client session's status and report, kept here so that they follow commits in order.
+    client: Option<ClientState>,
 }
+
+/// What the router keeps for a client session.
+pub(crate) type ClientState = (Arc<watch::Sender<Status>>, SharedReport);
 
 /// One per replica; see the module docs.
 #[derive(Default)]
@@ -130,7 +133,7 @@ impl Router {
     /// A new session; a client passes its status, which the router then keeps: `Connected`
     /// as soon as a step sends changes, `Synced` when the relay confirmed (and that step sent
     /// none).
-    pub(crate) fn register(&self, status: Option<Arc<watch::Sender<Status>>>) -> Session {
+    pub(crate) fn register(&self, client: Option<ClientState>) -> Session {
         let peer = PeerId(self.next.fetch_add(1, Ordering::Relaxed) + 1);
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = Arc::new(Flow::default());
@@ -139,7 +142,7 @@ impl Router {
             Slot {
                 tx,
                 flow: flow.clone(),
-                status,
+                client,
             },
         );
         Session { peer, rx, flow }
@@ -184,6 +187,9 @@ impl Router {
         }
         for (peer, event) in events {
             if let Some(slot) = peers.get(&peer) {
+                if let Some((_, report)) = &slot.client {
+                    report.note(&event);
+                }
                 if event == PeerEvent::InSync && !sending.contains(&peer) {
                     set_status(slot, Status::Synced);
                 }
@@ -197,7 +203,7 @@ impl Router {
 
 /// Moves a client session between `Connected` and `Synced` (never out of another state).
 fn set_status(slot: &Slot, to: Status) {
-    if let Some(status) = &slot.status {
+    if let Some((status, _)) = &slot.client {
         status.send_if_modified(|s| {
             let change = matches!(s, Status::Connected | Status::Synced) && *s != to;
             if change {

@@ -119,9 +119,13 @@ struct ServeArgs {
     /// reads and writes everything.
     #[arg(long, conflicts_with = "auth_secret_file")]
     insecure_no_auth: bool,
-    /// Documents one connection may create per minute (0: no limit).
+    /// Documents one connection may create per minute once its burst is spent (0: no limit).
     #[arg(long, default_value_t = 20_000)]
     creates_per_minute: u32,
+    /// Documents one connection may create at once (a replica's first sync of the data set
+    /// it already has), before --creates-per-minute applies.
+    #[arg(long, default_value_t = 100_000)]
+    create_burst: u32,
 }
 
 #[cfg(feature = "net")]
@@ -561,8 +565,10 @@ fn serve(args: ServeArgs) -> CliResult {
         config.auth = auth;
         config.max_connections = args.max_connections;
         config.tls = tls;
-        config.creates_per_minute =
-            (args.creates_per_minute > 0).then_some(args.creates_per_minute);
+        config.creates = (args.creates_per_minute > 0).then_some(weft::CreateLimit {
+            per_minute: args.creates_per_minute,
+            burst: args.create_burst,
+        });
         // Say "listening" only once the store is open too: a relay that cannot open its
         // database never claims to serve.
         let data = args.data.clone();
@@ -704,7 +710,18 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
         let before = replica.last_seq();
         let connection = replica.connect(&args.server, options);
         if args.mode.once {
-            let result = tokio::time::timeout(Duration::from_secs(args.timeout), connection.wait_synced()).await;
+            // Waits out the relay's create limit too: a first sync of a large data set takes
+            // longer but finishes.
+            let result = tokio::time::timeout(
+                Duration::from_secs(args.timeout),
+                connection.wait_all_synced(|held| {
+                    eprintln!(
+                        "{} limits how many documents a session creates: {held} wait, offered again within a minute",
+                        args.server
+                    )
+                }),
+            )
+            .await;
             let status = connection.status();
             let refused = connection.refused();
             let granted = connection.granted();
@@ -761,7 +778,11 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
                 _ = every_second.tick() => {
                     for r in connection.refused() {
                         if shown.insert((r.doc, r.message.clone())) {
-                            eprintln!("refused by {}: {} ({}: {})", args.server, r.doc, r.code, r.message);
+                            if r.code == weft::protocol::ErrorCode::RateLimited {
+                                eprintln!("held back by {}'s create limit, offered again within a minute: {}", args.server, r.doc);
+                            } else {
+                                eprintln!("refused by {}: {} ({}: {})", args.server, r.doc, r.code, r.message);
+                            }
                         }
                     }
                 }
