@@ -69,6 +69,10 @@ pub struct ReplicaOptions {
     /// Where time comes from (milliseconds since the Unix epoch); the system clock by default.
     /// Simulations pass a clock they advance themselves.
     pub clock: Clock,
+    /// How deep, how many operations and how large a document may be: documents received
+    /// from peers or bundles beyond them are refused, and so are local writes that would
+    /// exceed them (`Error::Limit`).
+    pub limits: crate::Limits,
 }
 
 impl Default for ReplicaOptions {
@@ -79,6 +83,7 @@ impl Default for ReplicaOptions {
             idle_unload: std::time::Duration::from_secs(60),
             seed: None,
             clock: Clock::system(),
+            limits: crate::Limits::default(),
         }
     }
 }
@@ -140,6 +145,7 @@ struct Shared {
     clock: Clock,
     hooks: Hooks,
     path: PathBuf,
+    limits: crate::Limits,
 }
 
 /// A replica backed by a SQLite file. See the crate docs for a tour.
@@ -198,6 +204,7 @@ impl Replica {
         let mut config = EngineConfig::new(store.replica_id(), seed, store.max_seq()? + 1);
         config.max_loaded_docs = options.max_loaded_docs;
         config.idle_unload_ms = i64::try_from(options.idle_unload.as_millis()).unwrap_or(i64::MAX);
+        config.limits = options.limits;
         let engine = Engine::new(config);
         tracing::debug!(path = %path.display(), replica = %engine.replica_id(), "replica opened");
         Ok(Self {
@@ -213,6 +220,7 @@ impl Replica {
                 router: std::sync::OnceLock::new(),
                 clock: options.clock.clone(),
                 path,
+                limits: options.limits,
             }),
         })
     }
@@ -566,13 +574,22 @@ impl Replica {
     }
 
     /// Creates many documents in one transaction (bulk import). All bodies are checked first:
-    /// if one is not an object, nothing is created.
+    /// if one is not an object, or beyond the limits, nothing is created.
     pub fn create_many(
         &self,
         collection: &str,
         bodies: impl IntoIterator<Item = Value>,
     ) -> Result<Vec<DocumentId>> {
         crate::engine::validate_collection(collection)?;
+        let bodies: Vec<Value> = bodies.into_iter().collect();
+        let refused = bodies.iter().find_map(|body| match body {
+            Value::Object(_) => self.shared.limits.check_value(body).err().map(Error::from),
+            other => Some(json::JsonError::NotAnObject(json::kind_of(other)).into()),
+        });
+        if let Some(e) = refused {
+            bodies.into_iter().for_each(crate::limits::drop_value);
+            return Err(e);
+        }
         let bodies: Vec<Map<String, Value>> = bodies
             .into_iter()
             .map(json::into_object)

@@ -45,6 +45,7 @@ use crate::bundle::{Bundle, BundleEntry};
 use crate::error::Error;
 use crate::id::{DocumentId, ReplicaId};
 use crate::json;
+use crate::limits::{LimitError, Limits};
 use crate::protocol::Message;
 use crate::scope::Access;
 
@@ -66,6 +67,8 @@ pub struct EngineConfig {
     pub idle_unload_ms: i64,
     /// When to compact a document's storage.
     pub compaction: CompactionPolicy,
+    /// How deep, how many operations and how large a document may be.
+    pub limits: Limits,
 }
 
 impl EngineConfig {
@@ -78,6 +81,7 @@ impl EngineConfig {
             max_loaded_docs: 1000,
             idle_unload_ms: 60_000,
             compaction: CompactionPolicy::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -406,11 +410,16 @@ impl Engine {
 
     fn run(&mut self, now: i64, command: Command, fx: &mut Effects) -> Result<Output, Error> {
         match command {
-            Command::Create { collection, body } => self.create(now, collection, body, fx),
+            Command::Create { collection, body } => {
+                let body = self.within_limits(Value::Object(body))?;
+                self.create(now, collection, json::into_object(body)?, fx)
+            }
             Command::Update { id, patch } => {
+                let patch = json::into_object(self.within_limits(Value::Object(patch))?)?;
                 self.edit(now, id, fx, |tx| Ok(json::merge_patch(tx, &patch)?))
             }
             Command::Set { id, path, value } => {
+                let value = self.within_limits(value)?;
                 self.edit(now, id, fx, |tx| json::set_at(tx, &path, &value))
             }
             Command::DeletePath { id, path } => {
@@ -447,6 +456,56 @@ impl Engine {
             Command::GetAt { id, heads } => self.get_at(id, &heads),
             Command::ImportBundle { bundle } => self.import(now, bundle, fx),
             Command::Compact { id } => self.compact(id, fx),
+        }
+    }
+
+    /// A value from the local API, if it is within the limits (checked before any work on it:
+    /// converting it recurses once per level). A refused value is dropped without recursion.
+    fn within_limits(&self, value: Value) -> Result<Value, Error> {
+        match self.config.limits.check_value(&value) {
+            Ok(()) => Ok(value),
+            Err(e) => {
+                crate::limits::drop_value(value);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The limits documents are held to.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    /// The JSON body of a document new to this replica (received whole, created by a sync
+    /// message, or imported), if the document is within the limits: its history (O(1)), then
+    /// its depth and size while the body is written. Nothing is changed either way.
+    pub(crate) fn new_document_body(&self, doc: &Automerge) -> Result<String, LimitError> {
+        let limits = &self.config.limits;
+        limits.check_history(doc)?;
+        json::body(doc, None, limits)
+    }
+
+    /// Puts a loaded document back to `before` (its heads before a change that must not stay):
+    /// Automerge cannot undo an applied change, so the document is rebuilt from its changes up
+    /// to those heads. If that fails (it cannot: the heads are the document's own), the
+    /// document is forgotten instead, unless it has uncommitted writes.
+    fn restore(&mut self, id: DocumentId, before: &[ChangeHash]) {
+        let actor = self.actor.clone();
+        let Some(Entry {
+            state: DocState::Live(live),
+            ..
+        }) = self.docs.get_mut(&id)
+        else {
+            return;
+        };
+        match live.doc.fork_at(before) {
+            Ok(doc) => live.doc = doc.with_actor(actor),
+            Err(e) => {
+                tracing::error!(doc = %id, error = %e, "could not restore a refused change");
+                if !self.dirty.contains(&id) {
+                    self.docs.remove(&id);
+                }
+            }
         }
     }
 
@@ -520,6 +579,14 @@ impl Engine {
         fx: &mut Effects,
     ) -> Result<Output, Error> {
         validate_collection(&collection)?;
+        // The body we were given is exactly what materializing the new document yields
+        // (same key order, same number kinds), so skip the round trip. Its depth and number of
+        // values were checked already (`within_limits`).
+        let body_text = serde_json::to_string(&body)
+            .map_err(|e| Error::Internal(format!("a body did not serialize: {e}")))?;
+        if body_text.len() > self.config.limits.max_json_bytes {
+            return Err(LimitError::JsonBytes(self.config.limits.max_json_bytes).into());
+        }
         let id = DocumentId::from_bytes(self.rng.random());
         let mut doc = self.empty.clone();
         let mut tx = doc.transaction();
@@ -533,10 +600,11 @@ impl Engine {
         }
         let heads = doc.get_heads();
         let snapshot = doc.save();
-        // The body we were given is exactly what materializing the new document yields
-        // (same key order, same number kinds), so skip the round trip.
-        let body = Value::Object(body).to_string();
-        debug_assert_eq!(body, json::materialize(&doc, None).to_string());
+        let body = body_text;
+        debug_assert_eq!(
+            Ok(&body),
+            json::body(&doc, None, &self.config.limits).as_ref()
+        );
         self.insert_new(
             now,
             id,
@@ -608,8 +676,10 @@ impl Engine {
     where
         F: for<'a> FnOnce(&mut Transaction<'a>) -> Result<(), Error>,
     {
+        let limits = self.config.limits;
         let live = self.live(id)?;
         let before = live.doc.get_heads();
+        let history = live.doc.stats();
         let mut tx = live.doc.transaction();
         if let Err(e) = f(&mut tx) {
             tx.rollback();
@@ -622,21 +692,102 @@ impl Engine {
                 changed: false,
             });
         }
+        // The document as it would be, within the limits? Checked before the commit, so a
+        // refusal is a rollback; the body written here is the one stored.
+        let ops =
+            (history.num_ops + history.num_changes + 1).saturating_add(tx.pending_ops() as u64);
+        let checked = if ops > limits.max_ops {
+            Err(LimitError::Ops(limits.max_ops))
+        } else {
+            json::body(&tx, None, &limits)
+        };
+        let body = match checked {
+            Ok(body) => body,
+            Err(source) => {
+                tx.rollback();
+                return Err(Error::Limit {
+                    id: Some(id),
+                    source,
+                });
+            }
+        };
         tx.commit_with(Self::commit_options(now));
-        let heads = self.record_change(now, id, &before, Origin::Local, fx);
+        let heads = self.record_change_with(now, id, &before, Origin::Local, body, fx);
         Ok(Output::Changed {
             heads,
             changed: true,
         })
     }
 
-    /// Emits the writes and the event for a live document whose heads moved from `before`.
+    /// Emits the writes and the event for a live document whose heads moved from `before`,
+    /// without checking it against the limits (a document past them is stored as it is: its
+    /// body is written without recursion, but serde_json cannot read back one nested deeper
+    /// than 128 levels). Changes from outside go through
+    /// [`record_change_checked`](Self::record_change_checked).
     fn record_change(
         &mut self,
         now: i64,
         id: DocumentId,
         before: &[ChangeHash],
         origin: Origin,
+        fx: &mut Effects,
+    ) -> Vec<ChangeHash> {
+        let unbounded = Limits {
+            max_depth: usize::MAX,
+            max_json_bytes: usize::MAX,
+            ..self.config.limits
+        };
+        let body = match self.docs.get(&id) {
+            Some(Entry {
+                state: DocState::Live(live),
+                ..
+            }) => json::body(&live.doc, None, &unbounded).unwrap_or_default(),
+            _ => return Vec::new(),
+        };
+        self.record_change_with(now, id, &before, origin, body, fx)
+    }
+
+    /// [`record_change`](Self::record_change) for a change from outside (a peer's sync
+    /// message, a merged whole document), applied to the loaded document already: if the
+    /// document is now beyond the limits, the change is undone (the document is restored to
+    /// `before`), nothing is written, and the error names the limit. Otherwise the same
+    /// writes, event and fan-out as `record_change`.
+    pub(crate) fn record_change_checked(
+        &mut self,
+        now: i64,
+        id: DocumentId,
+        before: &[ChangeHash],
+        origin: Origin,
+        fx: &mut Effects,
+    ) -> Result<Vec<ChangeHash>, LimitError> {
+        let limits = self.config.limits;
+        let checked = match self.docs.get(&id) {
+            Some(Entry {
+                state: DocState::Live(live),
+                ..
+            }) => limits
+                .check_history(&live.doc)
+                .and_then(|()| json::body(&live.doc, None, &limits)),
+            _ => return Ok(Vec::new()),
+        };
+        match checked {
+            Ok(body) => Ok(self.record_change_with(now, id, before, origin, body, fx)),
+            Err(e) => {
+                self.restore(id, before);
+                Err(e)
+            }
+        }
+    }
+
+    /// Emits the writes and the event for a live document whose heads moved from `before` and
+    /// whose JSON body is now `body`.
+    fn record_change_with(
+        &mut self,
+        now: i64,
+        id: DocumentId,
+        before: &[ChangeHash],
+        origin: Origin,
+        body: String,
         fx: &mut Effects,
     ) -> Vec<ChangeHash> {
         let seq = self.take_seq();
@@ -650,7 +801,6 @@ impl Engine {
         };
         let heads = live.doc.get_heads();
         let incremental = live.doc.save_after(before);
-        let body = json::materialize(&live.doc, None).to_string();
         fx.writes.push(StorageOp::PutDocument {
             id,
             collection: live.collection.clone(),
@@ -754,6 +904,7 @@ impl Engine {
     }
 
     fn get_at(&mut self, id: DocumentId, heads: &[ChangeHash]) -> Result<Output, Error> {
+        let limits = self.config.limits;
         let live = self.live(id)?;
         if let Some(missing) = heads
             .iter()
@@ -768,13 +919,21 @@ impl Engine {
             id,
             collection: live.collection.clone(),
             heads: heads.to_vec(),
-            body: json::materialize(&live.doc, Some(heads)),
+            body: json::materialize_checked(&live.doc, Some(heads), &limits).map_err(|source| {
+                Error::Limit {
+                    id: Some(id),
+                    source,
+                }
+            })?,
         }))
     }
 
-    /// Merges a bundle. Every document in it is loaded and checked against its heads before
-    /// anything is applied, so damaged content fails the whole import with nothing changed.
+    /// Merges a bundle. Every document in it is counted (before Automerge loads it), loaded,
+    /// checked against its heads, and the document it leads to — itself if new here, merged
+    /// with ours otherwise — checked against the limits, before anything is applied: damaged
+    /// or oversized content fails the whole import with nothing changed.
     fn import(&mut self, now: i64, bundle: Bundle, fx: &mut Effects) -> Result<Output, Error> {
+        let limits = self.config.limits;
         let mut incoming = Vec::with_capacity(bundle.entries.len());
         for entry in bundle.entries {
             match entry {
@@ -785,20 +944,55 @@ impl Engine {
                     bytes,
                 } => {
                     validate_collection(&collection)?;
+                    let refused = |source: LimitError| match source {
+                        LimitError::Malformed(_) => Error::Corrupt {
+                            id,
+                            reason: format!("in bundle: {}", source.phrase()),
+                        },
+                        source => Error::Limit {
+                            id: Some(id),
+                            source,
+                        },
+                    };
+                    limits.check_automerge(&bytes).map_err(refused)?;
                     let options = automerge::LoadOptions::new()
                         .on_partial_load(automerge::OnPartialLoad::Error);
-                    let doc = Automerge::load_with_options(&bytes, options).map_err(|e| {
+                    let mut doc = Automerge::load_with_options(&bytes, options).map_err(|e| {
                         Error::Corrupt {
                             id,
                             reason: format!("in bundle: {e}"),
                         }
                     })?;
                     check_heads(id, &doc.get_heads(), &heads)?;
+                    // What applying the entry would make of the document, checked now.
+                    let body = match self.touch(&id) {
+                        Touched::Live(live) if live.collection == collection => {
+                            // `doc` becomes ours merged with the entry: the same changes, so
+                            // the same document, as merging the entry into ours later.
+                            let ours = live.doc.get_heads();
+                            if let Err(e) = doc.merge(&mut live.doc) {
+                                tracing::warn!(doc = %id, error = %e, "bundle entry did not merge cleanly");
+                            }
+                            let mut merged = doc.get_heads();
+                            let mut ours = ours;
+                            merged.sort_unstable();
+                            ours.sort_unstable();
+                            if merged == ours {
+                                None
+                            } else {
+                                limits.check_history(&doc).map_err(refused)?;
+                                Some(json::body(&doc, None, &limits).map_err(refused)?)
+                            }
+                        }
+                        Touched::Absent => Some(self.new_document_body(&doc).map_err(refused)?),
+                        Touched::Live(_) | Touched::Deleted | Touched::Broken(_) => None,
+                    };
                     incoming.push(Incoming::Doc {
                         id,
                         collection,
                         doc: Box::new(doc),
                         bytes,
+                        body,
                     });
                 }
                 BundleEntry::Tombstone { id, collection } => {
@@ -827,6 +1021,7 @@ impl Engine {
                     collection,
                     mut doc,
                     bytes,
+                    body,
                 } => match self.touch(&id) {
                     Touched::Live(live) => {
                         if live.collection != collection {
@@ -840,16 +1035,39 @@ impl Engine {
                         }
                         if live.doc.get_heads() == before {
                             report.unchanged += 1;
-                        } else {
-                            self.record_change(now, id, &before, Origin::Bundle, fx);
-                            report.updated += 1;
+                            continue;
+                        }
+                        // Checked above, unless an earlier entry of this bundle (the same id
+                        // twice) changed the document since: then it is checked now, and
+                        // skipped (undone) if it is beyond the limits.
+                        let recorded = match body {
+                            Some(body) if doc.get_heads() == live.doc.get_heads() => Ok(
+                                self.record_change_with(now, id, &before, Origin::Bundle, body, fx)
+                            ),
+                            _ => self.record_change_checked(now, id, &before, Origin::Bundle, fx),
+                        };
+                        match recorded {
+                            Ok(_) => report.updated += 1,
+                            Err(e) => {
+                                tracing::warn!(doc = %id, error = %e, "bundle entry skipped");
+                                report.unchanged += 1;
+                            }
                         }
                     }
                     Touched::Deleted | Touched::Broken(_) => report.unchanged += 1,
                     Touched::Absent => {
+                        let body = match body {
+                            Some(body) => body,
+                            None => {
+                                self.new_document_body(&doc)
+                                    .map_err(|source| Error::Limit {
+                                        id: Some(id),
+                                        source,
+                                    })?
+                            }
+                        };
                         doc.set_actor(self.actor.clone());
                         let heads = doc.get_heads();
-                        let body = json::materialize(&*doc, None).to_string();
                         self.insert_new(
                             now,
                             id,
@@ -883,6 +1101,9 @@ enum Incoming {
         collection: String,
         doc: Box<Automerge>,
         bytes: Vec<u8>,
+        /// The body the document will have, checked against the limits (`None`: the entry
+        /// changes nothing, or checks when it is applied).
+        body: Option<String>,
     },
     Tombstone {
         id: DocumentId,
