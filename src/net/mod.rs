@@ -92,6 +92,9 @@ pub struct RelayConfig {
     /// Documents one connection may create per minute (`None`: no limit); more are refused
     /// per document with a `RateLimited` error and offered again by the client later.
     pub creates_per_minute: Option<u32>,
+    /// How deep, how many operations and how large a document may be; a document received
+    /// beyond them is refused with a `BadDocument` error naming the limit.
+    pub limits: crate::Limits,
 }
 
 impl RelayConfig {
@@ -117,6 +120,7 @@ impl RelayConfig {
             },
             // Enough for a replica's first sync of a large catalog (W1 pushes 10,000).
             creates_per_minute: Some(20_000),
+            limits: crate::Limits::default(),
         }
     }
 }

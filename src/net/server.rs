@@ -132,12 +132,16 @@ async fn housekeep(replica: Replica, mut stop: watch::Receiver<bool>) {
 
 async fn open_replica(config: &RelayConfig) -> Result<Replica, NetError> {
     let dir = config.data_dir.clone();
+    let options = crate::ReplicaOptions {
+        limits: config.limits,
+        ..crate::ReplicaOptions::default()
+    };
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir).map_err(|source| NetError::Io {
             what: format!("creating {}", dir.display()),
             source,
         })?;
-        Ok(Replica::open(dir.join("relay.db"))?)
+        Ok(Replica::open_with(dir.join("relay.db"), options)?)
     })
     .await
     .map_err(|e| NetError::Io {

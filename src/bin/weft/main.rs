@@ -118,6 +118,11 @@ struct ServeArgs {
     /// Documents one connection may create per minute (0: no limit).
     #[arg(long, default_value_t = 20_000)]
     creates_per_minute: u32,
+    /// Operations a document's history may hold (changes count as one more); documents
+    /// received with more are refused. Loading costs the relay up to ~4 µs and ~0.5 KB per
+    /// operation.
+    #[arg(long, default_value_t = weft::Limits::DEFAULT.max_ops)]
+    max_document_ops: u64,
 }
 
 #[cfg(feature = "net")]
@@ -508,6 +513,7 @@ fn serve(args: ServeArgs) -> CliResult {
         config.tls = tls;
         config.creates_per_minute =
             (args.creates_per_minute > 0).then_some(args.creates_per_minute);
+        config.limits.max_ops = args.max_document_ops;
         out(&format!("weft relay listening on {scheme}://{addr}"))?;
         weft::net::run(listener, config, shutdown_signal())
             .await
