@@ -744,7 +744,7 @@ impl Engine {
             }) => json::body(&live.doc, None, &unbounded).unwrap_or_default(),
             _ => return Vec::new(),
         };
-        self.record_change_with(now, id, &before, origin, body, fx)
+        self.record_change_with(now, id, before, origin, body, fx)
     }
 
     /// [`record_change`](Self::record_change) for a change from outside (a peer's sync
