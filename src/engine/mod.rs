@@ -1124,3 +1124,122 @@ pub fn validate_collection(name: &str) -> Result<(), Error> {
         Err(Error::InvalidCollection(name.chars().take(80).collect()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{ObjType, ROOT};
+    use serde_json::json;
+
+    use super::*;
+
+    fn engine() -> Engine {
+        Engine::new(EngineConfig::new(ReplicaId::from_bytes([1; 16]), 7, 1))
+    }
+
+    /// A document created through the engine, committed and loaded: its id and its heads.
+    fn created(engine: &mut Engine) -> (DocumentId, Vec<ChangeHash>) {
+        let body = json::into_object(json!({"a": {}})).unwrap();
+        let mut fx = engine.handle(
+            0,
+            Input::Command(
+                CommandId(1),
+                Command::Create {
+                    collection: "c".into(),
+                    body,
+                },
+            ),
+        );
+        let _ = engine.handle(0, Input::Committed);
+        let Some((_, Ok(Output::Created { id, heads }))) = fx.completed.pop() else {
+            panic!("not created");
+        };
+        (id, heads)
+    }
+
+    /// Applies a change made elsewhere (another actor) to the loaded document, as a peer's
+    /// sync message or whole document would.
+    fn apply_foreign(engine: &mut Engine, id: DocumentId, change: impl FnOnce(&mut Automerge)) {
+        let Touched::Live(live) = engine.touch(&id) else {
+            panic!("not loaded");
+        };
+        let mut theirs = live
+            .doc
+            .fork()
+            .with_actor(ActorId::from(b"someone else".as_slice()));
+        change(&mut theirs);
+        live.doc.merge(&mut theirs).unwrap();
+    }
+
+    #[test]
+    fn a_received_change_beyond_the_limits_is_undone_and_nothing_written() {
+        let mut engine = engine();
+        let (id, before) = created(&mut engine);
+        apply_foreign(&mut engine, id, |doc| {
+            doc.transact(|tx| {
+                let (_, mut obj) = tx.get(ROOT, "a")?.unwrap();
+                for _ in 0..150 {
+                    obj = tx.put_object(&obj, "deeper", ObjType::Map)?;
+                }
+                Ok::<_, automerge::AutomergeError>(())
+            })
+            .unwrap();
+        });
+        let seq = engine.next_seq();
+        let mut fx = Effects::default();
+        let refused = engine.record_change_checked(5, id, &before, Origin::Bundle, &mut fx);
+        assert_eq!(refused, Err(LimitError::Depth(100)));
+        assert!(fx.writes.is_empty() && fx.events.is_empty());
+        assert_eq!(engine.next_seq(), seq);
+        let actor = engine.actor().clone();
+        let Touched::Live(live) = engine.touch(&id) else {
+            panic!("forgotten");
+        };
+        assert_eq!(live.doc.get_heads(), before, "restored to the heads before");
+        assert_eq!(live.doc.get_actor(), &actor, "still writing as this engine");
+        assert_eq!(
+            json::body(&live.doc, None, &Limits::DEFAULT).unwrap(),
+            r#"{"a":{}}"#
+        );
+
+        // A change within the limits is recorded as before.
+        apply_foreign(&mut engine, id, |doc| {
+            doc.transact(|tx| tx.put(ROOT, "b", 1)).unwrap();
+        });
+        let mut fx = Effects::default();
+        let heads = engine
+            .record_change_checked(6, id, &before, Origin::Bundle, &mut fx)
+            .unwrap();
+        assert_ne!(heads, before);
+        assert_eq!(fx.events.len(), 1);
+        assert!(fx.writes.iter().any(|w| matches!(
+            w,
+            StorageOp::PutDocument { body: Some(body), .. } if body == r#"{"a":{},"b":1}"#
+        )));
+    }
+
+    #[test]
+    fn a_new_document_body_is_checked() {
+        let mut engine = Engine::new(EngineConfig {
+            limits: Limits {
+                max_ops: 10,
+                ..Limits::DEFAULT
+            },
+            ..EngineConfig::new(ReplicaId::from_bytes([1; 16]), 7, 1)
+        });
+        let (id, _) = created(&mut engine);
+        let Touched::Live(live) = engine.touch(&id) else {
+            panic!("not loaded");
+        };
+        let mut doc = live.doc.clone();
+        assert_eq!(engine.new_document_body(&doc).as_deref(), Ok(r#"{"a":{}}"#));
+        doc.transact(|tx| {
+            for i in 0..10 {
+                tx.put(ROOT, format!("k{i}"), i)?;
+            }
+            Ok::<_, automerge::AutomergeError>(())
+        })
+        .unwrap();
+        assert_eq!(engine.new_document_body(&doc), Err(LimitError::Ops(10)));
+    }
+}
