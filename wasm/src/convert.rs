@@ -91,10 +91,10 @@ fn check_js(value: &JsValue, limits: &weft::Limits) -> Result<(), weft::LimitErr
             return Err(weft::LimitError::Depth(limits.max_depth));
         }
         for child in children.iter() {
-            values += 1;
             if child.is_object() {
-                values -= 1; // counted when it is taken from the stack
-                stack.push((child, depth + 1));
+                stack.push((child, depth + 1)); // counted when it is taken
+            } else {
+                values += 1;
             }
         }
         if values > limits.max_ops {
