@@ -83,10 +83,40 @@ fn limit_of(e: Error) -> LimitError {
     }
 }
 
+/// The change Automerge itself makes for `build`, by the hostile actor at time 0.
+fn automerge_change(build: impl FnOnce(&mut automerge::transaction::Transaction<'_>)) -> Vec<u8> {
+    let mut doc = Automerge::new().with_actor(automerge::ActorId::from(&hostile::ACTOR[..]));
+    let mut tx = doc.transaction();
+    build(&mut tx);
+    tx.commit_with(automerge::transaction::CommitOptions::default().with_time(0));
+    doc.get_changes(&[])[0].raw_bytes().to_vec()
+}
+
 #[test]
 fn hostile_builders_make_what_they_say() {
-    // Small versions load in Automerge with the expected content: the large ones, built the
-    // same way with bigger run counts, are real documents, not garbage Automerge would refuse.
+    use automerge::ScalarValue;
+    use automerge::transaction::Transactable;
+    // Small versions are byte for byte the changes Automerge makes for the same operations:
+    // the large ones, built the same way with bigger run counts, are real documents.
+    for n in [2, 3, 4, 50] {
+        let list = automerge_change(|tx| {
+            let l = tx.put_object(ROOT, "l", ObjType::List).unwrap();
+            for i in 0..n {
+                tx.insert(&l, i, ScalarValue::Null).unwrap();
+            }
+        });
+        assert_eq!(hostile::long_list(n as u64).0, list, "list of {n}");
+    }
+    for n in [1, 2, 3, 40] {
+        let deep = automerge_change(|tx| {
+            let mut obj = ROOT;
+            for _ in 0..n {
+                obj = tx.put_object(&obj, "a", ObjType::Map).unwrap();
+            }
+        });
+        assert_eq!(hostile::deep_maps(n).0, deep, "{n} deep");
+    }
+
     let (bytes, head) = hostile::long_list(1000);
     let doc = Automerge::load(&bytes).expect("the hand-built list loads");
     assert_eq!(doc.get_heads(), vec![head]);
@@ -94,9 +124,15 @@ fn hostile_builders_make_what_they_say() {
     assert_eq!(doc.length(&list), 1000);
     assert!(doc.values(&list).all(|(v, _)| v.is_null()));
 
+    // Saved and loaded again (what compaction does): the same document.
+    let saved = Automerge::load(&doc.save()).expect("the saved list loads");
+    assert_eq!(saved.get_heads(), vec![head]);
+
     let (bytes, head) = hostile::deep_maps(40);
     let doc = Automerge::load(&bytes).expect("the hand-built nesting loads");
     assert_eq!(doc.get_heads(), vec![head]);
+    let saved = Automerge::load(&doc.save()).expect("the saved nesting loads");
+    assert_eq!(saved.get_heads(), vec![head]);
     let body = weft::json::body(&doc, None, &Limits::default()).unwrap();
     assert_eq!(body, nested(41).to_string());
 
