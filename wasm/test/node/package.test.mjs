@@ -167,6 +167,11 @@ describe("the npm package", { timeout: 120_000 }, () => {
     for (let i = 1; i < 100; i++) atLimit = { a: atLimit };
     const nested = await replica.create("todos", atLimit);
     assert.deepEqual(replica.get(nested).body, atLimit);
+    // The code that recurses (merge patch, set, conversion back to JS) does so 100 levels deep
+    // on the wasm stack.
+    await replica.update(nested, atLimit);
+    await replica.set(nested, "/a", atLimit.a);
+    assert.deepEqual(replica.get(nested).body, atLimit);
     assert.equal(await code(() => replica.create("todos", { a: atLimit })), "Limit");
     await replica.delete(nested);
     assert.equal(await code(() => replica.update(b, { x: 1 })), "Deleted");
