@@ -120,7 +120,10 @@ const ACTION_MAKE_LIST: u64 = 2;
 
 /// A change chunk (type 1): no dependencies, seq 1, start op 1, the given operation columns.
 fn change_chunk(columns: &[(u32, Vec<u8>)]) -> (Vec<u8>, ChangeHash) {
-    let columns: Vec<_> = columns.iter().filter(|(_, data)| !data.is_empty()).collect();
+    let columns: Vec<_> = columns
+        .iter()
+        .filter(|(_, data)| !data.is_empty())
+        .collect();
     let mut body = Vec::new();
     uleb(&mut body, 0); // dependencies
     uleb(&mut body, ACTOR.len() as u64);
