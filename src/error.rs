@@ -6,6 +6,7 @@
 use crate::bundle::BundleError;
 use crate::id::DocumentId;
 use crate::json::JsonError;
+use crate::limits::LimitError;
 use crate::store::StoreError;
 
 /// Everything that can go wrong in a weft operation.
@@ -45,6 +46,14 @@ pub enum Error {
     /// A read "as of heads" named a change the document does not contain.
     #[error("document {id} has no change {hash}")]
     UnknownHeads { id: DocumentId, hash: String },
+    /// A document, or a value written to one, is outside the structure limits
+    /// ([`crate::Limits`]): too deep, too many operations, too large. Nothing was applied.
+    #[error("document {}{}", id.map(|id| format!("{id} ")).unwrap_or_default(), source.phrase())]
+    Limit {
+        /// The document, when the refusal is about an existing or incoming one.
+        id: Option<DocumentId>,
+        source: LimitError,
+    },
     /// A query filter that cannot be evaluated.
     #[error("invalid filter: {0}")]
     Filter(String),
@@ -57,6 +66,12 @@ pub enum Error {
     /// A power-user change function returned an error; nothing was committed.
     #[error("change function failed: {0}")]
     ChangeFn(String),
+}
+
+impl From<LimitError> for Error {
+    fn from(source: LimitError) -> Self {
+        Error::Limit { id: None, source }
+    }
 }
 
 /// Shorthand used across the crate.

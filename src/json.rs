@@ -24,6 +24,8 @@ use automerge::{
 };
 use serde_json::{Map, Number, Value};
 
+use crate::limits::{LimitError, Limits};
+
 /// Errors about JSON input or paths into a document.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -55,7 +57,7 @@ pub enum JsonError {
 /// The text encoding used for text indexes: Unicode code points, on every platform.
 pub const TEXT_ENCODING: TextEncoding = TextEncoding::UnicodeCodePoint;
 
-fn kind_of(value: &Value) -> &'static str {
+pub(crate) fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -76,7 +78,12 @@ pub fn parse_object(text: &str) -> Result<Map<String, Value>, JsonError> {
 pub fn into_object(value: Value) -> Result<Map<String, Value>, JsonError> {
     match value {
         Value::Object(map) => Ok(map),
-        other => Err(JsonError::NotAnObject(kind_of(&other))),
+        other => {
+            let kind = kind_of(&other);
+            // A refused value may be nested arbitrarily deep: drop it without recursion.
+            crate::limits::drop_value(other);
+            Err(JsonError::NotAnObject(kind))
+        }
     }
 }
 
@@ -133,11 +140,154 @@ pub fn create_root<T: Transactable>(
 // Automerge -> JSON
 
 /// The document's JSON body, now or as of `heads` (which the caller has checked exist).
+///
+/// Recursive (Automerge's `hydrate`, then serde_json's serialization and drop of the result):
+/// only for documents known to be within [`Limits`] — a document nested thousands of levels
+/// deep overflows the stack here. Use [`body`] or [`materialize_checked`] on anything else.
 pub fn materialize<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> Value {
     match doc.hydrate(&ROOT, heads) {
         Ok(root) => from_hydrate(&root),
         // Only fails for an unknown object; the root always exists.
         Err(_) => Value::Object(Map::new()),
+    }
+}
+
+/// [`materialize`] for any document: the body within `limits` (depth, JSON size), or which
+/// limit it exceeds. Built from [`body`], so safe at any depth.
+pub fn materialize_checked<D: ReadDoc>(
+    doc: &D,
+    heads: Option<&[ChangeHash]>,
+    limits: &Limits,
+) -> Result<Value, LimitError> {
+    let text = body(doc, heads, limits)?;
+    // The text is JSON written by serde_json, nested at most `max_depth` levels: it parses
+    // (unless `max_depth` is set above serde_json's recursion limit of 128).
+    serde_json::from_str(&text).map_err(|_| LimitError::Depth(limits.max_depth.min(127)))
+}
+
+/// The document's JSON body as text, now or as of `heads`: the same text as
+/// `materialize(doc, heads).to_string()`, written straight from the document with an explicit
+/// stack (no recursion, no intermediate `Value`), stopping with an error as soon as it is
+/// nested deeper than `limits.max_depth` or longer than `limits.max_json_bytes`. Its length is
+/// bounded by the limit, its time by the document's size.
+pub fn body<D: ReadDoc>(
+    doc: &D,
+    heads: Option<&[ChangeHash]>,
+    limits: &Limits,
+) -> Result<String, LimitError> {
+    enum Frame<'a> {
+        Map(automerge::iter::MapRange<'a>),
+        List(automerge::iter::ListRange<'a>),
+    }
+    let map_range = |obj: &ObjId| match heads {
+        Some(heads) => doc.map_range_at(obj.clone(), .., heads),
+        None => doc.map_range(obj.clone(), ..),
+    };
+    let list_range = |obj: &ObjId| match heads {
+        Some(heads) => doc.list_range_at(obj.clone(), .., heads),
+        None => doc.list_range(obj.clone(), ..),
+    };
+    if limits.max_depth == 0 {
+        return Err(LimitError::Depth(0));
+    }
+    let mut out: Vec<u8> = Vec::new();
+    out.push(b'{');
+    let mut stack = vec![Frame::Map(map_range(&ROOT))];
+    // Whether the innermost open object or array has no member written yet.
+    let mut first = true;
+    while let Some(frame) = stack.last_mut() {
+        let (value, id) = match frame {
+            Frame::Map(range) => match range.next() {
+                Some(item) => {
+                    if !first {
+                        out.push(b',');
+                    }
+                    write_json(&mut out, &*item.key);
+                    out.push(b':');
+                    let id =
+                        matches!(item.value, automerge::ValueRef::Object(_)).then(|| item.id());
+                    (item.value, id)
+                }
+                None => {
+                    out.push(b'}');
+                    stack.pop();
+                    first = false;
+                    continue;
+                }
+            },
+            Frame::List(range) => match range.next() {
+                Some(item) => {
+                    if !first {
+                        out.push(b',');
+                    }
+                    let id =
+                        matches!(item.value, automerge::ValueRef::Object(_)).then(|| item.id());
+                    (item.value, id)
+                }
+                None => {
+                    out.push(b']');
+                    stack.pop();
+                    first = false;
+                    continue;
+                }
+            },
+        };
+        first = false;
+        match (value, id) {
+            (automerge::ValueRef::Object(ObjType::Text), Some(id)) => {
+                let text = match heads {
+                    Some(heads) => doc.text_at(&id, heads),
+                    None => doc.text(&id),
+                };
+                write_json(&mut out, text.unwrap_or_default().as_str());
+            }
+            (automerge::ValueRef::Object(t), Some(id)) => {
+                if stack.len() >= limits.max_depth {
+                    return Err(LimitError::Depth(limits.max_depth));
+                }
+                if t == ObjType::List {
+                    out.push(b'[');
+                    stack.push(Frame::List(list_range(&id)));
+                } else {
+                    out.push(b'{');
+                    stack.push(Frame::Map(map_range(&id)));
+                }
+                first = true;
+            }
+            (automerge::ValueRef::Object(_), None) => out.extend_from_slice(b"null"),
+            (automerge::ValueRef::Scalar(s), _) => write_scalar(&mut out, &s),
+        }
+        if out.len() > limits.max_json_bytes {
+            return Err(LimitError::JsonBytes(limits.max_json_bytes));
+        }
+    }
+    if out.len() > limits.max_json_bytes {
+        return Err(LimitError::JsonBytes(limits.max_json_bytes));
+    }
+    // serde_json writes valid UTF-8, and so does everything else here.
+    String::from_utf8(out).map_err(|_| LimitError::Malformed("invalid UTF-8 in a string"))
+}
+
+/// A string, number or boolean in serde_json's text form.
+fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    // Writing these into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, value);
+}
+
+/// The JSON text of a scalar, as [`scalar_to_json`] then serde_json would write it.
+fn write_scalar(out: &mut Vec<u8>, s: &automerge::ScalarValueRef<'_>) {
+    use automerge::ScalarValueRef as S;
+    match s {
+        S::Str(s) => write_json(out, &**s),
+        S::Int(i) | S::Counter(i) | S::Timestamp(i) => write_json(out, i),
+        S::Uint(u) => write_json(out, u),
+        S::F64(f) => match Number::from_f64(*f) {
+            Some(n) => write_json(out, &n),
+            None => out.extend_from_slice(b"null"),
+        },
+        S::Boolean(b) => write_json(out, b),
+        S::Bytes(bytes) => write_json(out, &**bytes),
+        S::Null | S::Unknown { .. } => out.extend_from_slice(b"null"),
     }
 }
 
@@ -728,5 +878,136 @@ mod tests {
             vec![PathSeg::Key("a".into()), PathSeg::Index(1)]
         );
         assert!(Path::from_json(&json!(["a", -1])).is_err());
+    }
+    fn body_of<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> String {
+        body(doc, heads, &Limits::DEFAULT).unwrap()
+    }
+
+    #[test]
+    fn body_is_the_materialized_json_text() {
+        let mut doc = doc_of(json!({
+            "s": "héllo \"quoted\" \n 🌍", "i": -3, "big": u64::MAX, "f": 1.5, "whole_float": 2.0,
+            "tiny": 1e-300, "huge": 1.5e300, "t": true, "n": null, "empty": {}, "empty_list": [],
+            "list": [1, "two", [3.0, []], {"four": 4}], "nested": {"a": {"b": [null]}},
+            "B": 1, "a": 2, "é": 3, "ab": 4, "a\u{0}": 5, "": 6, "😀": 7, "\u{ff}": 8
+        }));
+        set_text(
+            &mut doc,
+            &Path::from_pointer("/text").unwrap(),
+            "colla\"borative",
+        )
+        .unwrap();
+        let before = doc.get_heads();
+        doc.put(ROOT, "counter", ScalarValue::counter(5)).unwrap();
+        doc.increment(ROOT, "counter", 3).unwrap();
+        doc.put(ROOT, "ts", ScalarValue::Timestamp(1_700_000_000_000))
+            .unwrap();
+        doc.put(ROOT, "bytes", ScalarValue::Bytes(vec![0, 7, 255]))
+            .unwrap();
+        doc.put(ROOT, "nan", ScalarValue::F64(f64::NAN)).unwrap();
+        doc.put(ROOT, "neg_zero", ScalarValue::F64(-0.0)).unwrap();
+        // A conflict: two actors set the same key concurrently; one value wins in both forms.
+        let mut other = doc.fork();
+        other.put(ROOT, "i", "theirs").unwrap();
+        doc.put(ROOT, "i", "ours").unwrap();
+        doc.merge(&mut other).unwrap();
+        assert_eq!(body_of(&doc, None), materialize(&doc, None).to_string());
+        assert_eq!(
+            body_of(&doc, Some(&before)),
+            materialize(&doc, Some(&before)).to_string()
+        );
+        assert_eq!(
+            materialize_checked(&doc, None, &Limits::DEFAULT).unwrap(),
+            materialize(&doc, None)
+        );
+        // Through a transaction too (the engine checks edits before committing them).
+        let mut plain = automerge::Automerge::load(&doc.save()).unwrap();
+        let mut tx = plain.transaction();
+        tx.put(ROOT, "pending", 1).unwrap();
+        let pending = body(&tx, None, &Limits::DEFAULT).unwrap();
+        assert!(pending.contains("\"pending\":1"), "{pending}");
+        tx.rollback();
+    }
+
+    /// A document whose root holds `depth - 1` nested maps (`depth` levels with the root).
+    fn deep_doc(depth: usize) -> AutoCommit {
+        let mut doc = AutoCommit::new();
+        let mut obj = ROOT;
+        for _ in 1..depth {
+            obj = doc.put_object(&obj, "a", ObjType::Map).unwrap();
+        }
+        doc
+    }
+
+    #[test]
+    fn body_depth_at_the_limit_passes_one_more_fails() {
+        let limits = Limits::DEFAULT;
+        let at = deep_doc(100);
+        assert_eq!(
+            body(&at, None, &limits).unwrap(),
+            materialize(&at, None).to_string()
+        );
+        assert_eq!(
+            body(&deep_doc(101), None, &limits),
+            Err(LimitError::Depth(100))
+        );
+        // Lists count like maps; text is a string, not a level.
+        let mut doc = AutoCommit::new();
+        let mut obj = doc.put_object(ROOT, "l", ObjType::List).unwrap();
+        for _ in 2..100 {
+            obj = doc.insert_object(&obj, 0, ObjType::List).unwrap();
+        }
+        let text = doc.insert_object(&obj, 0, ObjType::Text).unwrap();
+        doc.splice_text(&text, 0, 0, "leaf").unwrap();
+        assert!(body(&doc, None, &limits).unwrap().contains("[[\"leaf\"]]"));
+        doc.insert_object(&obj, 0, ObjType::Map).unwrap();
+        assert_eq!(body(&doc, None, &limits), Err(LimitError::Depth(100)));
+        assert!(matches!(
+            materialize_checked(&doc, None, &limits),
+            Err(LimitError::Depth(100))
+        ));
+    }
+
+    #[test]
+    fn body_of_a_100000_deep_document_fails_on_a_small_stack() {
+        let doc = deep_doc(100_000).save();
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let doc = automerge::Automerge::load(&doc).unwrap();
+                assert_eq!(
+                    body(&doc, None, &Limits::DEFAULT),
+                    Err(LimitError::Depth(100))
+                );
+                let unlimited = Limits {
+                    max_depth: usize::MAX,
+                    ..Limits::DEFAULT
+                };
+                let text = body(&doc, None, &unlimited).unwrap();
+                // `{"a":` and `}` for each of the 99,999 maps, `{}` innermost.
+                assert_eq!(text.len(), 99_999 * 6 + 2);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn body_size_at_the_limit_passes_one_more_fails() {
+        let doc = doc_of(json!({"s": "x".repeat(100), "l": [1, 2, 3]}));
+        let text = materialize(&doc, None).to_string();
+        let at = Limits {
+            max_json_bytes: text.len(),
+            ..Limits::DEFAULT
+        };
+        assert_eq!(body(&doc, None, &at).unwrap(), text);
+        let under = Limits {
+            max_json_bytes: text.len() - 1,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(
+            body(&doc, None, &under),
+            Err(LimitError::JsonBytes(text.len() - 1))
+        );
     }
 }

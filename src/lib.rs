@@ -41,6 +41,7 @@ pub mod error;
 mod hooks;
 pub mod id;
 pub mod json;
+pub mod limits;
 #[cfg(feature = "net")]
 pub mod net;
 pub mod protocol;
@@ -57,6 +58,7 @@ pub use error::{Error, Result};
 pub use hooks::{HookGuard, Subscription};
 pub use id::{DocumentId, ReplicaId};
 pub use json::{JsonError, Path, PathSeg};
+pub use limits::{LimitError, Limits};
 pub use query::{CmpOp, FieldPath, Filter, Query};
 pub use replica::{
     Clock, CompactReport, Document, Durability, Replica, ReplicaOptions, SessionFailure,

@@ -155,6 +155,10 @@ pub struct ReplicaOptions {
     /// Where time comes from (milliseconds since the Unix epoch); the system clock by default.
     /// Simulations pass a clock they advance themselves.
     pub clock: Clock,
+    /// How deep, how many operations and how large a document may be: documents received
+    /// from peers or bundles beyond them are refused, and so are local writes that would
+    /// exceed them (`Error::Limit`).
+    pub limits: crate::Limits,
 }
 
 impl Default for ReplicaOptions {
@@ -167,6 +171,7 @@ impl Default for ReplicaOptions {
             seed: None,
             max_size: None,
             clock: Clock::system(),
+            limits: crate::Limits::default(),
         }
     }
 }
@@ -230,6 +235,7 @@ struct Shared {
     clock: Clock,
     hooks: Hooks,
     path: PathBuf,
+    limits: crate::Limits,
 }
 
 /// A replica: the engine over a [`Store`] (a SQLite file natively, memory plus IndexedDB in the
@@ -292,6 +298,7 @@ impl Replica {
         config.idle_unload_ms = i64::try_from(options.idle_unload.as_millis()).unwrap_or(i64::MAX);
         config.rate_limited_retry_ms =
             i64::try_from(options.rate_limited_retry.as_millis()).unwrap_or(i64::MAX);
+        config.limits = options.limits;
         let engine = Engine::new(config);
         tracing::debug!(path = %path.display(), replica = %engine.replica_id(), "replica opened");
         Ok(Self {
@@ -308,6 +315,7 @@ impl Replica {
                 router: std::sync::OnceLock::new(),
                 clock: options.clock.clone(),
                 path,
+                limits: options.limits,
             }),
         })
     }
@@ -835,13 +843,22 @@ impl Replica {
     }
 
     /// Creates many documents in one transaction (bulk import). All bodies are checked first:
-    /// if one is not an object, nothing is created.
+    /// if one is not an object, or beyond the limits, nothing is created.
     pub fn create_many(
         &self,
         collection: &str,
         bodies: impl IntoIterator<Item = Value>,
     ) -> Result<Vec<DocumentId>> {
         crate::engine::validate_collection(collection)?;
+        let bodies: Vec<Value> = bodies.into_iter().collect();
+        let refused = bodies.iter().find_map(|body| match body {
+            Value::Object(_) => self.shared.limits.check_value(body).err().map(Error::from),
+            other => Some(json::JsonError::NotAnObject(json::kind_of(other)).into()),
+        });
+        if let Some(e) = refused {
+            bodies.into_iter().for_each(crate::limits::drop_value);
+            return Err(e);
+        }
         let bodies: Vec<Map<String, Value>> = bodies
             .into_iter()
             .map(json::into_object)

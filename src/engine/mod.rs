@@ -60,6 +60,7 @@ use crate::bundle::{Bundle, BundleEntry};
 use crate::error::Error;
 use crate::id::{DocumentId, ReplicaId};
 use crate::json;
+use crate::limits::{LimitError, Limits};
 use crate::protocol::Message;
 use crate::scope::Access;
 
@@ -84,6 +85,8 @@ pub struct EngineConfig {
     pub rate_limited_retry_ms: i64,
     /// When to compact a document's storage.
     pub compaction: CompactionPolicy,
+    /// How deep, how many operations and how large a document may be.
+    pub limits: Limits,
 }
 
 impl EngineConfig {
@@ -97,6 +100,7 @@ impl EngineConfig {
             idle_unload_ms: 60_000,
             rate_limited_retry_ms: 60_000,
             compaction: CompactionPolicy::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -461,11 +465,16 @@ impl Engine {
 
     fn run(&mut self, now: i64, command: Command, fx: &mut Effects) -> Result<Output, Error> {
         match command {
-            Command::Create { collection, body } => self.create(now, collection, body, fx),
+            Command::Create { collection, body } => {
+                let body = self.within_limits(Value::Object(body))?;
+                self.create(now, collection, json::into_object(body)?, fx)
+            }
             Command::Update { id, patch } => {
+                let patch = json::into_object(self.within_limits(Value::Object(patch))?)?;
                 self.edit(now, id, fx, |tx| Ok(json::merge_patch(tx, &patch)?))
             }
             Command::Set { id, path, value } => {
+                let value = self.within_limits(value)?;
                 self.edit(now, id, fx, |tx| json::set_at(tx, &path, &value))
             }
             Command::DeletePath { id, path } => {
@@ -502,6 +511,56 @@ impl Engine {
             Command::GetAt { id, heads } => self.get_at(id, &heads),
             Command::ImportBundle { bundle } => self.import(now, bundle, fx),
             Command::Compact { id } => self.compact(id, fx),
+        }
+    }
+
+    /// A value from the local API, if it is within the limits (checked before any work on it:
+    /// converting it recurses once per level). A refused value is dropped without recursion.
+    fn within_limits(&self, value: Value) -> Result<Value, Error> {
+        match self.config.limits.check_value(&value) {
+            Ok(()) => Ok(value),
+            Err(e) => {
+                crate::limits::drop_value(value);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The limits documents are held to.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    /// The JSON body of a document new to this replica (received whole, created by a sync
+    /// message, or imported), if the document is within the limits: its history (O(1)), then
+    /// its depth and size while the body is written. Nothing is changed either way.
+    pub(crate) fn new_document_body(&self, doc: &Automerge) -> Result<String, LimitError> {
+        let limits = &self.config.limits;
+        limits.check_history(doc)?;
+        json::body(doc, None, limits)
+    }
+
+    /// Puts a loaded document back to `before` (its heads before a change that must not stay):
+    /// Automerge cannot undo an applied change, so the document is rebuilt from its changes up
+    /// to those heads. If that fails (it cannot: the heads are the document's own), the
+    /// document is forgotten instead, unless it has uncommitted writes.
+    fn restore(&mut self, id: DocumentId, before: &[ChangeHash]) {
+        let actor = self.actor.clone();
+        let Some(Entry {
+            state: DocState::Live(live),
+            ..
+        }) = self.docs.get_mut(&id)
+        else {
+            return;
+        };
+        match live.doc.fork_at(before) {
+            Ok(doc) => live.doc = doc.with_actor(actor),
+            Err(e) => {
+                tracing::error!(doc = %id, error = %e, "could not restore a refused change");
+                if !self.dirty.contains(&id) {
+                    self.docs.remove(&id);
+                }
+            }
         }
     }
 
@@ -575,6 +634,14 @@ impl Engine {
         fx: &mut Effects,
     ) -> Result<Output, Error> {
         validate_collection(&collection)?;
+        // The body we were given is exactly what materializing the new document yields
+        // (same key order, same number kinds), so skip the round trip. Its depth and number of
+        // values were checked already (`within_limits`).
+        let body_text = serde_json::to_string(&body)
+            .map_err(|e| Error::Internal(format!("a body did not serialize: {e}")))?;
+        if body_text.len() > self.config.limits.max_json_bytes {
+            return Err(LimitError::JsonBytes(self.config.limits.max_json_bytes).into());
+        }
         let id = DocumentId::from_bytes(self.rng.random());
         let mut doc = self.empty.clone();
         let mut tx = doc.transaction();
@@ -588,10 +655,11 @@ impl Engine {
         }
         let heads = doc.get_heads();
         let snapshot = doc.save();
-        // The body we were given is exactly what materializing the new document yields
-        // (same key order, same number kinds), so skip the round trip.
-        let body = Value::Object(body).to_string();
-        debug_assert_eq!(body, json::materialize(&doc, None).to_string());
+        let body = body_text;
+        debug_assert_eq!(
+            Ok(&body),
+            json::body(&doc, None, &self.config.limits).as_ref()
+        );
         self.insert_new(
             now,
             id,
@@ -667,8 +735,10 @@ impl Engine {
     where
         F: for<'a> FnOnce(&mut Transaction<'a>) -> Result<(), Error>,
     {
+        let limits = self.config.limits;
         let live = self.live(id)?;
         let before = live.doc.get_heads();
+        let history = live.doc.stats();
         let mut tx = live.doc.transaction();
         if let Err(e) = f(&mut tx) {
             tx.rollback();
@@ -681,23 +751,76 @@ impl Engine {
                 changed: false,
             });
         }
+        // The document as it would be, within the limits? Checked before the commit, so a
+        // refusal is a rollback; the body written here is the one stored.
+        let ops =
+            (history.num_ops + history.num_changes + 1).saturating_add(tx.pending_ops() as u64);
+        let checked = if ops > limits.max_ops {
+            Err(LimitError::Ops(limits.max_ops))
+        } else {
+            json::body(&tx, None, &limits)
+        };
+        let body = match checked {
+            Ok(body) => body,
+            Err(source) => {
+                tx.rollback();
+                return Err(Error::Limit {
+                    id: Some(id),
+                    source,
+                });
+            }
+        };
         tx.commit_with(Self::commit_options(now));
-        let heads = self.record_change(now, id, &before, By::Local, fx);
+        let heads = self.record_change_with(now, id, &before, By::Local, body, fx);
         Ok(Output::Changed {
             heads,
             changed: true,
         })
     }
 
-    /// Emits the writes and the event for a live document whose heads moved from `before`.
-    /// (A writer without the right to it — an engine bug — has its in-memory change dropped
-    /// with the document, which is loaded again from storage on next use.)
-    pub(crate) fn record_change(
+    /// Records a change from outside (a peer's sync message, a merged whole document, a
+    /// bundle), applied to the loaded document already: if the document is now beyond the
+    /// limits, the change is undone (the document is restored to `before`), nothing is
+    /// written, and the error names the limit. Otherwise the writes, event and fan-out of
+    /// [`record_change_with`](Self::record_change_with).
+    pub(crate) fn record_change_checked(
         &mut self,
         now: i64,
         id: DocumentId,
         before: &[ChangeHash],
         by: By,
+        fx: &mut Effects,
+    ) -> Result<Vec<ChangeHash>, LimitError> {
+        let limits = self.config.limits;
+        let checked = match self.docs.get(&id) {
+            Some(Entry {
+                state: DocState::Live(live),
+                ..
+            }) => limits
+                .check_history(&live.doc)
+                .and_then(|()| json::body(&live.doc, None, &limits)),
+            _ => return Ok(Vec::new()),
+        };
+        match checked {
+            Ok(body) => Ok(self.record_change_with(now, id, before, by, body, fx)),
+            Err(e) => {
+                self.restore(id, before);
+                Err(e)
+            }
+        }
+    }
+
+    /// Emits the writes and the event for a live document whose heads moved from `before` and
+    /// whose JSON body is now `body`. (A writer without the right to it — an engine bug — has
+    /// its in-memory change dropped with the document, which is loaded again from storage on
+    /// next use.)
+    fn record_change_with(
+        &mut self,
+        now: i64,
+        id: DocumentId,
+        before: &[ChangeHash],
+        by: By,
+        body: String,
         fx: &mut Effects,
     ) -> Vec<ChangeHash> {
         let policy = self.config.compaction;
@@ -717,7 +840,6 @@ impl Engine {
         self.next_seq += 1;
         let heads = live.doc.get_heads();
         let incremental = live.doc.save_after(before);
-        let body = json::materialize(&live.doc, None).to_string();
         fx.writes.push(StorageOp::PutDocument {
             id,
             collection: live.collection.clone(),
@@ -821,6 +943,7 @@ impl Engine {
     }
 
     fn get_at(&mut self, id: DocumentId, heads: &[ChangeHash]) -> Result<Output, Error> {
+        let limits = self.config.limits;
         let live = self.live(id)?;
         if let Some(missing) = heads
             .iter()
@@ -835,13 +958,21 @@ impl Engine {
             id,
             collection: live.collection.clone(),
             heads: heads.to_vec(),
-            body: json::materialize(&live.doc, Some(heads)),
+            body: json::materialize_checked(&live.doc, Some(heads), &limits).map_err(|source| {
+                Error::Limit {
+                    id: Some(id),
+                    source,
+                }
+            })?,
         }))
     }
 
-    /// Merges a bundle. Every document in it is loaded and checked against its heads before
-    /// anything is applied, so damaged content fails the whole import with nothing changed.
+    /// Merges a bundle. Every document in it is counted (before Automerge loads it), loaded,
+    /// checked against its heads, and the document it leads to — itself if new here, merged
+    /// with ours otherwise — checked against the limits, before anything is applied: damaged
+    /// or oversized content fails the whole import with nothing changed.
     fn import(&mut self, now: i64, bundle: Bundle, fx: &mut Effects) -> Result<Output, Error> {
+        let limits = self.config.limits;
         let mut incoming = Vec::with_capacity(bundle.entries.len());
         for entry in bundle.entries {
             match entry {
@@ -852,20 +983,55 @@ impl Engine {
                     bytes,
                 } => {
                     validate_collection(&collection)?;
+                    let refused = |source: LimitError| match source {
+                        LimitError::Malformed(_) => Error::Corrupt {
+                            id,
+                            reason: format!("in bundle: {}", source.phrase()),
+                        },
+                        source => Error::Limit {
+                            id: Some(id),
+                            source,
+                        },
+                    };
+                    limits.check_automerge(&bytes).map_err(refused)?;
                     let options = automerge::LoadOptions::new()
                         .on_partial_load(automerge::OnPartialLoad::Error);
-                    let doc = Automerge::load_with_options(&bytes, options).map_err(|e| {
+                    let mut doc = Automerge::load_with_options(&bytes, options).map_err(|e| {
                         Error::Corrupt {
                             id,
                             reason: format!("in bundle: {e}"),
                         }
                     })?;
                     check_heads(id, &doc.get_heads(), &heads)?;
+                    // What applying the entry would make of the document, checked now.
+                    let body = match self.touch(&id) {
+                        Touched::Live(live) if live.collection == collection => {
+                            // `doc` becomes ours merged with the entry: the same changes, so
+                            // the same document, as merging the entry into ours later.
+                            let ours = live.doc.get_heads();
+                            if let Err(e) = doc.merge(&mut live.doc) {
+                                tracing::warn!(doc = %id, error = %e, "bundle entry did not merge cleanly");
+                            }
+                            let mut merged = doc.get_heads();
+                            let mut ours = ours;
+                            merged.sort_unstable();
+                            ours.sort_unstable();
+                            if merged == ours {
+                                None
+                            } else {
+                                limits.check_history(&doc).map_err(refused)?;
+                                Some(json::body(&doc, None, &limits).map_err(refused)?)
+                            }
+                        }
+                        Touched::Absent => Some(self.new_document_body(&doc).map_err(refused)?),
+                        Touched::Live(_) | Touched::Deleted | Touched::Broken(_) => None,
+                    };
                     incoming.push(Incoming::Doc {
                         id,
                         collection,
                         doc: Box::new(doc),
                         bytes,
+                        body,
                     });
                 }
                 BundleEntry::Tombstone { id, collection } => {
@@ -894,6 +1060,7 @@ impl Engine {
                     collection,
                     mut doc,
                     bytes,
+                    body,
                 } => match self.touch(&id) {
                     Touched::Live(live) => {
                         if live.collection != collection {
@@ -907,16 +1074,39 @@ impl Engine {
                         }
                         if live.doc.get_heads() == before {
                             report.unchanged += 1;
-                        } else {
-                            self.record_change(now, id, &before, By::Bundle, fx);
-                            report.updated += 1;
+                            continue;
+                        }
+                        // Checked above, unless an earlier entry of this bundle (the same id
+                        // twice) changed the document since: then it is checked now, and
+                        // skipped (undone) if it is beyond the limits.
+                        let recorded = match body {
+                            Some(body) if doc.get_heads() == live.doc.get_heads() => {
+                                Ok(self.record_change_with(now, id, &before, By::Bundle, body, fx))
+                            }
+                            _ => self.record_change_checked(now, id, &before, By::Bundle, fx),
+                        };
+                        match recorded {
+                            Ok(_) => report.updated += 1,
+                            Err(e) => {
+                                tracing::warn!(doc = %id, error = %e, "bundle entry skipped");
+                                report.unchanged += 1;
+                            }
                         }
                     }
                     Touched::Deleted | Touched::Broken(_) => report.unchanged += 1,
                     Touched::Absent => {
+                        let body = match body {
+                            Some(body) => body,
+                            None => {
+                                self.new_document_body(&doc)
+                                    .map_err(|source| Error::Limit {
+                                        id: Some(id),
+                                        source,
+                                    })?
+                            }
+                        };
                         doc.set_actor(self.actor.clone());
                         let heads = doc.get_heads();
-                        let body = json::materialize(&*doc, None).to_string();
                         self.insert_new(now, id, collection, heads, body, bytes, By::Bundle, fx);
                         report.created += 1;
                     }
@@ -941,6 +1131,9 @@ enum Incoming {
         collection: String,
         doc: Box<Automerge>,
         bytes: Vec<u8>,
+        /// The body the document will have, checked against the limits (`None`: the entry
+        /// changes nothing, or checks when it is applied).
+        body: Option<String>,
     },
     Tombstone {
         id: DocumentId,
@@ -959,5 +1152,124 @@ pub fn validate_collection(name: &str) -> Result<(), Error> {
         Ok(())
     } else {
         Err(Error::InvalidCollection(name.chars().take(80).collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{ObjType, ROOT};
+    use serde_json::json;
+
+    use super::*;
+
+    fn engine() -> Engine {
+        Engine::new(EngineConfig::new(ReplicaId::from_bytes([1; 16]), 7, 1))
+    }
+
+    /// A document created through the engine, committed and loaded: its id and its heads.
+    fn created(engine: &mut Engine) -> (DocumentId, Vec<ChangeHash>) {
+        let body = json::into_object(json!({"a": {}})).unwrap();
+        let mut fx = engine.handle(
+            0,
+            Input::Command(
+                CommandId(1),
+                Command::Create {
+                    collection: "c".into(),
+                    body,
+                },
+            ),
+        );
+        let _ = engine.handle(0, Input::Committed);
+        let Some((_, Ok(Output::Created { id, heads }))) = fx.completed.pop() else {
+            panic!("not created");
+        };
+        (id, heads)
+    }
+
+    /// Applies a change made elsewhere (another actor) to the loaded document, as a peer's
+    /// sync message or whole document would.
+    fn apply_foreign(engine: &mut Engine, id: DocumentId, change: impl FnOnce(&mut Automerge)) {
+        let Touched::Live(live) = engine.touch(&id) else {
+            panic!("not loaded");
+        };
+        let mut theirs = live
+            .doc
+            .fork()
+            .with_actor(ActorId::from(b"someone else".as_slice()));
+        change(&mut theirs);
+        live.doc.merge(&mut theirs).unwrap();
+    }
+
+    #[test]
+    fn a_received_change_beyond_the_limits_is_undone_and_nothing_written() {
+        let mut engine = engine();
+        let (id, before) = created(&mut engine);
+        apply_foreign(&mut engine, id, |doc| {
+            doc.transact(|tx| {
+                let (_, mut obj) = tx.get(ROOT, "a")?.unwrap();
+                for _ in 0..150 {
+                    obj = tx.put_object(&obj, "deeper", ObjType::Map)?;
+                }
+                Ok::<_, automerge::AutomergeError>(())
+            })
+            .unwrap();
+        });
+        let seq = engine.next_seq();
+        let mut fx = Effects::default();
+        let refused = engine.record_change_checked(5, id, &before, By::Bundle, &mut fx);
+        assert_eq!(refused, Err(LimitError::Depth(100)));
+        assert!(fx.writes.is_empty() && fx.events.is_empty());
+        assert_eq!(engine.next_seq(), seq);
+        let actor = engine.actor().clone();
+        let Touched::Live(live) = engine.touch(&id) else {
+            panic!("forgotten");
+        };
+        assert_eq!(live.doc.get_heads(), before, "restored to the heads before");
+        assert_eq!(live.doc.get_actor(), &actor, "still writing as this engine");
+        assert_eq!(
+            json::body(&live.doc, None, &Limits::DEFAULT).unwrap(),
+            r#"{"a":{}}"#
+        );
+
+        // A change within the limits is recorded as before.
+        apply_foreign(&mut engine, id, |doc| {
+            doc.transact(|tx| tx.put(ROOT, "b", 1)).unwrap();
+        });
+        let mut fx = Effects::default();
+        let heads = engine
+            .record_change_checked(6, id, &before, By::Bundle, &mut fx)
+            .unwrap();
+        assert_ne!(heads, before);
+        assert_eq!(fx.events.len(), 1);
+        assert!(fx.writes.iter().any(|w| matches!(
+            w,
+            StorageOp::PutDocument { body: Some(body), .. } if body == r#"{"a":{},"b":1}"#
+        )));
+    }
+
+    #[test]
+    fn a_new_document_body_is_checked() {
+        let mut engine = Engine::new(EngineConfig {
+            limits: Limits {
+                max_ops: 10,
+                ..Limits::DEFAULT
+            },
+            ..EngineConfig::new(ReplicaId::from_bytes([1; 16]), 7, 1)
+        });
+        let (id, _) = created(&mut engine);
+        let Touched::Live(live) = engine.touch(&id) else {
+            panic!("not loaded");
+        };
+        let mut doc = live.doc.clone();
+        assert_eq!(engine.new_document_body(&doc).as_deref(), Ok(r#"{"a":{}}"#));
+        doc.transact(|tx| {
+            for i in 0..10 {
+                tx.put(ROOT, format!("k{i}"), i)?;
+            }
+            Ok::<_, automerge::AutomergeError>(())
+        })
+        .unwrap();
+        assert_eq!(engine.new_document_body(&doc), Err(LimitError::Ops(10)));
     }
 }

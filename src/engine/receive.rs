@@ -170,6 +170,11 @@ impl Engine {
             Ok(permit) => permit,
             Err(refusal) => return self.refuse(peer, id, &refusal),
         };
+        // Counted from the bytes before Automerge loads them: a few hundred bytes can hold
+        // millions of operations.
+        if let Err(e) = self.config.limits.check_automerge(&bytes) {
+            return self.peer_error(peer, ErrorCode::BadDocument, e.to_string(), Some(id));
+        }
         let options =
             automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error);
         let mut doc = match Automerge::load_with_options(&bytes, options) {
@@ -202,15 +207,30 @@ impl Engine {
                 // the changes came from).
                 let sender_lacks = live.doc.get_heads() != doc.get_heads();
                 if live.doc.get_heads() != before {
-                    let heads = self.record_change(now, id, &before, By::Peer(permit), fx);
-                    self.ack(peer, id, &heads);
+                    // Beyond the limits once merged: undone (the document is restored), refused.
+                    match self.record_change_checked(now, id, &before, By::Peer(permit), fx) {
+                        Ok(heads) => self.ack(peer, id, &heads),
+                        Err(e) => {
+                            return self.peer_error(
+                                peer,
+                                ErrorCode::BadDocument,
+                                e.to_string(),
+                                Some(id),
+                            );
+                        }
+                    }
                 }
                 if sender_lacks {
                     self.queue
                         .push_back(Work::Peer(peer, PeerWork::SendSync(id)));
                 }
             }
-            Touched::Absent => self.insert_received(now, peer, permit, collection, &doc, bytes, fx),
+            Touched::Absent => match self.new_document_body(&doc) {
+                Ok(body) => {
+                    self.insert_received(now, peer, permit, collection, &doc, body, bytes, fx)
+                }
+                Err(e) => self.peer_error(peer, ErrorCode::BadDocument, e.to_string(), Some(id)),
+            },
             Touched::Deleted | Touched::Broken(_) => {}
         }
     }
@@ -266,6 +286,10 @@ impl Engine {
         if permit.is_none() {
             message.changes = sync::ChunkList::empty();
         }
+        // Counted from the bytes before Automerge applies them.
+        if let Err(e) = self.config.limits.check_sync_message(&message) {
+            return self.peer_error(peer, ErrorCode::BadDocument, e.to_string(), Some(id));
+        }
         match self.touch(&id) {
             Touched::Live(_) => self.sync_live(now, peer, id, message, writable, permit, fx),
             Touched::Absent => {
@@ -314,26 +338,31 @@ impl Engine {
                 let before = live.doc.get_heads();
                 match live.doc.receive_sync_message(state, message) {
                     Err(e) => Err(format!("sync message rejected: {e}")),
-                    Ok(()) => {
-                        if let Some(reply) = live.doc.generate_sync_message(state)
-                            && !is_echo(&reply, state)
-                        {
-                            p.outbox.push(SyncItem {
-                                id,
-                                collection: live.collection.clone(),
-                                payload: crate::protocol::Payload::Sync(reply.encode()),
-                            });
-                        }
-                        Ok((live.doc.get_heads() != before).then_some(before))
-                    }
+                    Ok(()) => Ok((live.doc.get_heads() != before).then_some(before)),
                 }
             }
         };
         match (outcome, permit) {
-            (Err(message), _) => self.peer_error(peer, ErrorCode::BadDocument, message, Some(id)),
+            (Err(message), _) => {
+                return self.peer_error(peer, ErrorCode::BadDocument, message, Some(id));
+            }
             (Ok(Some(before)), Some(permit)) => {
-                let heads = self.record_change(now, id, &before, By::Peer(permit), fx);
-                self.ack(peer, id, &heads);
+                match self.record_change_checked(now, id, &before, By::Peer(permit), fx) {
+                    Ok(heads) => self.ack(peer, id, &heads),
+                    Err(e) => {
+                        // Undone (the document is restored); the session's sync state counted
+                        // the refused changes as received, so it starts over.
+                        if let Some(p) = self.peers.get_mut(&peer) {
+                            p.states.remove(&id);
+                        }
+                        return self.peer_error(
+                            peer,
+                            ErrorCode::BadDocument,
+                            e.to_string(),
+                            Some(id),
+                        );
+                    }
+                }
             }
             (Ok(Some(_)), None) => {
                 // Cannot happen: without a permit the message's changes were dropped. Should
@@ -341,8 +370,37 @@ impl Engine {
                 tracing::error!(doc = %id, "a sync message without a permit changed a document; reloading it");
                 debug_assert!(false, "heads moved without a permit");
                 self.docs.remove(&id);
+                return;
             }
             (Ok(None), _) => {}
+        }
+        self.reply_sync(peer, id);
+    }
+
+    /// Answers a received sync message from the session's state, unless the answer would only
+    /// echo what is already on its way.
+    fn reply_sync(&mut self, peer: PeerId, id: DocumentId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(super::Entry {
+            state: DocState::Live(live),
+            ..
+        }) = self.docs.get_mut(&id)
+        else {
+            return;
+        };
+        let Some(state) = p.states.get_mut(&id) else {
+            return;
+        };
+        if let Some(reply) = live.doc.generate_sync_message(state)
+            && !is_echo(&reply, state)
+        {
+            p.outbox.push(SyncItem {
+                id,
+                collection: live.collection.clone(),
+                payload: Payload::Sync(reply.encode()),
+            });
         }
     }
 
@@ -365,40 +423,77 @@ impl Engine {
             return;
         }
         let mut doc = self.empty.clone();
-        let result = {
+        let received = {
             let Some(p) = self.peers.get_mut(&peer) else {
                 return;
             };
             let state = p.states.entry(id).or_default();
-            match doc.receive_sync_message(state, message) {
-                Err(e) => Err(format!("sync message rejected: {e}")),
-                Ok(()) => {
-                    if let Some(reply) = doc.generate_sync_message(state) {
-                        p.outbox.push(SyncItem {
-                            id,
-                            collection: collection.clone(),
-                            payload: Payload::Sync(reply.encode()),
-                        });
-                    }
-                    Ok(())
-                }
-            }
+            doc.receive_sync_message(state, message)
         };
-        if let Err(message) = result {
-            return self.peer_error(peer, ErrorCode::BadDocument, message, Some(id));
+        if let Err(e) = received {
+            return self.peer_error(
+                peer,
+                ErrorCode::BadDocument,
+                format!("sync message rejected: {e}"),
+                Some(id),
+            );
         }
-        match permit {
-            Some(permit) if !doc.get_heads().is_empty() => {
+        if doc.get_heads().is_empty() {
+            // Nothing to store yet: ask for what the peer has.
+            return self.reply_absent(peer, id, collection, &mut doc);
+        }
+        let stored = match (permit, self.new_document_body(&doc)) {
+            (Some(permit), Ok(body)) => {
                 let snapshot = doc.save();
-                self.insert_received(now, peer, permit, collection, &doc, snapshot, fx);
+                self.insert_received(
+                    now,
+                    peer,
+                    permit,
+                    collection.clone(),
+                    &doc,
+                    body,
+                    snapshot,
+                    fx,
+                );
+                self.reply_absent(peer, id, collection, &mut doc);
+                Ok(())
             }
+            (Some(_), Err(e)) => Err(Some(e)),
+            (None, _) => Err(None),
+        };
+        if let Err(refused) = stored {
             // Nothing applied: forget what the message taught the session, so a later offer
             // starts over.
-            _ => {
-                if let Some(p) = self.peers.get_mut(&peer) {
-                    p.states.remove(&id);
-                }
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.states.remove(&id);
             }
+            if let Some(e) = refused {
+                self.peer_error(peer, ErrorCode::BadDocument, e.to_string(), Some(id));
+            }
+        }
+    }
+
+    /// Answers a sync message about a document we do not have (yet) from the empty document
+    /// it was received into.
+    fn reply_absent(
+        &mut self,
+        peer: PeerId,
+        id: DocumentId,
+        collection: String,
+        doc: &mut Automerge,
+    ) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(state) = p.states.get_mut(&id) else {
+            return;
+        };
+        if let Some(reply) = doc.generate_sync_message(state) {
+            p.outbox.push(SyncItem {
+                id,
+                collection,
+                payload: Payload::Sync(reply.encode()),
+            });
         }
     }
 
@@ -412,12 +507,12 @@ impl Engine {
         permit: Permit,
         collection: String,
         doc: &Automerge,
+        body: String,
         bytes: Vec<u8>,
         fx: &mut Effects,
     ) {
         let id = permit.doc();
         let heads = doc.get_heads();
-        let body = crate::json::materialize(doc, None).to_string();
         self.insert_new(
             now,
             id,

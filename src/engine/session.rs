@@ -452,7 +452,9 @@ impl Engine {
                 // would offer it again.
                 if let Some(id) = doc.filter(|_| p.initiator) {
                     match code {
-                        ErrorCode::Forbidden => {
+                        // Refused for good in this session: a write the token forbids, or a
+                        // document the peer will not take (beyond its limits, unloadable).
+                        ErrorCode::Forbidden | ErrorCode::BadDocument => {
                             p.rejected.insert(id, i64::MAX);
                         }
                         ErrorCode::RateLimited => {

@@ -83,7 +83,8 @@ pub enum Status {
 }
 
 /// A document the relay refused to take from this replica: a write its token does not allow,
-/// or a create over the relay's per-minute limit (offered again a minute later).
+/// a create over the relay's create limit (offered again later), or a document it will not
+/// take (`BadDocument`: beyond its limits, or not loadable).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
     pub doc: DocumentId,
@@ -110,7 +111,8 @@ impl Report {
         };
         match event {
             PeerEvent::Error {
-                code: code @ (ErrorCode::Forbidden | ErrorCode::RateLimited),
+                code:
+                    code @ (ErrorCode::Forbidden | ErrorCode::RateLimited | ErrorCode::BadDocument),
                 message,
                 doc: Some(doc),
             } => {

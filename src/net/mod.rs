@@ -97,6 +97,9 @@ pub struct RelayConfig {
     /// as on a full disk: the relay refuses them (`Error Storage`), reports it on `/healthz`,
     /// and goes on serving reads.
     pub max_db_size: Option<u64>,
+    /// How deep, how many operations and how large a document may be; a document received
+    /// beyond them is refused with a `BadDocument` error naming the limit.
+    pub limits: crate::Limits,
 }
 
 impl RelayConfig {
@@ -127,6 +130,7 @@ impl RelayConfig {
                 burst: 100_000,
             }),
             max_db_size: None,
+            limits: crate::Limits::default(),
         }
     }
 }

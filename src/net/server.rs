@@ -171,6 +171,7 @@ async fn open_replica(config: &RelayConfig) -> Result<Replica, NetError> {
     let dir = config.data_dir.clone();
     let options = crate::ReplicaOptions {
         max_size: config.max_db_size,
+        limits: config.limits,
         ..crate::ReplicaOptions::default()
     };
     tokio::task::spawn_blocking(move || {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod faulty_store;
+pub mod hostile;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;

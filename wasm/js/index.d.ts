@@ -10,7 +10,8 @@ export interface WeftError extends Error {
   /**
    * What went wrong: from the engine "NotFound", "Deleted", "InvalidId", "InvalidCollection",
    * "InvalidJson", "BadPath", "BadFilter", "BadBundle", "UnknownHeads", "Corrupt", "Protocol",
-   * ...; from the JS layer "InvalidArgument", "Storage" (IndexedDB failed: reopen the
+   * "Limit" (a document or value nested deeper than 100 levels, or beyond the other structure
+   * limits; the message names the limit), ...; from the JS layer "InvalidArgument", "Storage" (IndexedDB failed: reopen the
    * replica), "Unsupported", "Locked", "Closed", "BadUrl", "Offline", "Rejected", "Timeout".
    */
   code: string;

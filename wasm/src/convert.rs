@@ -3,6 +3,7 @@
 //! a `code`.
 
 use serde::Serialize;
+use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use weft::engine::{PeerEvent, PeerId};
 use weft::store::mem::{Record, Table};
@@ -38,6 +39,7 @@ pub fn error_of(e: &weft::Error) -> JsValue {
         weft::Error::Filter(_) => "BadFilter",
         weft::Error::Automerge(_) => "Automerge",
         weft::Error::ChangeFn(_) => "ChangeFn",
+        weft::Error::Limit { .. } => "Limit",
         _ => "Internal",
     };
     error(code, e)
@@ -52,6 +54,54 @@ pub fn to_js<T: Serialize + ?Sized>(value: &T) -> JsResult<JsValue> {
 pub fn from_js<T: serde::de::DeserializeOwned>(value: JsValue, what: &str) -> JsResult<T> {
     serde_wasm_bindgen::from_value(value)
         .map_err(|e| error("InvalidJson", &format!("{what} is not JSON: {e}")))
+}
+
+/// A JSON value from JS (a body, a patch, a value to set), refused with code "Limit" if it is
+/// nested deeper than `limits.max_depth` or has more than `limits.max_ops` values. Checked
+/// before serde-wasm-bindgen converts it: the conversion recurses once per level, and a
+/// 100,000-deep (or cyclic) object would overflow the 1 MiB wasm stack, a trap that leaves the
+/// module unusable. The walk itself keeps its own stack and stops at the first excess, so a
+/// cycle or a shared subtree (which conversion would copy per path) ends it too.
+pub fn json_from_js(
+    value: JsValue,
+    what: &str,
+    limits: &weft::Limits,
+) -> JsResult<serde_json::Value> {
+    check_js(&value, limits).map_err(|e| error("Limit", &format!("{what}: {e}")))?;
+    from_js(value, what)
+}
+
+fn check_js(value: &JsValue, limits: &weft::Limits) -> Result<(), weft::LimitError> {
+    let mut stack: Vec<(JsValue, usize)> = vec![(value.clone(), 1)];
+    let mut values: u64 = 0;
+    while let Some((value, depth)) = stack.pop() {
+        values += 1;
+        // What serde-wasm-bindgen descends into: arrays, Maps, and any other object's own
+        // enumerable properties (functions and primitives have none it reads).
+        let children: js_sys::Array = if js_sys::Array::is_array(&value) {
+            value.unchecked_into()
+        } else if let Some(map) = value.dyn_ref::<js_sys::Map>() {
+            js_sys::Array::from(&map.values())
+        } else if value.is_object() {
+            js_sys::Object::values(value.unchecked_ref())
+        } else {
+            continue;
+        };
+        if depth > limits.max_depth {
+            return Err(weft::LimitError::Depth(limits.max_depth));
+        }
+        for child in children.iter() {
+            if child.is_object() {
+                stack.push((child, depth + 1)); // counted when it is taken
+            } else {
+                values += 1;
+            }
+        }
+        if values > limits.max_ops {
+            return Err(weft::LimitError::Ops(limits.max_ops));
+        }
+    }
+    Ok(())
 }
 
 pub fn ids_to_js(heads: &[ChangeHash]) -> JsValue {

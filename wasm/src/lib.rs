@@ -21,7 +21,7 @@ use weft::{
     ChangeEvent, Clock, HookGuard, Path as DocPath, Replica, ReplicaId, ReplicaOptions, Scope,
 };
 
-use convert::{JsResult, error, error_of, from_js, ids_to_js, to_js};
+use convert::{JsResult, error, error_of, ids_to_js, to_js};
 
 /// The weft version this package was built from.
 #[wasm_bindgen]
@@ -52,6 +52,8 @@ pub struct Core {
     /// A manual clock (`Core.open({ now: <number> })`), moved by `setNow`.
     manual_now: Option<Arc<AtomicI64>>,
     next_peer: u64,
+    /// The engine's limits, which JS values are checked against before conversion.
+    limits: weft::Limits,
     _hook: HookGuard,
 }
 
@@ -132,6 +134,7 @@ impl Core {
             events,
             manual_now,
             next_peer: 1,
+            limits: weft::Limits::default(),
             _hook: hook,
         })
     }
@@ -152,7 +155,7 @@ impl Core {
     // ----- documents ----------------------------------------------------------------------
 
     pub fn create(&self, collection: &str, body: JsValue) -> JsResult<String> {
-        let body: serde_json::Value = from_js(body, "body")?;
+        let body = convert::json_from_js(body, "body", &self.limits)?;
         let id = self
             .replica
             .create(collection, body)
@@ -166,7 +169,7 @@ impl Core {
     }
 
     pub fn update(&self, id: &str, patch: JsValue) -> JsResult<JsValue> {
-        let patch: serde_json::Value = from_js(patch, "patch")?;
+        let patch = convert::json_from_js(patch, "patch", &self.limits)?;
         let heads = self
             .replica
             .update(&parse_id(id)?, patch)
@@ -175,7 +178,7 @@ impl Core {
     }
 
     pub fn set(&self, id: &str, pointer: &str, value: JsValue) -> JsResult<JsValue> {
-        let value: serde_json::Value = from_js(value, "value")?;
+        let value = convert::json_from_js(value, "value", &self.limits)?;
         let path = DocPath::from_pointer(pointer).map_err(|e| error("BadPath", &e))?;
         let heads = self
             .replica

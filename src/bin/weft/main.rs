@@ -126,6 +126,11 @@ struct ServeArgs {
     /// it already has), before --creates-per-minute applies.
     #[arg(long, default_value_t = 100_000)]
     create_burst: u32,
+    /// Operations a document's history may hold (changes count as one more); documents
+    /// received with more are refused. Loading costs the relay up to ~4 µs and ~0.5 KB per
+    /// operation.
+    #[arg(long, default_value_t = weft::Limits::DEFAULT.max_ops)]
+    max_document_ops: u64,
 }
 
 #[cfg(feature = "net")]
@@ -569,12 +574,15 @@ fn serve(args: ServeArgs) -> CliResult {
             per_minute: args.creates_per_minute,
             burst: args.create_burst,
         });
+        config.limits.max_ops = args.max_document_ops;
         // Say "listening" only once the store is open too: a relay that cannot open its
         // database never claims to serve.
         let data = args.data.clone();
+        let mut options = replica_options();
+        options.limits = config.limits;
         let replica = tokio::task::spawn_blocking(move || -> CliResult<Replica> {
             std::fs::create_dir_all(&data).map_err(io_err("creating", &data))?;
-            open(&data.join("relay.db"))
+            Ok(Replica::open_with(data.join("relay.db"), options)?)
         })
         .await
         .map_err(|e| CliError::Io(format!("opening the relay's database: {e}")))??;

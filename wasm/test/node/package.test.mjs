@@ -153,6 +153,27 @@ describe("the npm package", { timeout: 120_000 }, () => {
     assert.equal(await code(() => replica.get("2Su5kmW8S2vmqj7w3goFMcpsZ4pA")), "NotFound");
     assert.equal(await code(() => replica.get("not an id")), "InvalidId");
     assert.equal(await code(() => replica.create("todos", [1, 2])), "InvalidJson");
+    // Nested too deep (or cyclic): refused before the value is converted (which recurses per
+    // level on the 1 MiB wasm stack), and the replica keeps working.
+    let deep = {};
+    for (let i = 0; i < 100_000; i++) deep = { a: deep };
+    assert.equal(await code(() => replica.create("todos", deep)), "Limit");
+    assert.equal(await code(() => replica.update(a, deep)), "Limit");
+    assert.equal(await code(() => replica.set(a, "/x", [deep])), "Limit");
+    const cyclic = { name: "loop" };
+    cyclic.self = cyclic;
+    assert.equal(await code(() => replica.create("todos", cyclic)), "Limit");
+    let atLimit = {};
+    for (let i = 1; i < 100; i++) atLimit = { a: atLimit };
+    const nested = await replica.create("todos", atLimit);
+    assert.deepEqual(replica.get(nested).body, atLimit);
+    // The code that recurses (merge patch, set, conversion back to JS) does so 100 levels deep
+    // on the wasm stack.
+    await replica.update(nested, atLimit);
+    await replica.set(nested, "/a", atLimit.a);
+    assert.deepEqual(replica.get(nested).body, atLimit);
+    assert.equal(await code(() => replica.create("todos", { a: atLimit })), "Limit");
+    await replica.delete(nested);
     assert.equal(await code(() => replica.update(b, { x: 1 })), "Deleted");
     assert.equal(await code(() => replica.set(a, "no-slash", 1)), "BadPath");
     assert.equal(await code(() => replica.list("todos", "done ~ 1")), "BadFilter");
