@@ -25,6 +25,8 @@ use weft::protocol::{
 };
 use weft::{Bundle, BundleEntry, BundleScope, DocumentId, Replica, ReplicaId, Scope};
 
+mod support;
+
 type Raw = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -839,4 +841,81 @@ async fn a_refused_document_does_not_hold_up_the_others() {
         body["secret"], "changed",
         "the local edit stays local: {body}"
     );
+}
+
+/// Documents built to hurt — nested 100,000 maps deep (the relay used to abort with a stack
+/// overflow, cutting off every user), a list of 10 million elements in a frame of a few hundred
+/// bytes (seconds of CPU and gigabytes to load) — sent whole and as sync messages by a session
+/// that may write: each is refused with `BadDocument` naming the limit, nothing is stored, and a
+/// well-behaved writer and reader on the same relay keep syncing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_documents_are_refused_and_other_sessions_keep_syncing() {
+    use support::hostile;
+    let relay = Relay::start(|_| {}).await;
+    let [(a, _), _] = seed(&relay).await;
+    let before = relay.state(&a);
+    let dir = tempfile::tempdir().unwrap();
+    let writer = Replica::open(dir.path().join("w.db")).unwrap();
+    let reader = Replica::open(dir.path().join("r.db")).unwrap();
+    let _w = relay.synced(&writer, relay.token("*", "*")).await;
+    let _r = relay.synced(&reader, relay.token("*", "*")).await;
+
+    let (deep, deep_head) = hostile::deep_maps(100_000);
+    let (long, long_head) = hostile::long_list(10_000_000);
+    let attacks = [
+        ("max_depth", Payload::Whole(deep.clone())),
+        ("max_ops", Payload::Whole(long.clone())),
+        (
+            "max_depth",
+            Payload::Sync(hostile::sync_message(deep, vec![deep_head])),
+        ),
+        (
+            "max_ops",
+            Payload::Sync(hostile::sync_message(long, vec![long_head])),
+        ),
+    ];
+    let (mut ws, welcome) = relay.raw(&relay.token("*", "*")).await;
+    assert!(matches!(welcome, Message::Welcome { .. }), "{welcome:?}");
+    let mut latencies = Vec::new();
+    for (i, (limit, payload)) in attacks.into_iter().enumerate() {
+        let fresh = DocumentId::from_bytes([20 + i as u8; 16]);
+        for target in [fresh, a] {
+            send(&mut ws, &sync_item(target, A, payload.clone())).await;
+            let message = loop {
+                match recv(&mut ws).await {
+                    Message::Error {
+                        code,
+                        message,
+                        doc: Some(d),
+                    } if d == target => {
+                        assert_eq!(code, ErrorCode::BadDocument, "{message}");
+                        break message;
+                    }
+                    _ => continue,
+                }
+            };
+            assert!(message.contains(limit), "{limit}: {message}");
+            // Meanwhile the relay serves everyone else: a change reaches the reader.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let hook = reader.on_change(Scope::All, move |e| {
+                let _ = tx.send(e.id);
+            });
+            let sent = Instant::now();
+            let id = writer.create(B, json!({ "during": i })).unwrap();
+            while timeout(LIMIT, rx.recv()).await.unwrap().unwrap() != id {}
+            latencies.push(sent.elapsed());
+            drop(hook);
+        }
+        assert!(
+            relay.state(&fresh).contains("not found"),
+            "{}",
+            relay.state(&fresh)
+        );
+    }
+    assert_eq!(relay.state(&a), before, "the attacked document changed");
+    let worst = latencies.iter().max().unwrap();
+    eprintln!(
+        "a well-behaved client's change reached another during the attack in at most {worst:?}"
+    );
+    assert!(*worst < Duration::from_secs(2), "{latencies:?}");
 }
