@@ -65,4 +65,4 @@ pub use replica::{
     SessionInput,
 };
 pub use scope::{Access, CreateLimit, Scope};
-pub use store::StoreError;
+pub use store::{StoreError, StoreMode};

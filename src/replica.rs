@@ -282,6 +282,26 @@ impl Replica {
         Self::with_store(Box::new(store), path, options)
     }
 
+    /// Opens the existing replica at `path` for reading only, e.g. a file (or a directory) that
+    /// is not writable: reads work ([`get`](Self::get), [`query`](Self::query),
+    /// [`get_at`](Self::get_at), [`changes_since`](Self::changes_since),
+    /// [`export_bundle`](Self::export_bundle)); writes fail with [`StoreError::ReadOnly`].
+    /// Nothing is created or migrated: a missing file is [`StoreError::Missing`], one that
+    /// needs a schema upgrade [`StoreError::SchemaTooOld`]. [`mode`](Self::mode) says whether
+    /// other processes' later commits are seen
+    /// ([`SqliteStore::open_read_only`](crate::store::sqlite::SqliteStore::open_read_only)).
+    #[cfg(feature = "sqlite")]
+    pub fn open_read_only(path: impl AsRef<Path>, options: ReplicaOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let store = SqliteStore::open_read_only(&path)?;
+        Self::with_store(Box::new(store), path, options)
+    }
+
+    /// Whether this replica writes, and whether it sees other processes' commits.
+    pub fn mode(&self) -> crate::StoreMode {
+        self.lock().store.mode()
+    }
+
     /// A replica over any [`Store`]: [`crate::store::mem::MemStore`] keeps everything in
     /// memory (the browser build persists its journal to IndexedDB). `path` only names it.
     pub fn with_store(

@@ -35,6 +35,21 @@ pub enum Durability {
     PowerLoss,
 }
 
+/// Whether a store writes, and whether it sees other processes' commits (see [`Store::mode`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoreMode {
+    /// Reads and writes.
+    #[default]
+    ReadWrite,
+    /// Reads only: writes fail with [`StoreError::ReadOnly`]. Other processes' commits are
+    /// seen as they happen.
+    ReadOnly,
+    /// Reads only, of the file as it was when opened: SQLite could not share the file with
+    /// writers (it cannot create the `-shm` index in a directory that is not writable, and no
+    /// writer has the file open), so later commits by others are not seen. Reopen to see them.
+    Snapshot,
+}
+
 /// What a replica needs from its storage: [`sqlite::SqliteStore`] natively, [`mem::MemStore`]
 /// (whose journal IndexedDB makes durable) in the browser. One driver step runs in one
 /// transaction: `begin`, reads, `write`, then `commit` (or `rollback`).
@@ -96,6 +111,10 @@ pub trait Store: Send {
     /// Checks that a write commits (a small write in its own transaction), to learn that
     /// storage works again after a failure (a disk that has room again).
     fn probe(&mut self) -> Result<(), StoreError>;
+    /// Whether this store writes; [`StoreMode::ReadWrite`] unless opened read-only.
+    fn mode(&self) -> StoreMode {
+        StoreMode::ReadWrite
+    }
 }
 
 /// Errors of the storage layer.
@@ -109,6 +128,23 @@ pub enum StoreError {
     /// The file could not be opened.
     #[error("cannot open database {path}: {reason}")]
     Open { path: String, reason: String },
+    /// Opening an existing replica (read-only): there is no file at `path`.
+    #[error("no such replica file: {path}")]
+    Missing { path: String },
+    /// The file, or the directory it is in, cannot be written: only reading it works (see
+    /// `Replica::open_read_only`). Writing to a store opened read-only fails with this too.
+    #[error("{path} is read-only: {reason}")]
+    ReadOnly { path: String, reason: String },
+    /// Opening read-only a file whose schema is older than this weft's: upgrading it is a
+    /// write.
+    #[error(
+        "{path} has schema version {found}, older than this weft's ({supported}); upgrading it needs write access: open it once where it is writable"
+    )]
+    SchemaTooOld {
+        path: String,
+        found: i64,
+        supported: i64,
+    },
     /// The file is a database, but not one of ours.
     #[error("{path} is not a weft database ({reason})")]
     NotWeft { path: String, reason: String },

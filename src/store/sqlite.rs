@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{
-    Connection, OpenFlags, OptionalExtension, TransactionBehavior, params, params_from_iter,
+    Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params,
+    params_from_iter,
 };
 use serde_json::Value;
 
-use super::{DocRecord, Durability, Store, StoreError, decode_heads, encode_heads};
+use super::{DocRecord, Durability, Store, StoreError, StoreMode, decode_heads, encode_heads};
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::{ChangeEvent, ChangeKind, ChunkKind, StorageOp, StoredChunk, StoredDoc};
 use crate::id::{DocumentId, ReplicaId};
@@ -89,6 +90,9 @@ pub struct SqliteStore {
     /// back. A live session re-announces its summary after every burst of changes; without
     /// the cache each announcement scans the whole catalog.
     summaries: std::cell::RefCell<SummaryCache>,
+    mode: StoreMode,
+    /// The file, as shown in messages.
+    path: String,
 }
 
 #[derive(Default)]
@@ -137,6 +141,61 @@ impl SummaryCache {
     }
 }
 
+/// Whether SQLite failed because it cannot create or open the `-wal` and `-shm` files it needs
+/// next to the database (their directory is not writable).
+fn cannot_share(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen)
+    )
+}
+
+/// When the database file is writable but its `-wal` or `-shm` exists and is not (left by
+/// another user's process, e.g. created with the mode of a file that was read-only then), the
+/// reason writing fails.
+fn unwritable_companions(shown: &str) -> Option<String> {
+    let stuck: Vec<String> = ["-wal", "-shm"]
+        .iter()
+        .map(|suffix| format!("{shown}{suffix}"))
+        .filter(|f| {
+            Path::new(f).exists() && std::fs::OpenOptions::new().write(true).open(f).is_err()
+        })
+        .collect();
+    (!stuck.is_empty()).then(|| {
+        format!(
+            "{} cannot be written (left by another user's process?); when no process has the \
+             file open, delete {}",
+            stuck.join(" and "),
+            if stuck.len() == 1 { "it" } else { "them" }
+        )
+    })
+}
+
+/// `file:PATH?immutable=1`: SQLite reads the file without locks or `-shm`, as if nothing
+/// could change it.
+fn immutable_uri(path: &Path) -> String {
+    #[cfg(unix)]
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec();
+    #[cfg(not(unix))]
+    let bytes = path.to_string_lossy().replace('\\', "/").into_bytes();
+    // An absolute path gets an empty authority (`file:///...`), so a path starting with `//`
+    // is not read as a host name.
+    let mut uri = String::from(if bytes.first() == Some(&b'/') {
+        "file://"
+    } else {
+        "file:"
+    });
+    for b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            uri.push(char::from(b));
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
+}
+
 fn random_replica_id() -> Result<ReplicaId, StoreError> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| StoreError::Open {
@@ -148,6 +207,9 @@ fn random_replica_id() -> Result<ReplicaId, StoreError> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// A file that exists but cannot be written (its permissions, a read-only file system, or
+    /// a directory where SQLite cannot create the `-wal` and `-shm` files it needs) is
+    /// [`StoreError::ReadOnly`]: [`open_read_only`](Self::open_read_only) reads it.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -158,19 +220,58 @@ impl SqliteStore {
             path: shown.clone(),
             reason: e.to_string(),
         })?;
+        // SQLite opens a file it may not write read-only without saying so (and then fails at
+        // the first write with "attempt to write a readonly database"): say it now.
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            return Err(StoreError::ReadOnly {
+                path: shown,
+                reason: "the file is not writable".into(),
+            });
+        }
+        Self::open_writable(conn, &shown, options).map_err(|e| match e {
+            StoreError::Sqlite(e) if e.sqlite_error_code() == Some(ErrorCode::ReadOnly) => {
+                StoreError::ReadOnly {
+                    reason: unwritable_companions(&shown).unwrap_or_else(|| e.to_string()),
+                    path: shown.clone(),
+                }
+            }
+            e => e,
+        })
+    }
+
+    fn open_writable(
+        conn: Connection,
+        shown: &str,
+        options: StoreOptions,
+    ) -> Result<Self, StoreError> {
         conn.busy_timeout(Duration::from_secs(10))?;
         let not_weft = |reason: String| StoreError::NotWeft {
-            path: shown.clone(),
+            path: shown.to_owned(),
             reason,
         };
-        // Reading the header is the first thing that fails on a file that is not SQLite.
+        // Reading the header is the first thing that fails on a file that is not SQLite, and
+        // on one whose `-wal` and `-shm` SQLite cannot create or open for writing.
         let app_id: i64 = conn
             .query_row("PRAGMA application_id", [], |r| r.get(0))
-            .map_err(|e| not_weft(e.to_string()))?;
+            .map_err(|e| {
+                if cannot_share(&e) {
+                    StoreError::ReadOnly {
+                        path: shown.to_owned(),
+                        reason: unwritable_companions(shown).unwrap_or_else(|| {
+                            format!(
+                                "SQLite cannot create {shown}-wal and {shown}-shm next to it; is \
+                                 its directory writable? ({e})"
+                            )
+                        }),
+                    }
+                } else {
+                    not_weft(e.to_string())
+                }
+            })?;
         let journal: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !journal.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Open {
-                path: shown,
+                path: shown.to_owned(),
                 reason: format!("WAL mode unavailable (journal_mode is {journal})"),
             });
         }
@@ -185,6 +286,8 @@ impl SqliteStore {
             replica_id: ReplicaId::from_bytes([0; 16]),
             data_version: 0,
             summaries: Default::default(),
+            mode: StoreMode::ReadWrite,
+            path: shown.to_owned(),
         };
         let tx = store
             .conn
@@ -249,6 +352,138 @@ impl SqliteStore {
             tracing::debug!(path = %shown, max_pages = set, "quota set");
         }
         Ok(store)
+    }
+
+    /// Opens an existing replica for reading only: it is not created, migrated or written.
+    /// Writes fail with [`StoreError::ReadOnly`].
+    ///
+    /// SQLite shares a WAL database between processes through its `-wal` file and `-shm`
+    /// index. When a `-wal` exists (a writer has the file open), or the file is writable and
+    /// SQLite can create them, they are used and the store sees other processes' commits as
+    /// they happen ([`StoreMode::ReadOnly`]). Otherwise no process is writing the file — a
+    /// writer needs the `-wal` — and the main file holds every commit: it is read as it is,
+    /// without locks and without creating anything ([`StoreMode::Snapshot`], SQLite's
+    /// `immutable`). Creating them is not an option then: in a directory that is not writable
+    /// it fails, and next to a file that is not writable they would get its mode, and the
+    /// owner's next write after making the file writable again would fail on them.
+    ///
+    /// A snapshot does not see commits made after it was opened: reopen to see them. A
+    /// process that may write the file (its owner, root) could start writing during a read
+    /// and change the file under it; the file's size and modification time then change,
+    /// which a reader that must be sure can check around its read.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let open_err = |reason: String| StoreError::Open {
+            path: shown.clone(),
+            reason,
+        };
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Missing { path: shown });
+            }
+            Err(e) => return Err(open_err(e.to_string())),
+            Ok(meta) if meta.is_dir() => return Err(open_err("it is a directory".into())),
+            Ok(_) => {}
+        }
+        let not_weft = |reason: String| StoreError::NotWeft {
+            path: shown.clone(),
+            reason,
+        };
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let open = |name: &str| {
+            Connection::open_with_flags(name, flags).map_err(|e| open_err(e.to_string()))
+        };
+        let header =
+            |conn: &Connection| conn.query_row("PRAGMA application_id", [], |r| r.get::<_, i64>(0));
+        let snapshot = || -> Result<_, StoreError> {
+            let conn = open(&immutable_uri(path))?;
+            let app_id = header(&conn).map_err(|e| not_weft(e.to_string()))?;
+            Ok((conn, StoreMode::Snapshot, app_id))
+        };
+        let wal = format!("{shown}-wal");
+        let wal_exists = Path::new(&wal).exists();
+        // Opening for writing (and closing at once) changes nothing, and answers exactly what
+        // SQLite's own open would find: permissions, root, `chattr +i`, a read-only mount.
+        let writable = std::fs::OpenOptions::new().write(true).open(path).is_ok();
+        let (conn, mode, app_id) = if wal_exists || writable {
+            let conn =
+                Connection::open_with_flags(path, flags).map_err(|e| open_err(e.to_string()))?;
+            conn.busy_timeout(Duration::from_secs(10))?;
+            match header(&conn) {
+                Ok(app_id) => (conn, StoreMode::ReadOnly, app_id),
+                Err(e) if cannot_share(&e) && wal_exists => {
+                    return Err(open_err(format!(
+                        "{wal} holds commits that may not be in the file yet, and SQLite \
+                         cannot open {shown}-shm to read them (is the directory writable?): {e}"
+                    )));
+                }
+                // A directory that is not writable: no `-wal`, so no writer.
+                Err(e) if cannot_share(&e) => snapshot()?,
+                Err(e) => return Err(not_weft(e.to_string())),
+            }
+        } else {
+            snapshot()?
+        };
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if app_id != APPLICATION_ID {
+            let tables: i64 =
+                conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+            return Err(not_weft(if app_id == 0 && tables == 0 {
+                "an empty database: no replica was created in it".into()
+            } else {
+                format!("application_id {app_id:#x}, {tables} schema objects")
+            }));
+        }
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooOld {
+                path: shown,
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let bytes: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'replica_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let replica_id = bytes
+            .as_deref()
+            .and_then(ReplicaId::try_from_slice)
+            .ok_or_else(|| StoreError::Corrupt("no valid replica_id".into()))?;
+        let data_version = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        tracing::debug!(path = %shown, ?mode, "opened read-only");
+        Ok(Self {
+            conn,
+            replica_id,
+            data_version,
+            summaries: Default::default(),
+            mode,
+            path: shown,
+        })
+    }
+
+    /// How the file is open.
+    pub fn mode(&self) -> StoreMode {
+        self.mode
+    }
+
+    /// The error of a write to a store opened read-only.
+    fn refuse_write(&self) -> Result<(), StoreError> {
+        match self.mode {
+            StoreMode::ReadWrite => Ok(()),
+            StoreMode::ReadOnly | StoreMode::Snapshot => Err(StoreError::ReadOnly {
+                path: self.path.clone(),
+                reason: "it was opened read-only".into(),
+            }),
+        }
     }
 
     /// This replica's id (created with the file).
@@ -337,7 +572,12 @@ impl SqliteStore {
         // transaction open; without this every later write would fail with "cannot start a
         // transaction within a transaction". Nothing of it was committed, so roll it back.
         self.rollback();
-        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        // Read-only: a read transaction (its steps only read, e.g. `get_at`).
+        let begin = match self.mode {
+            StoreMode::ReadWrite => "BEGIN IMMEDIATE",
+            StoreMode::ReadOnly | StoreMode::Snapshot => "BEGIN",
+        };
+        self.conn.prepare_cached(begin)?.execute([])?;
         let version: i64 = match self
             .conn
             .prepare_cached("PRAGMA data_version")
@@ -398,6 +638,9 @@ impl SqliteStore {
 
     /// Applies engine writes inside the transaction opened by [`begin`](Self::begin).
     pub fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
+        if !ops.is_empty() {
+            self.refuse_write()?;
+        }
         let conn = &self.conn;
         // doc_key of documents written in this batch (PutDocument always comes first).
         let mut keys: std::collections::HashMap<DocumentId, i64> = std::collections::HashMap::new();
@@ -748,6 +991,7 @@ impl SqliteStore {
     /// resuming from any sequence number still learns of every document changed since (with its
     /// latest version); only superseded intermediate entries disappear. Returns entries removed.
     pub fn compact_feed(&mut self) -> Result<usize, StoreError> {
+        self.refuse_write()?;
         Ok(self.conn.execute(
             "DELETE FROM changes WHERE seq NOT IN (SELECT max(seq) FROM changes GROUP BY doc_key)",
             [],
@@ -756,6 +1000,7 @@ impl SqliteStore {
 
     /// Rebuilds the file without free pages (`VACUUM`). Needs no open transaction.
     pub fn vacuum(&mut self) -> Result<(), StoreError> {
+        self.refuse_write()?;
         self.conn.execute_batch("VACUUM")?;
         Ok(())
     }
@@ -784,6 +1029,10 @@ impl SqliteStore {
     /// Writes the WAL back into the main file and truncates it (used before measuring file size
     /// and on clean shutdown).
     pub fn checkpoint(&self) -> Result<(), StoreError> {
+        if self.mode != StoreMode::ReadWrite {
+            // Nothing of ours to fold back, and no right to.
+            return Ok(());
+        }
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(())
@@ -1039,6 +1288,10 @@ impl Store for SqliteStore {
         SqliteStore::checkpoint(self)
     }
 
+    fn mode(&self) -> StoreMode {
+        SqliteStore::mode(self)
+    }
+
     fn changed_elsewhere(&self) -> Result<bool, StoreError> {
         let version: i64 = self
             .conn
@@ -1050,6 +1303,7 @@ impl Store for SqliteStore {
     fn probe(&mut self) -> Result<(), StoreError> {
         // Room for a quarter MiB: the write grows the file (so a quota or a full disk shows),
         // and is taken back in the same transaction.
+        self.refuse_write()?;
         self.begin()?;
         let written = self
             .conn
