@@ -3,6 +3,9 @@
 //! Output contract: results go to stdout (ids, JSON bodies, NDJSON), everything meant for a
 //! human (summaries, progress, errors) goes to stderr. Exit status: 0 ok, 1 runtime error,
 //! 2 usage error.
+//!
+//! Read commands (`doc get`, `doc list`, `changes`, `export-bundle`) never create a replica
+//! file, and read one that is not writable read-only; the others write and create it.
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -11,7 +14,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
-use weft::{BundleScope, ChangeEvent, DocumentId, Filter, Path as DocPath, Query, Replica};
+use weft::{
+    BundleScope, ChangeEvent, DocumentId, Filter, Path as DocPath, Query, Replica, StoreError,
+    StoreMode,
+};
 
 #[cfg(feature = "net")]
 mod bench;
@@ -426,8 +432,91 @@ fn replica_options() -> weft::ReplicaOptions {
     }
 }
 
+/// Opens (creating if needed) the replica for a command that writes.
 fn open(db: &std::path::Path) -> CliResult<Replica> {
-    Ok(Replica::open_with(db, replica_options())?)
+    Replica::open_with(db, replica_options()).map_err(|e| match e {
+        weft::Error::Store(StoreError::ReadOnly { .. }) => CliError::Io(format!(
+            "{e}; it can be read (doc get, doc list, changes, export-bundle), not changed"
+        )),
+        e => e.into(),
+    })
+}
+
+/// Opens the replica for a command that only reads: a missing file is an error (nothing is
+/// created), and a file that is not writable, or in a directory that is not, is read
+/// read-only.
+fn open_read(db: &std::path::Path) -> CliResult<Replica> {
+    if let Err(e) = std::fs::metadata(db)
+        && e.kind() == io::ErrorKind::NotFound
+    {
+        return Err(CliError::Io(format!(
+            "no such replica file: {}",
+            db.display()
+        )));
+    }
+    match Replica::open_with(db, replica_options()) {
+        Err(weft::Error::Store(StoreError::ReadOnly { reason, .. })) => {
+            tracing::debug!(db = %db.display(), %reason, "not writable: reading it read-only");
+            Ok(Replica::open_read_only(db, replica_options())?)
+        }
+        opened => Ok(opened?),
+    }
+}
+
+/// A read command's replica. Opened once and kept, unless it is a snapshot
+/// (`StoreMode::Snapshot`: a file that is not writable and that no writer has open, read
+/// without SQLite's locks), which shows no later commits and is therefore reopened for every
+/// read; a snapshot read is repeated when the file changed while it ran (a process that may
+/// write the file started to).
+struct Reader {
+    db: PathBuf,
+    replica: Option<Replica>,
+}
+
+impl Reader {
+    fn new(db: &std::path::Path) -> Self {
+        Self {
+            db: db.to_owned(),
+            replica: None,
+        }
+    }
+
+    fn read<T>(&mut self, read: impl Fn(&Replica) -> weft::Result<T>) -> CliResult<T> {
+        for _ in 0..5 {
+            let before = snapshot_state(&self.db);
+            let replica = match self.replica.take() {
+                Some(kept) => kept,
+                None => open_read(&self.db)?,
+            };
+            let result = read(&replica);
+            if replica.mode() != StoreMode::Snapshot {
+                self.replica = Some(replica);
+                return Ok(result?);
+            }
+            drop(replica);
+            if before.is_some() && snapshot_state(&self.db) == before {
+                return Ok(result?);
+            }
+        }
+        Err(CliError::Io(format!(
+            "{} kept changing while it was read (a process writes it); try again",
+            self.db.display()
+        )))
+    }
+}
+
+/// What a snapshot read relies on: the file stays the same (identity, size, modification time)
+/// and no `-wal` appears (a writer creates one before it writes).
+fn snapshot_state(db: &std::path::Path) -> Option<(u64, u64, std::time::SystemTime, bool)> {
+    let meta = std::fs::metadata(db).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = std::path::Path::new(&wal).exists();
+    Some((inode, meta.len(), meta.modified().ok()?, wal))
 }
 
 fn parse_id(text: &str) -> CliResult<DocumentId> {
@@ -479,8 +568,7 @@ fn run(cli: Cli) -> CliResult {
                 (None, Some(seq)) => BundleScope::Since(seq),
                 (None, None) => BundleScope::All,
             };
-            let replica = open(&cli.db)?;
-            let bytes = replica.export_bundle(&scope)?;
+            let bytes = Reader::new(&cli.db).read(|r| r.export_bundle(&scope))?;
             let entries = weft::Bundle::decode(&bytes)
                 .map(|b| b.entries.len())
                 .unwrap_or(0);
@@ -890,10 +978,9 @@ fn doc(db: &std::path::Path, cmd: DocCmd) -> CliResult {
         }
         DocCmd::Get { id, meta, at } => {
             let id = parse_id(&id)?;
-            let replica = open(db)?;
-            let doc = match at {
-                Some(hashes) => {
-                    let heads = hashes
+            let heads = match at {
+                Some(hashes) => Some(
+                    hashes
                         .iter()
                         .map(|h| {
                             h.trim().parse::<weft::ChangeHash>().map_err(|_| {
@@ -902,11 +989,14 @@ fn doc(db: &std::path::Path, cmd: DocCmd) -> CliResult {
                                 ))
                             })
                         })
-                        .collect::<CliResult<Vec<_>>>()?;
-                    replica.get_at(&id, &heads)?
-                }
-                None => replica.get(&id)?,
+                        .collect::<CliResult<Vec<_>>>()?,
+                ),
+                None => None,
             };
+            let doc = Reader::new(db).read(|r| match &heads {
+                Some(heads) => r.get_at(&id, heads),
+                None => r.get(&id),
+            })?;
             if meta {
                 out(&json!({"id": doc.id.to_string(), "collection": doc.collection, "heads": heads_json(&doc.heads), "body": doc.body}).to_string())
             } else {
@@ -957,8 +1047,7 @@ fn doc(db: &std::path::Path, cmd: DocCmd) -> CliResult {
             for c in &conditions {
                 query = query.filter(Filter::parse(c)?);
             }
-            let replica = open(db)?;
-            let docs = replica.query(&query)?;
+            let docs = Reader::new(db).read(|r| r.query(&query))?;
             let mut stdout = io::BufWriter::new(io::stdout().lock());
             let write = |w: &mut dyn Write, line: String| writeln!(w, "{line}").map_err(output_err);
             for d in docs {
@@ -1063,10 +1152,10 @@ fn changes(
     collection: Option<String>,
     follow: bool,
 ) -> CliResult {
-    let replica = open(db)?;
+    let mut reader = Reader::new(db);
     let mut last = since;
     loop {
-        let page = replica.changes_since(last, 1000, collection.as_deref())?;
+        let page = reader.read(|r| r.changes_since(last, 1000, collection.as_deref()))?;
         let mut stdout = io::BufWriter::new(io::stdout().lock());
         for e in &page {
             writeln!(stdout, "{}", change_line(e)).map_err(output_err)?;
