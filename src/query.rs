@@ -164,6 +164,17 @@ impl Filter {
                     "{text:?}: expected PATH OP VALUE with OP one of = != < <= > >=, or PATH exists"
                 ))
             })?;
+        // `==`, `=>`, `<>`, `!==`...: a run of operator characters that is not one operator.
+        let run: String = text[at..]
+            .chars()
+            .take_while(|c| matches!(c, '=' | '!' | '<' | '>'))
+            .collect();
+        if run.len() != len {
+            return Err(Error::Filter(format!(
+                "{text:?}: {run} is not an operator; use one of = != < <= > >= \
+                 (e.g. `done = false`), or PATH exists"
+            )));
+        }
         let path = FieldPath::parse(text[..at].trim())?;
         let raw = text[at + len..].trim();
         let value: Value = serde_json::from_str(raw).map_err(|e| {

@@ -46,6 +46,18 @@ fn admit(
         WireScope::Collections(c) => Scope::Collections(c),
     };
     let Some(key) = &shared.config.auth else {
+        // The client cannot tell (Welcome says nothing about auth); whoever runs the relay
+        // may believe tokens are checked: say it once.
+        static TOKEN_IGNORED: std::sync::Once = std::sync::Once::new();
+        if token.is_some() {
+            TOKEN_IGNORED.call_once(|| {
+                tracing::warn!(
+                    "a client sent a token, but this relay has no authentication \
+                     (--auth-secret-file): tokens are ignored, every client reads and writes \
+                     everything"
+                );
+            });
+        }
         return Ok(Admitted {
             access: Access {
                 creates: shared.config.creates,

@@ -46,6 +46,11 @@ enum Cmd {
     #[command(subcommand)]
     Doc(DocCmd),
     /// Bulk-create documents from NDJSON (one JSON object per line; `-` reads stdin).
+    ///
+    /// The whole input is checked first: a bad line is reported with its number, and then
+    /// nothing is imported. The documents are written in transactions of `--batch`: if writing
+    /// fails part way (a full disk), the batches written stay, and the error says how many
+    /// documents were imported and the line to resume from.
     Import {
         file: PathBuf,
         #[arg(long, short, default_value = "default")]
@@ -162,8 +167,6 @@ enum TokenCmd {
     },
 }
 
-/// `24h`, `90m`, `30d`, `45s`.
-#[cfg(feature = "net")]
 /// `500MB`, `2GiB`, `4096` (bytes): decimal (kB, MB, GB) and binary (KiB, MiB, GiB) units.
 fn parse_size(s: &str) -> Result<u64, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -190,6 +193,32 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?}: out of range"))
 }
 
+/// A relay address: `ws://` or `wss://`. An `http(s)://` URL or a bare `HOST:PORT` is refused
+/// with the address to use instead.
+#[cfg(feature = "net")]
+fn parse_server(s: &str) -> Result<String, String> {
+    let scheme = s
+        .split_once("://")
+        .map(|(scheme, rest)| (scheme.to_ascii_lowercase(), rest));
+    match scheme {
+        Some((scheme, _)) if scheme == "ws" || scheme == "wss" => Ok(s.to_owned()),
+        Some((scheme, rest)) if scheme == "http" => Err(format!(
+            "the relay speaks WebSocket: use ws://{rest} (wss:// if it serves TLS)"
+        )),
+        Some((scheme, rest)) if scheme == "https" => {
+            Err(format!("the relay speaks WebSocket: use wss://{rest}"))
+        }
+        Some((scheme, _)) => Err(format!(
+            "{scheme}:// is not a relay address: use ws://HOST:PORT (wss:// with TLS)"
+        )),
+        None => Err(format!(
+            "a relay address starts with ws:// (wss:// with TLS): use ws://{s}"
+        )),
+    }
+}
+
+/// `24h`, `90m`, `30d`, `45s`.
+#[cfg(feature = "net")]
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
@@ -225,7 +254,7 @@ struct SyncMode {
 #[derive(Args)]
 struct SyncArgs {
     /// The relay's address, as `weft serve` prints it: ws://HOST:PORT (wss:// with TLS).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_server)]
     server: String,
     /// A token, for relays that require one.
     #[arg(long, env = "WEFT_TOKEN")]
@@ -252,7 +281,7 @@ enum BenchCmd {
     /// latency percentiles; exits 1 if any receiver missed a change.
     Fanout {
         /// The relay's address, as `weft serve` prints it: ws://HOST:PORT.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_server)]
         server: String,
         /// Receiving replicas (the writer comes on top).
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
@@ -285,7 +314,7 @@ enum BenchCmd {
     /// connected and idle.
     Idle {
         /// The relay's address, as `weft serve` prints it: ws://HOST:PORT.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_server)]
         server: String,
         /// Sessions to open.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -380,6 +409,9 @@ enum CliError {
     Io(String),
     #[error("{0}")]
     Input(String),
+    /// Arguments that parse but make no sense together: exit status 2, like clap's errors.
+    #[error("{0}")]
+    Usage(String),
     /// Whoever read our output went away (`weft changes | head`): not an error.
     #[error("output closed")]
     OutputClosed,
@@ -415,6 +447,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::OutputClosed) => ExitCode::SUCCESS,
+        Err(CliError::Usage(message)) => {
+            eprintln!("error: {message}\n\nFor more information, try '--help'.");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(1)
@@ -531,6 +567,12 @@ fn out(line: &str) -> CliResult {
 fn read_json_arg(arg: Option<String>) -> CliResult<Value> {
     let text = match arg.as_deref() {
         Some("-") | None => {
+            if io::stdin().is_terminal() {
+                eprintln!(
+                    "reading the JSON from stdin: type or paste it, then press Ctrl-D \
+                     (or pass it with --json)"
+                );
+            }
             let mut buf = String::new();
             io::stdin()
                 .read_to_string(&mut buf)
@@ -728,6 +770,29 @@ fn token_cmd(cmd: TokenCmd) -> CliResult {
                 TokenKey::from_file(&secret_file).map_err(|e| CliError::Input(e.to_string()))?;
             let read = parse_list(&read).map_err(|e| CliError::Input(e.to_string()))?;
             let write = parse_list(&write).map_err(|e| CliError::Input(e.to_string()))?;
+            // A token that allows nothing, or less than asked for, is a mistake: say so now
+            // rather than when a client is refused.
+            if read == weft::Scope::Collections(Vec::new()) {
+                return Err(CliError::Usage(
+                    "a token without --read allows nothing (writing needs reading too): pass \
+                     --read with the collections it may read, `*` for all"
+                        .into(),
+                ));
+            }
+            let unreadable = match (&write, &read) {
+                (_, weft::Scope::All) => Vec::new(),
+                (weft::Scope::All, weft::Scope::Collections(_)) => vec!["*".to_owned()],
+                (weft::Scope::Collections(w), weft::Scope::Collections(r)) => {
+                    w.iter().filter(|c| !r.contains(c)).cloned().collect()
+                }
+            };
+            if !unreadable.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "--write {0}: a token can write only collections it can also read: add {0} to \
+                     --read",
+                    unreadable.join(",")
+                )));
+            }
             let token = key
                 .issue(&sub, &read, &write, ttl)
                 .map_err(|e| CliError::Io(e.to_string()))?;
@@ -1005,6 +1070,7 @@ fn doc(db: &std::path::Path, cmd: DocCmd) -> CliResult {
         }
         DocCmd::Update(args) => {
             let id = parse_id(&args.id)?;
+            let args_id = args.id.trim().to_owned();
             let pointer = |p: &str| DocPath::from_pointer(p).map_err(weft::Error::from);
             let replica = open(db)?;
             let args = args.how;
@@ -1022,7 +1088,19 @@ fn doc(db: &std::path::Path, cmd: DocCmd) -> CliResult {
                         CliError::Input(format!("{s:?} is not a non-negative integer"))
                     })
                 };
-                replica.splice(&id, &pointer(&v[0])?, number(&v[1])?, number(&v[2])?, &v[3])?;
+                replica
+                    .splice(&id, &pointer(&v[0])?, number(&v[1])?, number(&v[2])?, &v[3])
+                    .map_err(|e| match e {
+                        // The library names its own call (`set_text`); say the CLI's option.
+                        weft::Error::Json(weft::JsonError::NotText { found, .. }) => {
+                            CliError::Input(format!(
+                                "the value at {} is {found}, not collaborative text: make it \
+                                 text first with `weft doc update {} --set-text {} TEXT`",
+                                v[0], args_id, v[0]
+                            ))
+                        }
+                        e => e.into(),
+                    })?;
             }
             Ok(())
         }
@@ -1086,18 +1164,32 @@ fn import(
             std::fs::File::open(file).map_err(io_err("opening", file))?,
         ))
     };
-    // Parse and check every line first: a bad line aborts the import before anything is written.
+    if file.as_os_str() == "-" && io::stdin().is_terminal() {
+        eprintln!("reading NDJSON from stdin, one JSON object per line; end with Ctrl-D");
+    }
+    // Parse and check every line first: a bad line aborts the import before anything is
+    // written. Each body keeps its line number, to say where a failed write stopped.
     let mut bodies = Vec::new();
     for (n, line) in reader.lines().enumerate() {
         // Invalid UTF-8 surfaces here, so name the line like any other bad line.
-        let line = line
-            .map_err(|e| CliError::Io(format!("reading {} line {}: {e}", file.display(), n + 1)))?;
+        let line = line.map_err(|e| {
+            CliError::Io(format!(
+                "reading {} line {}: {e}; nothing was imported",
+                file.display(),
+                n + 1
+            ))
+        })?;
         if line.trim().is_empty() {
             continue;
         }
-        let body = weft::json::parse_object(&line)
-            .map_err(|e| CliError::Input(format!("{} line {}: {e}", file.display(), n + 1)))?;
-        bodies.push(Value::Object(body));
+        let body = weft::json::parse_object(&line).map_err(|e| {
+            CliError::Input(format!(
+                "{} line {}: {e}; nothing was imported",
+                file.display(),
+                n + 1
+            ))
+        })?;
+        bodies.push((n + 1, Value::Object(body)));
     }
     weft::engine::validate_collection(collection)?;
     let replica = open(db)?;
@@ -1117,12 +1209,32 @@ fn import(
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = std::time::Instant::now();
+    let mut imported = 0;
+    let mut through = 0;
     let mut bodies = bodies.into_iter().peekable();
-    while bodies.peek().is_some() {
-        let chunk: Vec<Value> = bodies.by_ref().take(batch).collect();
-        let n = chunk.len();
-        replica.create_many(collection, chunk)?;
-        bar.inc(n as u64);
+    while let Some(&(first_line, _)) = bodies.peek() {
+        let (lines, chunk): (Vec<usize>, Vec<Value>) = bodies.by_ref().take(batch).unzip();
+        if let Err(e) = replica.create_many(collection, chunk) {
+            bar.finish_and_clear();
+            // Earlier batches are committed and stay; this one and the rest are not written.
+            if imported == 0 {
+                return Err(CliError::Io(format!("{e}; nothing was imported")));
+            }
+            let input = if file.as_os_str() == "-" {
+                "INPUT".to_owned()
+            } else {
+                file.display().to_string()
+            };
+            return Err(CliError::Io(format!(
+                "importing lines {first_line}-{} failed: {e}. {imported} of {total} documents \
+                 (through line {through}) were imported and stay; the rest were not. To resume: \
+                 tail -n +{first_line} {input} | weft import - -c {collection}",
+                lines.last().copied().unwrap_or(first_line)
+            )));
+        }
+        imported += lines.len();
+        through = lines.last().copied().unwrap_or(through);
+        bar.inc(lines.len() as u64);
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
