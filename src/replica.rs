@@ -96,7 +96,7 @@ enum Storage {
     Untouched,
     /// Its transaction did not start or did not commit: nothing of it was applied, and the
     /// engine forgot what it had ahead of storage.
-    Failed(String),
+    Failed(StoreError),
 }
 
 /// How long after its last failure a successful write must come for storage to count as
@@ -122,7 +122,7 @@ pub enum SessionFailure {
     /// Applying one of its inputs panicked (a bug); the step was rolled back.
     Panicked,
     /// Storage failed (a full disk, a read-only file): its input was not applied.
-    Storage(String),
+    Storage(StoreError),
 }
 
 impl std::fmt::Display for SessionFailure {
@@ -277,6 +277,7 @@ impl Replica {
             StoreOptions {
                 durability: options.durability,
                 max_size: options.max_size,
+                ..StoreOptions::default()
             },
         )?;
         Self::with_store(Box::new(store), path, options)
@@ -441,13 +442,10 @@ impl Replica {
                 // Nothing was handed to the engine: its state is as before the step, and the
                 // inputs are not applied (sessions whose input this was are told, see
                 // `peer_batch`).
-                let message = e.to_string();
-                tracing::debug!(error = %message, "could not start a transaction");
+                tracing::debug!(error = %e, "could not start a transaction");
                 return StepOutcome {
-                    results: (0..count)
-                        .map(|_| Err(Error::Store(StoreError::CommitFailed(message.clone()))))
-                        .collect(),
-                    storage: Storage::Failed(message),
+                    results: (0..count).map(|_| Err(Error::Store(e.clone()))).collect(),
+                    storage: Storage::Failed(e),
                 };
             }
         }
@@ -464,20 +462,17 @@ impl Replica {
         loop {
             if !fx.loads.is_empty() {
                 for id in std::mem::take(&mut fx.loads) {
-                    let result = inner.store.load(&id).map_err(|e| e.to_string());
+                    let result = inner.store.load(&id);
                     fx.extend(inner.engine.handle(now, Input::Loaded { id, result }));
                 }
             } else if !fx.whole_reads.is_empty() {
                 for (peer, id) in std::mem::take(&mut fx.whole_reads) {
-                    let result = inner.store.load(&id).map_err(|e| e.to_string());
+                    let result = inner.store.load(&id);
                     fx.extend(inner.engine.handle(now, Input::Whole { peer, id, result }));
                 }
             } else if !fx.sync_state_reads.is_empty() {
                 for (peer, remote, id) in std::mem::take(&mut fx.sync_state_reads) {
-                    let result = inner
-                        .store
-                        .load_sync_state(&remote, &id)
-                        .map_err(|e| e.to_string());
+                    let result = inner.store.load_sync_state(&remote, &id);
                     fx.extend(
                         inner
                             .engine
@@ -500,7 +495,7 @@ impl Replica {
                     let input = Input::Catalog {
                         peer: read.peer,
                         purpose: read.purpose,
-                        answer: answer.map_err(|e| e.to_string()),
+                        answer,
                     };
                     fx.extend(inner.engine.handle(now, input));
                 }
@@ -523,12 +518,13 @@ impl Replica {
         let committed = inner
             .store
             .write(&writes)
-            .and_then(|()| inner.store.commit());
+            .and_then(|()| inner.store.commit())
+            .map_err(StoreError::commit_failed);
         let mut outgoing = None;
         let storage = match &committed {
             Ok(()) if writes.is_empty() => Storage::Untouched,
             Ok(()) => Storage::Committed,
-            Err(e) => Storage::Failed(e.to_string()),
+            Err(e) => Storage::Failed(e.clone()),
         };
         match committed {
             Ok(()) => {
@@ -555,14 +551,13 @@ impl Replica {
                 docs.sort_unstable();
                 docs.dedup();
                 let _ = inner.engine.handle(now, Input::StorageFailed { docs });
-                let message = e.to_string();
                 for (CommandId(cid), result) in completed {
                     if let Some(slot) = cid
                         .checked_sub(first)
                         .and_then(|i| results.get_mut(i as usize))
                     {
                         *slot = Some(match result {
-                            Ok(_) => Err(Error::Store(StoreError::CommitFailed(message.clone()))),
+                            Ok(_) => Err(Error::Store(e.clone())),
                             Err(err) => Err(err),
                         });
                     }
@@ -721,7 +716,7 @@ impl Replica {
         let probed = self.lock().store.probe();
         self.note_storage(&match probed {
             Ok(()) => Storage::Committed,
-            Err(e) => Storage::Failed(e.to_string()),
+            Err(e) => Storage::Failed(e),
         });
         self.storage_health()
     }
@@ -743,7 +738,7 @@ impl Replica {
                 }
             }
             Storage::Untouched => {}
-            Storage::Failed(e) => health.failing = Some((e.clone(), now)),
+            Storage::Failed(e) => health.failing = Some((e.to_string(), now)),
         }
     }
 
@@ -797,7 +792,7 @@ impl Replica {
             return Ok(false);
         }
         match self.step(inner, Vec::new(), 0, 0).storage {
-            Storage::Failed(e) => Err(Error::Store(StoreError::CommitFailed(e))),
+            Storage::Failed(e) => Err(Error::Store(e)),
             Storage::Committed | Storage::Untouched => Ok(true),
         }
     }
@@ -814,7 +809,7 @@ impl Replica {
             return Ok(());
         }
         match self.step(inner, vec![Input::Tick], 0, 0).storage {
-            Storage::Failed(e) => Err(Error::Store(StoreError::CommitFailed(e))),
+            Storage::Failed(e) => Err(Error::Store(e)),
             Storage::Committed | Storage::Untouched => Ok(()),
         }
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::net::TcpListener;
-use weft::net::{ConnectOptions, RelayConfig, Status};
+use weft::net::{ConnectOptions, OfflineError, RelayConfig, Status};
 use weft::store::sqlite::{SqliteStore, StoreOptions};
 use weft::{Replica, ReplicaOptions};
 
@@ -268,9 +268,9 @@ async fn a_failing_relay_store_ends_live_sessions_with_the_cause_and_recovers_by
     }
     let status = await_status(&connection, |s| matches!(s, Status::Offline { .. })).await;
     match &status {
-        Status::Offline { error } => {
-            assert!(error.contains("relay storage failed"), "{error}")
-        }
+        Status::Offline {
+            error: OfflineError::RelayStorage(cause),
+        } => assert!(cause.contains("full"), "{cause}"),
         other => panic!("{other:?}"),
     }
     let body = await_health(&relay.url, 503);
@@ -323,9 +323,9 @@ async fn a_failing_client_store_goes_offline_with_the_cause_then_converges() {
         .unwrap();
     let status = await_status(&connection, |s| matches!(s, Status::Offline { .. })).await;
     match &status {
-        Status::Offline { error } => {
-            assert!(error.contains("local storage failed"), "{error}")
-        }
+        Status::Offline {
+            error: OfflineError::LocalStorage(cause),
+        } => assert!(cause.is_full(), "{cause:?}"),
         other => panic!("{other:?}"),
     }
     assert_ne!(connection.status(), Status::Synced);

@@ -537,7 +537,8 @@ fn library_read_only_opening() {
         assert_eq!(reader.list("c").unwrap().len(), 2);
         assert!(matches!(
             reader.delete(&id),
-            Err(Error::Store(StoreError::CommitFailed(m))) if m.contains("read-only")
+            Err(Error::Store(StoreError::CommitFailed(cause)))
+                if matches!(*cause, StoreError::ReadOnly { .. })
         ));
     }
 }

@@ -555,7 +555,7 @@ async fn a_token_that_expires_ends_the_live_session() {
     .unwrap()
     .clone();
     assert!(
-        matches!(&status, Status::Rejected { reason } if reason.contains("expired")),
+        matches!(&status, Status::Rejected { code: RejectCode::Unauthorized, reason } if reason.contains("expired")),
         "{status:?}"
     );
     assert!(

@@ -83,3 +83,35 @@ fn delete_by_another_connection_is_seen() {
         ]
     );
 }
+
+/// Another process holding the file's write lock for longer than the busy timeout: the write
+/// fails with SQLite's own code (`DatabaseBusy`), not a generic "commit failed", and changes
+/// nothing; once the lock is released the same write works.
+#[test]
+fn a_write_blocked_by_another_writer_reports_sqlite_busy() {
+    use weft::store::sqlite::{SqliteStore, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    let options = StoreOptions {
+        busy_timeout: std::time::Duration::from_millis(100),
+        ..StoreOptions::default()
+    };
+    let store = SqliteStore::open(&path, options).unwrap();
+    let replica =
+        weft::Replica::with_store(Box::new(store), path.clone(), Default::default()).unwrap();
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let err = replica.create("todos", json!({"a": 1})).unwrap_err();
+    match &err {
+        weft::Error::Store(e) => assert_eq!(
+            e.sqlite_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy),
+            "{e:?}"
+        ),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    assert!(replica.list("todos").unwrap().is_empty());
+    other.execute_batch("ROLLBACK").unwrap();
+    replica.create("todos", json!({"a": 1})).unwrap();
+    assert_eq!(replica.list("todos").unwrap().len(), 1);
+}

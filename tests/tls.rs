@@ -98,7 +98,7 @@ async fn offline(connection: &Connection) -> String {
     .unwrap()
     .clone();
     match status {
-        Status::Offline { error } => error,
+        Status::Offline { error } => error.to_string(),
         other => unreachable!("{other:?}"),
     }
 }

@@ -16,6 +16,7 @@ use super::session::{Held, Peer, PeerId};
 use super::{ChangeEvent, ChangeKind, Effects, Engine, Origin, Touched, Work};
 use crate::id::DocumentId;
 use crate::protocol::{ErrorCode, Message, Payload, SyncItem, TARGET_FRAME_BYTES};
+use crate::store::StoreError;
 
 /// More changes by another process than this in one step are left to reconciliation.
 const EXTERNAL_BURST: usize = 1000;
@@ -169,7 +170,7 @@ impl Engine {
         &mut self,
         peer: PeerId,
         id: DocumentId,
-        result: Result<Option<super::StoredDoc>, String>,
+        result: Result<Option<super::StoredDoc>, StoreError>,
     ) {
         match result {
             Ok(Some(stored)) if !self.may_read(peer, &stored.collection) => {

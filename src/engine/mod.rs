@@ -63,6 +63,7 @@ use crate::json;
 use crate::limits::{LimitError, Limits};
 use crate::protocol::Message;
 use crate::scope::Access;
+use crate::store::StoreError;
 
 /// How an engine starts.
 #[derive(Clone, Debug)]
@@ -114,7 +115,7 @@ pub enum Input {
     /// error message if reading failed.
     Loaded {
         id: DocumentId,
-        result: Result<Option<StoredDoc>, String>,
+        result: Result<Option<StoredDoc>, StoreError>,
     },
     /// Every write emitted so far is durable.
     Committed,
@@ -147,7 +148,7 @@ pub enum Input {
     SyncState {
         peer: PeerId,
         id: DocumentId,
-        result: Result<Option<Vec<u8>>, String>,
+        result: Result<Option<Vec<u8>>, StoreError>,
     },
     /// Flow control from the driver: `paused` when the connection's outgoing queue passed its
     /// high-water mark (the peer reads slower than we write), `!paused` once it drained. While
@@ -158,7 +159,7 @@ pub enum Input {
     Catalog {
         peer: PeerId,
         purpose: ReadPurpose,
-        answer: Result<CatalogAnswer, String>,
+        answer: Result<CatalogAnswer, StoreError>,
     },
     /// Time passed (drives re-checks of quiet sessions); send every few milliseconds while
     /// sessions are open.
@@ -171,7 +172,7 @@ pub enum Input {
     Whole {
         peer: PeerId,
         id: DocumentId,
-        result: Result<Option<StoredDoc>, String>,
+        result: Result<Option<StoredDoc>, StoreError>,
     },
 }
 

@@ -23,6 +23,7 @@ use super::{Effects, Engine, Work};
 use crate::id::DocumentId;
 use crate::protocol::{CatalogEntry, CatalogSummary, ErrorCode, Message, Payload, SyncItem};
 use crate::scope::Scope;
+use crate::store::StoreError;
 
 /// Why the engine asks for catalog data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,7 +132,7 @@ impl Engine {
         &mut self,
         peer: PeerId,
         purpose: ReadPurpose,
-        answer: Result<CatalogAnswer, String>,
+        answer: Result<CatalogAnswer, StoreError>,
         fx: &mut Effects,
     ) {
         let answer = match answer {

@@ -33,6 +33,7 @@ use super::{Effects, Engine, Work};
 use crate::id::{DocumentId, ReplicaId};
 use crate::protocol::{CatalogEntry, ErrorCode, Message, SyncItem};
 use crate::scope::{Access, CreateLimit, Scope};
+use crate::store::StoreError;
 
 /// How long an initiator waits after the last sync traffic before checking again that both
 /// sides are in sync.
@@ -342,7 +343,7 @@ impl Engine {
         &mut self,
         peer: PeerId,
         id: DocumentId,
-        result: Result<Option<Vec<u8>>, String>,
+        result: Result<Option<Vec<u8>>, StoreError>,
     ) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;

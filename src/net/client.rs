@@ -77,9 +77,45 @@ pub enum Status {
     /// Both sides hold the same version of every document in scope (as of this moment).
     Synced,
     /// Not connected; `error` says why. With reconnect on, a new attempt follows.
-    Offline { error: String },
-    /// The relay refused the session; no further attempt is made.
-    Rejected { reason: String },
+    Offline { error: OfflineError },
+    /// The relay refused the session (`code` says why: a bad or expired token, a collection
+    /// the token does not grant, another protocol version); no further attempt is made.
+    Rejected { code: RejectCode, reason: String },
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Connecting => f.write_str("connecting"),
+            Status::Connected => f.write_str("connected"),
+            Status::Synced => f.write_str("synced"),
+            Status::Offline { error } => write!(f, "offline: {error}"),
+            Status::Rejected { code, reason } => write!(f, "rejected ({code}): {reason}"),
+        }
+    }
+}
+
+/// Why a connection is offline: what failed (to act on), and the message a person reads.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OfflineError {
+    /// The relay could not be reached: no route, refused, TLS, or the WebSocket handshake.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The connection was up and ended: closed, silent, a bad frame, a failed send.
+    #[error("{0}")]
+    Lost(String),
+    /// The relay is at its connection limit (`Reject Busy`); a later attempt may get in.
+    #[error("the relay is busy: {0}")]
+    Busy(String),
+    /// This replica's storage failed (a full disk): what the relay sent was not stored.
+    #[error("local storage failed: {0}")]
+    LocalStorage(crate::store::StoreError),
+    /// The relay's storage failed (a full disk): what this replica sent was not stored.
+    #[error("relay storage failed: {0}")]
+    RelayStorage(String),
+    /// A side broke the protocol (a message out of its role) and the session was ended.
+    #[error("the session ended: {0}")]
+    Protocol(String),
 }
 
 /// A document the relay refused to take from this replica: a write its token does not allow,
@@ -264,9 +300,21 @@ enum Ended {
     /// We were asked to stop.
     Stopped,
     /// The relay refused us: do not retry.
-    Rejected(String),
+    Rejected(RejectCode, String),
     /// Anything else: retry if allowed.
-    Lost(String),
+    Lost(OfflineError),
+}
+
+fn lost(message: impl Into<String>) -> Ended {
+    Ended::Lost(OfflineError::Lost(message.into()))
+}
+
+/// The replica failed a step of the session (a tick, picking up another process's commits).
+fn local_failure(e: crate::Error) -> Ended {
+    match e {
+        crate::Error::Store(e) => Ended::Lost(OfflineError::LocalStorage(e)),
+        other => lost(format!("the local replica failed: {other}")),
+    }
 }
 
 async fn run(
@@ -293,10 +341,10 @@ async fn run(
         .await
         {
             Ended::Stopped => return,
-            Ended::Rejected(reason) => {
+            Ended::Rejected(code, reason) => {
                 // Reported through the status; the application decides how loud to be.
-                tracing::info!(%url, %reason, "relay rejected the session");
-                let _ = status.send(Status::Rejected { reason });
+                tracing::info!(%url, %code, %reason, "relay rejected the session");
+                let _ = status.send(Status::Rejected { code, reason });
                 return;
             }
             Ended::Lost(error) => {
@@ -340,7 +388,7 @@ async fn session(
     let ws = tokio::select! {
         r = dial(url, options, config) => match r {
             Ok(ws) => ws,
-            Err(error) => return Ended::Lost(error),
+            Err(error) => return Ended::Lost(OfflineError::Unreachable(error)),
         },
         () = stopped(stop) => return Ended::Stopped,
     };
@@ -359,7 +407,7 @@ async fn session(
         .send(WsMessage::Binary(protocol::encode(&hello).into()))
         .await
     {
-        return Ended::Lost(format!("sending Hello: {e}"));
+        return lost(format!("sending Hello: {e}"));
     }
     // The first frame must be Welcome or Reject.
     let (remote, granted) = loop {
@@ -368,11 +416,13 @@ async fn session(
             () = stopped(stop) => return Ended::Stopped,
         };
         match next {
-            Err(_) => return Ended::Lost("no Welcome from the relay within 10 s".into()),
+            Err(_) => return lost("no Welcome from the relay within 10 s"),
             Ok(None) => {
-                return Ended::Lost("the relay closed the connection during the handshake".into());
+                return lost("the relay closed the connection during the handshake");
             }
-            Ok(Some(Err(e))) => return Ended::Lost(format!("handshake: {e}")),
+            Ok(Some(Err(e))) => {
+                return Ended::Lost(OfflineError::Unreachable(format!("handshake: {e}")));
+            }
             Ok(Some(Ok(WsMessage::Binary(bytes)))) => {
                 match protocol::decode(&bytes, options.max_frame) {
                     Ok(Message::Welcome {
@@ -381,22 +431,23 @@ async fn session(
                         ..
                     }) => break (remote, scope),
                     Ok(Message::Reject { code, reason }) => {
-                        let reason = format!("{code}: {reason}");
                         return match code {
-                            RejectCode::Busy => Ended::Lost(reason),
-                            _ => Ended::Rejected(reason),
+                            RejectCode::Busy => Ended::Lost(OfflineError::Busy(reason)),
+                            _ => Ended::Rejected(code, reason),
                         };
                     }
-                    Ok(other) => return Ended::Lost(format!("expected Welcome, got {other:?}")),
-                    Err(e) => return Ended::Lost(format!("bad frame from the relay: {e}")),
+                    Ok(other) => return lost(format!("expected Welcome, got {}", other.kind())),
+                    Err(e) => return lost(format!("bad frame from the relay: {e}")),
                 }
             }
+            // Closed without a Reject: not a verdict on this replica; try again later.
             Ok(Some(Ok(WsMessage::Close(frame)))) => {
-                return Ended::Rejected(
+                return lost(format!(
+                    "the relay closed the connection during the handshake: {}",
                     frame
-                        .map(|f| f.reason.to_string())
-                        .unwrap_or_else(|| "closed".into()),
-                );
+                        .map(|f| format!("{} {}", f.code, f.reason))
+                        .unwrap_or_default()
+                ));
             }
             Ok(Some(Ok(_))) => continue,
         }
@@ -433,7 +484,7 @@ async fn session(
                 Some(Outbound::Frame(frame)) => {
                     let len = frame.bytes.len();
                     if let Err(e) = sink.send(WsMessage::Binary(frame.bytes)).await {
-                        break Ended::Lost(format!("sending: {e}"));
+                        break lost(format!("sending: {e}"));
                     }
                     if session.flow.written(len) {
                         blocking(replica, move |r| r.peer_flow(peer, false)).await;
@@ -442,7 +493,7 @@ async fn session(
                 Some(Outbound::Event(PeerEvent::InSync)) => *reached_sync = true,
                 Some(Outbound::Event(PeerEvent::Error { code: ErrorCode::Storage, message, .. })) => {
                     // The relay stored nothing of what we sent last; it closes the session.
-                    break Ended::Lost(format!("relay storage failed: {message}"));
+                    break Ended::Lost(OfflineError::RelayStorage(message));
                 }
                 // Refusals were recorded by the router (`Report::note`).
                 Some(Outbound::Event(PeerEvent::Error { code, message, doc })) => {
@@ -452,10 +503,10 @@ async fn session(
                     // The relay broke the protocol; the Error frame saying so went out first.
                     let close = CloseFrame { code: CloseCode::Protocol, reason: reason.clone().into() };
                     let _ = sink.send(WsMessage::Close(Some(close))).await;
-                    break Ended::Lost(format!("the session ended: {reason}"));
+                    break Ended::Lost(OfflineError::Protocol(reason));
                 }
                 Some(Outbound::Event(PeerEvent::Persisted(_))) => {}
-                None => break Ended::Lost("router closed".into()),
+                None => break lost("router closed"),
             },
             incoming = stream.next() => {
                 last_heard = std::time::Instant::now();
@@ -497,36 +548,36 @@ async fn session(
                     match failed.as_deref() {
                         Some([]) => {}
                         Some([(_, SessionFailure::Storage(e)), ..]) => {
-                            break Ended::Lost(format!("local storage failed: {e}"));
+                            break Ended::Lost(OfflineError::LocalStorage(e.clone()));
                         }
-                        _ => break Ended::Lost("internal error while applying the relay's frames".into()),
+                        _ => break lost("internal error while applying the relay's frames"),
                     }
                 }
                 if let Some(reason) = ended {
-                    break Ended::Lost(reason);
+                    break lost(reason);
                 }
             }
             _ = ticker.tick() => {
                 let silent = last_heard.elapsed();
                 if silent >= options.keepalive * 2 {
-                    break Ended::Lost(format!("the relay was silent for {} s", silent.as_secs()));
+                    break lost(format!("the relay was silent for {} s", silent.as_secs()));
                 }
                 if silent >= options.keepalive && last_ping.elapsed() >= options.keepalive {
                     last_ping = std::time::Instant::now();
                     if let Err(e) = sink.send(WsMessage::Ping(Default::default())).await {
-                        break Ended::Lost(format!("sending: {e}"));
+                        break lost(format!("sending: {e}"));
                     }
                 }
                 // Checked without waiting for the replica: most ticks have nothing to do.
                 if replica.tick_wanted()
                     && let Some(Err(e)) = blocking(replica, |r| r.tick()).await
                 {
-                    break Ended::Lost(format!("local storage failed: {e}"));
+                    break local_failure(e);
                 }
             }
             _ = external.tick() => {
                 if let Some(Err(e)) = blocking(replica, |r| r.poll_external()).await {
-                    break Ended::Lost(format!("local storage failed: {e}"));
+                    break local_failure(e);
                 }
             }
             () = stopped(stop) => {

@@ -118,13 +118,19 @@ pub trait Store: Send {
 }
 
 /// Errors of the storage layer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// SQLite reported an error.
+    /// SQLite reported an error. `code` is SQLite's own when the error came from it
+    /// (`DatabaseBusy`, `DiskFull`, `ReadOnly`, ...; see [`StoreError::sqlite_code`]), and
+    /// `extended` its extended result code.
     #[cfg(feature = "sqlite")]
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    #[error("sqlite: {message}")]
+    Sqlite {
+        code: Option<rusqlite::ErrorCode>,
+        extended: Option<i32>,
+        message: String,
+    },
     /// The file could not be opened.
     #[error("cannot open database {path}: {reason}")]
     Open { path: String, reason: String },
@@ -153,12 +159,58 @@ pub enum StoreError {
         "database schema version {found} is newer than this weft supports ({supported}); upgrade weft"
     )]
     SchemaTooNew { found: i64, supported: i64 },
-    /// A transaction did not commit; none of its writes were applied.
+    /// A transaction did not commit; none of its writes were applied. The cause keeps its
+    /// type (a full disk is `Sqlite { code: Some(DiskFull), .. }`).
     #[error("commit failed, nothing was written: {0}")]
-    CommitFailed(String),
+    CommitFailed(Box<StoreError>),
     /// A stored value is not what weft wrote.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+}
+
+#[cfg(feature = "sqlite")]
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        let (code, extended) = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => (Some(f.code), Some(f.extended_code)),
+            _ => (None, None),
+        };
+        StoreError::Sqlite {
+            code,
+            extended,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl StoreError {
+    /// SQLite's error code, if SQLite reported this (or the failed commit it caused).
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite_code(&self) -> Option<rusqlite::ErrorCode> {
+        match self {
+            StoreError::Sqlite { code, .. } => *code,
+            StoreError::CommitFailed(cause) => cause.sqlite_code(),
+            _ => None,
+        }
+    }
+
+    /// The failed commit of `cause` (not wrapped twice).
+    pub fn commit_failed(cause: StoreError) -> StoreError {
+        match cause {
+            already @ StoreError::CommitFailed(_) => already,
+            other => StoreError::CommitFailed(Box::new(other)),
+        }
+    }
+
+    /// The storage is full (a full disk, or the replica's quota).
+    pub fn is_full(&self) -> bool {
+        match self {
+            #[cfg(feature = "sqlite")]
+            StoreError::Sqlite { code, .. } => *code == Some(rusqlite::ErrorCode::DiskFull),
+            StoreError::CommitFailed(cause) => cause.is_full(),
+            _ => false,
+        }
+    }
 }
 
 /// A catalog row: what a read of one document returns.

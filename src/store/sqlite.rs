@@ -69,13 +69,26 @@ const MIGRATIONS: &[&str] = &[
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Options for [`SqliteStore::open`].
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct StoreOptions {
     pub durability: Durability,
     /// A quota: the file may not grow beyond this many bytes (SQLite's `max_page_count`,
     /// rounded down to whole pages, and never below the file's current size). A write that
     /// needs more fails exactly as on a full disk; reads go on. `None`: no limit.
     pub max_size: Option<u64>,
+    /// How long a step waits for another process's write transaction on the file before it
+    /// fails with SQLite's `DatabaseBusy` (default 10 s).
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durability: Durability::default(),
+            max_size: None,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// A replica's SQLite file.
@@ -229,12 +242,13 @@ impl SqliteStore {
             });
         }
         Self::open_writable(conn, &shown, options).map_err(|e| match e {
-            StoreError::Sqlite(e) if e.sqlite_error_code() == Some(ErrorCode::ReadOnly) => {
-                StoreError::ReadOnly {
-                    reason: unwritable_companions(&shown).unwrap_or_else(|| e.to_string()),
-                    path: shown.clone(),
-                }
-            }
+            e @ StoreError::Sqlite {
+                code: Some(ErrorCode::ReadOnly),
+                ..
+            } => StoreError::ReadOnly {
+                reason: unwritable_companions(&shown).unwrap_or_else(|| e.to_string()),
+                path: shown.clone(),
+            },
             e => e,
         })
     }
@@ -244,7 +258,7 @@ impl SqliteStore {
         shown: &str,
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
-        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.busy_timeout(options.busy_timeout)?;
         let not_weft = |reason: String| StoreError::NotWeft {
             path: shown.to_owned(),
             reason,

@@ -18,6 +18,15 @@ pub struct Faults {
     pub failing_commits: u32,
 }
 
+/// What SQLite reports on a full disk (the injected fault).
+pub fn disk_full() -> StoreError {
+    StoreError::Sqlite {
+        code: Some(rusqlite::ErrorCode::DiskFull),
+        extended: Some(13),
+        message: "injected fault: database or disk is full".into(),
+    }
+}
+
 /// The handle a test keeps to steer the faults.
 pub type FaultHandle = Arc<Mutex<Faults>>;
 
@@ -68,9 +77,7 @@ impl<S: Store> Store for FaultyStore<S> {
         };
         if fail {
             self.inner.rollback();
-            return Err(StoreError::CommitFailed(
-                "injected fault: database or disk is full".into(),
-            ));
+            return Err(disk_full());
         }
         self.inner.commit()
     }
@@ -145,9 +152,7 @@ impl<S: Store> Store for FaultyStore<S> {
     }
     fn probe(&mut self) -> Result<(), StoreError> {
         if self.faults().failing_commits > 0 {
-            return Err(StoreError::CommitFailed(
-                "injected fault: database or disk is full".into(),
-            ));
+            return Err(disk_full());
         }
         self.inner.probe()
     }

@@ -897,8 +897,8 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
             };
             return match result {
                 Err(_) => Err(CliError::Io(format!("not in sync with {} after {} s", args.server, args.timeout))),
-                Ok(Err(Status::Rejected { reason })) => Err(CliError::Io(format!("{} rejected the session: {reason}", args.server))),
-                Ok(Err(Status::Offline { error })) => Err(CliError::Io(error)),
+                Ok(Err(Status::Rejected { code, reason })) => Err(CliError::Io(format!("{} rejected the session ({code}): {reason}", args.server))),
+                Ok(Err(Status::Offline { error })) => Err(CliError::Io(error.to_string())),
                 Ok(Err(other)) => Err(CliError::Io(format!("sync with {} failed: {other:?}", args.server))),
                 Ok(Ok(())) if !refused.is_empty() => {
                     let list: Vec<String> = refused
@@ -952,9 +952,9 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
                         return Ok(());
                     }
                     let now = status.borrow().clone();
-                    eprintln!("status: {now:?}");
-                    if let Status::Rejected { reason } = now {
-                        return Err(CliError::Io(format!("{} rejected the session: {reason}", args.server)));
+                    eprintln!("status: {now}");
+                    if let Status::Rejected { code, reason } = now {
+                        return Err(CliError::Io(format!("{} rejected the session ({code}): {reason}", args.server)));
                     }
                 }
                 () = shutdown_signal() => {
