@@ -5,7 +5,8 @@
 // Status: "connecting" (dialing, or waiting for Welcome) -> "connected" (session up, changes in
 // flight) <-> "synced" (the replica and the relay hold the same documents) -> "offline" (the
 // socket is gone; `error` says why; a new attempt follows) | "rejected" (the relay refused the
-// session: bad token, forbidden collection, protocol version; no further attempt) | "closed"
+// session: bad token, forbidden collection, protocol version; no further attempt) | "failed"
+// (the replica's storage failed: `error` has code "Storage"; no further attempt) | "closed"
 // (after `disconnect()`).
 //
 // The replica drives a connection through a handle made with it (`newConnection`): `start`,
@@ -83,12 +84,12 @@ export class Connection {
     return this.#url;
   }
 
-  /** "connecting" | "connected" | "synced" | "offline" | "rejected" | "closed". */
+  /** "connecting" | "connected" | "synced" | "offline" | "rejected" | "failed" | "closed". */
   get status() {
     return this.#status;
   }
 
-  /** Why the connection is offline (a WeftError), or null. */
+  /** Why the connection is offline or failed (a WeftError), or null. */
   get error() {
     return this.#error;
   }
@@ -110,8 +111,8 @@ export class Connection {
 
   /**
    * Listens to `type`: "status" (every change, `{status, error?, reason?, code?}`), or one
-   * status by name ("connecting", "connected", "synced", "offline", "rejected", "closed"),
-   * or "error" (`{code, message, doc}`: an error the relay reported, e.g. code
+   * status by name ("connecting", "connected", "synced", "offline", "rejected", "failed",
+   * "closed"), or "error" (`{code, message, doc}`: an error the relay reported, e.g. code
    * "Forbidden" for a document this replica may not write; such documents are also listed in
    * `refused`). Returns a function that removes the listener; so does aborting
    * `options.signal`.
@@ -125,11 +126,12 @@ export class Connection {
   }
 
   /**
-   * Resolves when the replica is in sync with the relay (at once if it is). Rejects when the
-   * relay rejects the session (code "Rejected"), on `disconnect()` ("Closed"), when the
-   * connection is lost without reconnect ("Offline"), after `options.timeout` ms ("Timeout",
-   * with the last error), or when `options.signal` aborts ("Aborted", the signal's reason as
-   * `cause`).
+   * Resolves when the replica is in sync with the relay: every write made before the call is
+   * committed and the relay holds it (if it already is: once the pending writes committed).
+   * Rejects when the relay rejects the session (code "Rejected"), the replica's storage fails
+   * (that error, code "Storage"), on `disconnect()` ("Closed"), when the connection is lost
+   * without reconnect ("Offline"), after `options.timeout` ms ("Timeout", with the last
+   * error), or when `options.signal` aborts ("Aborted", the signal's reason as `cause`).
    * Without a timeout it waits through any number of reconnects.
    */
   whenSynced(options = {}) {
@@ -141,7 +143,6 @@ export class Connection {
       return Promise.reject(e);
     }
     if (signal?.aborted) return Promise.reject(abortError(signal, "whenSynced"));
-    if (this.#status === "synced") return Promise.resolve();
     const terminal = this.#terminalError();
     if (terminal) return Promise.reject(terminal);
     return new Promise((resolve, reject) => {
@@ -178,11 +179,23 @@ export class Connection {
           );
         }, timeout);
       }
-      off = this.#events.on("status", check);
+      // "synced" is about committed writes: first let the writes made so far commit (their
+      // frames go out then, and the status moves), or fail (then so does this).
+      this.#driver.flushed().then(
+        () => {
+          if (settled) return;
+          off = this.#events.on("status", check);
+          check();
+        },
+        (error) => settle(error),
+      );
     });
   }
 
-  /** Closes the socket and stops reconnecting; status becomes "closed". */
+  /**
+   * Closes the socket and stops reconnecting; status becomes "closed" (unless the connection
+   * already ended: "rejected", "failed", or "offline" without reconnect).
+   */
   disconnect() {
     if (this.#stopped) return;
     this.#stopped = true;
@@ -208,8 +221,10 @@ export class Connection {
           reason: this.#reason,
           rejectCode: this.#rejectCode,
         });
+      case "failed":
+        return this.#failure;
       case "closed":
-        return this.#failure ?? weftError("Closed", "the connection was closed");
+        return weftError("Closed", "the connection was closed");
       case "offline":
         return this.#reconnect ? null : this.#error;
       default:
@@ -218,7 +233,7 @@ export class Connection {
   }
 
   #rejectCode = null;
-  #failure = null; // the replica's storage error that closed this connection
+  #failure = null; // the replica's storage error that ended this connection
 
   #setStatus(status, detail = {}) {
     if (status === this.#status && status !== "offline") return;
@@ -495,12 +510,21 @@ export class Connection {
     }
   }
 
-  /** The replica's storage failed: stop. */
+  /**
+   * The replica's storage failed (its memory is ahead of what is committed): stop for good,
+   * with status "failed" and that error. Nothing is sent or reported after this.
+   */
   #fail(error) {
     if (this.#stopped) return;
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.#unwatchOnline?.();
+    this.#endSession();
+    this.#closeSocket(1000, "replica storage failed");
+    this.#driver.forget(this);
     this.#error = error;
     this.#failure = error;
-    this.disconnect();
+    this.#setStatus("failed", { error });
   }
 }
 

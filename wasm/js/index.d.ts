@@ -138,11 +138,19 @@ export interface ConnectOptions {
   keepalive?: number;
 }
 
-export type Status = "connecting" | "connected" | "synced" | "offline" | "rejected" | "closed";
+/**
+ * "connecting" -> "connected" (changes in flight) <-> "synced"; "offline" (reconnects with
+ * backoff); terminal: "rejected" (by the relay), "failed" (the replica's storage failed; error
+ * code "Storage"), "closed" (after `disconnect()`).
+ */
+export type Status = "connecting" | "connected" | "synced" | "offline" | "rejected" | "failed" | "closed";
 
 export interface StatusEvent {
   status: Status;
-  /** For "offline": why (code "Offline"); for "rejected": code "Rejected". */
+  /**
+   * For "offline": why (code "Offline"); for "rejected": code "Rejected"; for "failed": the
+   * storage error (code "Storage").
+   */
   error?: WeftError;
   /** For "rejected": the relay's code and reason, e.g. "Unauthorized: token expired". */
   reason?: string;
@@ -163,6 +171,7 @@ export interface ConnectionEvents {
   synced: StatusEvent;
   offline: StatusEvent;
   rejected: StatusEvent;
+  failed: StatusEvent;
   closed: StatusEvent;
   error: RelayError;
 }
@@ -172,7 +181,7 @@ export declare class Connection {
   private constructor();
   readonly url: string;
   readonly status: Status;
-  /** Why the connection is offline, or null. */
+  /** Why the connection is offline or failed, or null. */
   readonly error: WeftError | null;
   /** Why the relay rejected the session, or null. */
   readonly reason: string | null;
@@ -188,12 +197,13 @@ export declare class Connection {
   ): () => void;
   off<K extends keyof ConnectionEvents>(type: K, listener: (event: ConnectionEvents[K]) => void): void;
   /**
-   * Resolves when the replica is in sync with the relay; rejects on "rejected" (code
-   * "Rejected"), disconnect ("Closed"), a lost connection without reconnect ("Offline"), after
-   * `timeout` ms ("Timeout"), or when `signal` aborts ("Aborted").
+   * Resolves when the replica is in sync with the relay, every write made before the call
+   * included; rejects on "rejected" (code "Rejected"), a storage failure ("Storage"),
+   * disconnect ("Closed"), a lost connection without reconnect ("Offline"), after `timeout` ms
+   * ("Timeout"), or when `signal` aborts ("Aborted").
    */
   whenSynced(options?: WhenSyncedOptions): Promise<void>;
-  /** Closes the socket and stops reconnecting. */
+  /** Closes the socket and stops reconnecting (status "closed", unless it already ended). */
   disconnect(): void;
 }
 

@@ -355,8 +355,8 @@ export function makeReplicaClass(platform) {
 
     /**
      * A storage transaction failed: memory is now ahead of storage, so this replica stops
-     * (every pending and later call fails with the error); reopening restores the last
-     * committed state.
+     * (every pending and later call fails with the error, every connection ends with status
+     * "failed" and the error); reopening restores the last committed state.
      */
     #fail(error, batch) {
       this.#failed = error;
@@ -399,6 +399,7 @@ export function makeReplicaClass(platform) {
         helloFrame: (token, collections) => replica.#use().helloFrame(token, collections),
         handshake: (frame) => replica.#use().handshake(frame),
         pingFrame: (nonce) => replica.#use().pingFrame(nonce),
+        flushed: () => replica.#pump(true),
         openSession: (connection, relay, collections) => {
           const handle = replica.#connections.get(connection);
           if (!handle) throw weftError("Closed", "the connection was closed");

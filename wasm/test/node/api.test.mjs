@@ -17,7 +17,7 @@ import {
   trackUnhandledRejections,
   until,
 } from "../support/common.mjs";
-import { startRelay, wasmDir } from "../support/weft.mjs";
+import { CliReplica, startRelay, tempDir, wasmDir } from "../support/weft.mjs";
 
 const SYNC_TIMEOUT = 20_000;
 
@@ -317,5 +317,29 @@ describe("the JS surface", { timeout: 120_000 }, () => {
         await replica.close();
       }
     });
+  });
+
+  it("whenSynced waits for writes made before it, not yet committed", async () => {
+    const tmp = tempDir();
+    const replica = await Replica.open({ storage: "memory" });
+    const connection = replica.connect(relay.url, { collections: ["pending"] });
+    try {
+      await connection.whenSynced({ timeout: SYNC_TIMEOUT });
+      assert.equal(connection.status, "synced");
+      // Not awaited: the write is not committed when whenSynced is called.
+      let committed = false;
+      const created = replica.create("pending", { title: "in flight" });
+      created.then(() => (committed = true));
+      await connection.whenSynced({ timeout: SYNC_TIMEOUT });
+      assert.ok(committed, "whenSynced resolved before the write was committed");
+      const id = await created;
+      const cli = new CliReplica(tmp.dir);
+      await cli.sync(relay.url);
+      assert.deepEqual((await cli.get(id))?.body, { title: "in flight" }, "the relay had it");
+    } finally {
+      connection.disconnect();
+      await replica.close();
+      tmp.cleanup();
+    }
   });
 });

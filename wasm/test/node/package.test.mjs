@@ -98,7 +98,7 @@ describe("the npm package", { timeout: 120_000 }, () => {
          const status: Status = c.status;
          c.on("offline", (e) => e.error?.code);
          c.on("rejected", (e) => e.reason);
-         c.on("closed", (e) => e.status, { signal: controller.signal });
+         c.on("failed", (e) => e.error?.cause, { signal: controller.signal });
          c.on("error", (e) => e.doc);
          await c.whenSynced({ timeout: 10, signal: controller.signal }).catch((e: unknown) => {
            if (e instanceof WeftError) {
@@ -109,6 +109,7 @@ describe("the npm package", { timeout: 120_000 }, () => {
            }
          });
          switch (status) {
+           case "failed":
            case "rejected":
            case "closed":
              console.log(c.error?.code);
