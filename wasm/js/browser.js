@@ -2,12 +2,12 @@
 // IndexedDB persistence, the browser's WebSocket.
 
 import init, * as wasm from "../pkg/weft_wasm.js";
+import { asWeftError } from "./errors.js";
 import { makeReplicaClass } from "./replica.js";
 // replica.js's own imports, named here too so that a browser without a bundler fetches the
 // whole module graph in one round trip instead of two.
 import "./connection.js";
 import "./emitter.js";
-import "./errors.js";
 import "./storage.js";
 
 let loading;
@@ -20,7 +20,13 @@ let loading;
 function init_(options) {
   loading ??= init(
     options ?? { module_or_path: new URL("../pkg/weft_wasm_bg.wasm", import.meta.url) },
-  ).then(() => wasm);
+  ).then(
+    () => wasm,
+    (e) => {
+      loading = undefined; // the next call tries again
+      throw asWeftError(e, "Internal");
+    },
+  );
   return loading;
 }
 
@@ -40,3 +46,4 @@ export const Replica = makeReplicaClass({
 
 export { init_ as init };
 export { Connection } from "./connection.js";
+export { WeftError } from "./errors.js";

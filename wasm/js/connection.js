@@ -5,15 +5,28 @@
 // Status: "connecting" (dialing, or waiting for Welcome) -> "connected" (session up, changes in
 // flight) <-> "synced" (the replica and the relay hold the same documents) -> "offline" (the
 // socket is gone; `error` says why; a new attempt follows) | "rejected" (the relay refused the
-// session: bad token, forbidden collection, protocol version; no further attempt) | "closed"
+// session: bad token, forbidden collection, protocol version; no further attempt) | "failed"
+// (the replica's storage failed: `error` has code "Storage"; no further attempt) | "closed"
 // (after `disconnect()`).
+//
+// The replica drives a connection through a handle made with it (`newConnection`): `start`,
+// `send`, `sessionEvent`, `fail`. Those are closures over private methods, so user code sees
+// only the documented members.
 
 import { Emitter } from "./emitter.js";
-import { weftError } from "./errors.js";
+import { abortError, checkSignal, weftError } from "./errors.js";
 
 /** The postcard variant index of `Message::Sync` in a frame (after the 3-byte header). */
 const SYNC_TAG = 5;
 const HANDSHAKE_TIMEOUT_MS = 10_000;
+/** Only `newConnection` may construct a Connection. */
+const CREATE = Symbol("Connection");
+
+/**
+ * Makes a connection for a replica: `{connection, handle}`, where `handle` is what only the
+ * replica may call (set by Connection's static block below).
+ */
+export let newConnection;
 
 export class Connection {
   #driver;
@@ -37,8 +50,24 @@ export class Connection {
   #unwatchOnline = null;
   #keepalive;
 
+  static {
+    newConnection = (driver, url, options) => {
+      const connection = new Connection(CREATE, driver, url, options);
+      const handle = {
+        start: () => connection.#start(),
+        send: (frame) => connection.#send(frame),
+        sessionEvent: (event, sentSync) => connection.#sessionEvent(event, sentSync),
+        fail: (error) => connection.#fail(error),
+      };
+      return { connection, handle };
+    };
+  }
+
   /** Use `replica.connect(url, options)`. */
-  constructor(driver, url, options = {}) {
+  constructor(token, driver, url, options = {}) {
+    if (token !== CREATE) {
+      throw weftError("InvalidArgument", "use `replica.connect(url, options)` to make a Connection");
+    }
     this.#driver = driver;
     this.#url = checkUrl(url);
     this.#token = options.token ?? null;
@@ -55,12 +84,12 @@ export class Connection {
     return this.#url;
   }
 
-  /** "connecting" | "connected" | "synced" | "offline" | "rejected" | "closed". */
+  /** "connecting" | "connected" | "synced" | "offline" | "rejected" | "failed" | "closed". */
   get status() {
     return this.#status;
   }
 
-  /** Why the connection is offline (an Error), or null. */
+  /** Why the connection is offline or failed (a WeftError), or null. */
   get error() {
     return this.#error;
   }
@@ -82,13 +111,14 @@ export class Connection {
 
   /**
    * Listens to `type`: "status" (every change, `{status, error?, reason?, code?}`), or one
-   * status by name ("connecting", "connected", "synced", "offline", "rejected", "closed"), or
-   * "error" (`{code, message, doc}`: an error the relay reported, e.g. code "Forbidden" for a
-   * document this replica may not write; such documents are also listed in `refused`).
-   * Returns a function that removes the listener.
+   * status by name ("connecting", "connected", "synced", "offline", "rejected", "failed",
+   * "closed"), or "error" (`{code, message, doc}`: an error the relay reported, e.g. code
+   * "Forbidden" for a document this replica may not write; such documents are also listed in
+   * `refused`). Returns a function that removes the listener; so does aborting
+   * `options.signal`.
    */
-  on(type, listener) {
-    return this.#events.on(type, listener);
+  on(type, listener, options) {
+    return this.#events.on(type, listener, options);
   }
 
   off(type, listener) {
@@ -96,50 +126,76 @@ export class Connection {
   }
 
   /**
-   * Resolves when the replica is in sync with the relay (at once if it is). Rejects when the
-   * relay rejects the session (code "Rejected"), on `disconnect()` ("Closed"), when the
-   * connection is lost without reconnect ("Offline"), or after `options.timeout` ms ("Timeout",
-   * with the last error). Without a timeout it waits through any number of reconnects.
+   * Resolves when the replica is in sync with the relay: every write made before the call is
+   * committed and the relay holds it (if it already is: once the pending writes committed).
+   * Rejects when the relay rejects the session (code "Rejected"), the replica's storage fails
+   * (that error, code "Storage"), on `disconnect()` ("Closed"), when the connection is lost
+   * without reconnect ("Offline"), after `options.timeout` ms ("Timeout", with the last
+   * error), or when `options.signal` aborts ("Aborted", the signal's reason as `cause`).
+   * Without a timeout it waits through any number of reconnects.
    */
   whenSynced(options = {}) {
-    if (this.#status === "synced") return Promise.resolve();
+    const { timeout } = options;
+    let signal;
+    try {
+      signal = checkSignal(options.signal);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    if (signal?.aborted) return Promise.reject(abortError(signal, "whenSynced"));
     const terminal = this.#terminalError();
     if (terminal) return Promise.reject(terminal);
     return new Promise((resolve, reject) => {
+      let settled = false;
       let timer;
-      const off = this.#events.on("status", () => {
-        if (this.#status === "synced") {
-          finish();
-          resolve();
-          return;
-        }
-        const error = this.#terminalError();
-        if (error) {
-          finish();
-          reject(error);
-        }
-      });
-      const finish = () => {
+      let off = () => {};
+      const settle = (error) => {
+        if (settled) return;
+        settled = true;
         off();
         clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        if (error) reject(error);
+        else resolve();
       };
-      if (options.timeout != null) {
+      const onAbort = () => settle(abortError(signal, "whenSynced"));
+      const check = () => {
+        if (this.#status === "synced") settle();
+        else {
+          const error = this.#terminalError();
+          if (error) settle(error);
+        }
+      };
+      signal?.addEventListener("abort", onAbort, { once: true });
+      if (timeout != null) {
         timer = setTimeout(() => {
-          finish();
           const last = this.#error ? `; last error: ${this.#error.message}` : "";
-          reject(
+          settle(
             weftError(
               "Timeout",
-              `not in sync with ${this.#url} after ${options.timeout} ms (status ${this.#status}${last})`,
+              `not in sync with ${this.#url} after ${timeout} ms (status ${this.#status}${last})`,
               { status: this.#status, cause: this.#error ?? undefined },
             ),
           );
-        }, options.timeout);
+        }, timeout);
       }
+      // "synced" is about committed writes: first let the writes made so far commit (their
+      // frames go out then, and the status moves), or fail (then so does this).
+      this.#driver.flushed().then(
+        () => {
+          if (settled) return;
+          off = this.#events.on("status", check);
+          check();
+        },
+        (error) => settle(error),
+      );
     });
   }
 
-  /** Closes the socket and stops reconnecting; status becomes "closed". */
+  /**
+   * Closes the socket and stops reconnecting; status becomes "closed" (unless the connection
+   * already ended: "rejected", "failed", or "offline" without reconnect).
+   */
   disconnect() {
     if (this.#stopped) return;
     this.#stopped = true;
@@ -153,7 +209,7 @@ export class Connection {
 
   // ----- internals -------------------------------------------------------------------------
 
-  start() {
+  #start() {
     this.#unwatchOnline = this.#driver.onlineEvents?.(() => this.#retryNow());
     this.#redial();
   }
@@ -165,8 +221,10 @@ export class Connection {
           reason: this.#reason,
           rejectCode: this.#rejectCode,
         });
+      case "failed":
+        return this.#failure;
       case "closed":
-        return this.#failure ?? weftError("Closed", "the connection was closed");
+        return weftError("Closed", "the connection was closed");
       case "offline":
         return this.#reconnect ? null : this.#error;
       default:
@@ -175,7 +233,7 @@ export class Connection {
   }
 
   #rejectCode = null;
-  #failure = null; // the replica's storage error that closed this connection
+  #failure = null; // the replica's storage error that ended this connection
 
   #setStatus(status, detail = {}) {
     if (status === this.#status && status !== "offline") return;
@@ -403,10 +461,10 @@ export class Connection {
     } catch {}
   }
 
-  // ----- called by the replica after a commit ------------------------------------------
+  // ----- called by the replica (through the handle) after a commit ---------------------
 
   /** Sends a frame; returns whether it carried changes (a Sync message). */
-  _send(frame) {
+  #send(frame) {
     const ws = this.#ws;
     if (!ws || this.#peer == null) return false;
     try {
@@ -423,7 +481,7 @@ export class Connection {
     return false;
   }
 
-  _sessionEvent(event, sentSync) {
+  #sessionEvent(event, sentSync) {
     switch (event.kind) {
       case "insync":
         if (!sentSync && (this.#status === "connected" || this.#status === "synced")) {
@@ -452,12 +510,21 @@ export class Connection {
     }
   }
 
-  /** The replica's storage failed: stop. */
-  _fail(error) {
+  /**
+   * The replica's storage failed (its memory is ahead of what is committed): stop for good,
+   * with status "failed" and that error. Nothing is sent or reported after this.
+   */
+  #fail(error) {
     if (this.#stopped) return;
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.#unwatchOnline?.();
+    this.#endSession();
+    this.#closeSocket(1000, "replica storage failed");
+    this.#driver.forget(this);
     this.#error = error;
     this.#failure = error;
-    this.disconnect();
+    this.#setStatus("failed", { error });
   }
 }
 

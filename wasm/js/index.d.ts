@@ -5,16 +5,72 @@ export type Json = null | boolean | number | string | Json[] | { [key: string]: 
 /** A document body: a JSON object. */
 export type JsonObject = { [key: string]: Json };
 
-/** Every error the API throws or rejects with: an `Error` with a string `code`. */
-export interface WeftError extends Error {
-  /**
-   * What went wrong: from the engine "NotFound", "Deleted", "InvalidId", "InvalidCollection",
-   * "InvalidJson", "BadPath", "BadFilter", "BadBundle", "UnknownHeads", "Corrupt", "Protocol",
-   * "Limit" (a document or value nested deeper than 100 levels, or beyond the other structure
-   * limits; the message names the limit), ...; from the JS layer "InvalidArgument", "Storage" (IndexedDB failed: reopen the
-   * replica), "Unsupported", "Locked", "Closed", "BadUrl", "Offline", "Rejected", "Timeout".
-   */
-  code: string;
+/**
+ * What went wrong. From the engine: "NotFound", "Deleted", "InvalidId", "InvalidCollection",
+ * "InvalidJson", "BadPath", "NotText", "BadFilter", "BadBundle", "UnknownHeads", "Corrupt",
+ * "Protocol", "Limit" (a document or value nested deeper than 100 levels, or beyond the other
+ * structure limits; the message names the limit), ...; from the JS layer: "InvalidArgument", "Storage" (IndexedDB failed: reopen
+ * the replica), "Unsupported", "Locked", "Closed", "BadUrl", "Offline", "Rejected", "Timeout",
+ * "Aborted", "Internal". Codes are stable; new ones may be added.
+ */
+export type WeftErrorCode =
+  | "NotFound"
+  | "Deleted"
+  | "InvalidId"
+  | "InvalidCollection"
+  | "InvalidJson"
+  | "BadPath"
+  | "NotText"
+  | "BadFilter"
+  | "BadBundle"
+  | "UnknownHeads"
+  | "Corrupt"
+  | "Protocol"
+  | "Limit"
+  | "InvalidArgument"
+  | "Storage"
+  | "Unsupported"
+  | "Locked"
+  | "Closed"
+  | "BadUrl"
+  | "Offline"
+  | "Rejected"
+  | "Timeout"
+  | "Aborted"
+  | "Internal"
+  | (string & {});
+
+/**
+ * Every error the API throws or rejects with (errors of the engine included): an `Error` with
+ * a string `code`. `error instanceof WeftError` holds for all of them.
+ */
+export declare class WeftError extends Error {
+  /** `options.cause` becomes `cause`; any other field of `options` is copied onto the error. */
+  constructor(code: WeftErrorCode, message: string, options?: { cause?: unknown; [field: string]: unknown });
+  /** What went wrong (see `WeftErrorCode`). */
+  code: WeftErrorCode;
+  /** "Offline" errors of a closed socket: the WebSocket close code. */
+  closeCode?: number;
+  /** "Rejected": the relay's code and reason, e.g. "Unauthorized: token expired". */
+  reason?: string;
+  /** "Rejected": the relay's code alone, e.g. "Unauthorized". */
+  rejectCode?: string;
+  /** "Timeout" from `whenSynced`: the connection's status then (its last error is `cause`). */
+  status?: Status;
+  /** What caused it: for "Storage", the IndexedDB error; for "Aborted", the signal's reason. */
+  cause?: unknown;
+}
+
+/** Options of a listener: aborting `signal` removes it. */
+export interface ListenerOptions {
+  signal?: AbortSignal;
+}
+
+export interface WhenSyncedOptions {
+  /** Reject with code "Timeout" after this many ms. */
+  timeout?: number;
+  /** Reject with code "Aborted" (the signal's reason as `cause`) when this aborts. */
+  signal?: AbortSignal;
 }
 
 export interface Document {
@@ -84,11 +140,19 @@ export interface ConnectOptions {
   keepalive?: number;
 }
 
-export type Status = "connecting" | "connected" | "synced" | "offline" | "rejected" | "closed";
+/**
+ * "connecting" -> "connected" (changes in flight) <-> "synced"; "offline" (reconnects with
+ * backoff); terminal: "rejected" (by the relay), "failed" (the replica's storage failed; error
+ * code "Storage"), "closed" (after `disconnect()`).
+ */
+export type Status = "connecting" | "connected" | "synced" | "offline" | "rejected" | "failed" | "closed";
 
 export interface StatusEvent {
   status: Status;
-  /** For "offline": why (code "Offline"). */
+  /**
+   * For "offline": why (code "Offline"); for "rejected": code "Rejected"; for "failed": the
+   * storage error (code "Storage").
+   */
   error?: WeftError;
   /** For "rejected": the relay's code and reason, e.g. "Unauthorized: token expired". */
   reason?: string;
@@ -109,6 +173,7 @@ export interface ConnectionEvents {
   synced: StatusEvent;
   offline: StatusEvent;
   rejected: StatusEvent;
+  failed: StatusEvent;
   closed: StatusEvent;
   error: RelayError;
 }
@@ -118,7 +183,7 @@ export declare class Connection {
   private constructor();
   readonly url: string;
   readonly status: Status;
-  /** Why the connection is offline, or null. */
+  /** Why the connection is offline or failed, or null. */
   readonly error: WeftError | null;
   /** Why the relay rejected the session, or null. */
   readonly reason: string | null;
@@ -126,16 +191,21 @@ export declare class Connection {
   readonly granted: string[] | null | undefined;
   /** Documents the relay refused to take from this replica. */
   readonly refused: RelayError[];
-  /** Adds a listener; returns a function that removes it. */
-  on<K extends keyof ConnectionEvents>(type: K, listener: (event: ConnectionEvents[K]) => void): () => void;
+  /** Adds a listener; returns a function that removes it (so does aborting `options.signal`). */
+  on<K extends keyof ConnectionEvents>(
+    type: K,
+    listener: (event: ConnectionEvents[K]) => void,
+    options?: ListenerOptions,
+  ): () => void;
   off<K extends keyof ConnectionEvents>(type: K, listener: (event: ConnectionEvents[K]) => void): void;
   /**
-   * Resolves when the replica is in sync with the relay; rejects on "rejected" (code
-   * "Rejected"), disconnect ("Closed"), a lost connection without reconnect ("Offline"), or
-   * after `timeout` ms ("Timeout").
+   * Resolves when the replica is in sync with the relay, every write made before the call
+   * included; rejects on "rejected" (code "Rejected"), a storage failure ("Storage"),
+   * disconnect ("Closed"), a lost connection without reconnect ("Offline"), after `timeout` ms
+   * ("Timeout"), or when `signal` aborts ("Aborted").
    */
-  whenSynced(options?: { timeout?: number }): Promise<void>;
-  /** Closes the socket and stops reconnecting. */
+  whenSynced(options?: WhenSyncedOptions): Promise<void>;
+  /** Closes the socket and stops reconnecting (status "closed", unless it already ended). */
   disconnect(): void;
 }
 
@@ -176,8 +246,11 @@ export declare class Replica {
   /** Live documents of a collection (null: all) matching a filter like "done = false". */
   list(collection?: string | null, filter?: string | null, options?: ListOptions): Document[];
 
-  /** Calls back for every committed change (local and remote) once durable; returns unsubscribe. */
-  subscribe(callback: (event: ChangeEvent) => void): () => void;
+  /**
+   * Calls back for every committed change (local and remote) once durable; returns unsubscribe
+   * (so does aborting `options.signal`).
+   */
+  subscribe(callback: (event: ChangeEvent) => void, options?: ListenerOptions): () => void;
   /** The durable change feed after `since`. */
   changes(since?: number, options?: ChangesOptions): ChangeEvent[];
   /** The newest change's sequence number (0 when none). */

@@ -4,6 +4,7 @@
 
 import { readFile } from "node:fs/promises";
 import init, * as wasm from "../pkg/weft_wasm.js";
+import { asWeftError } from "./errors.js";
 import { makeReplicaClass } from "./replica.js";
 
 let loading;
@@ -16,7 +17,10 @@ function load(options) {
       (await readFile(new URL("../pkg/weft_wasm_bg.wasm", import.meta.url)));
     await init({ module_or_path: bytes });
     return wasm;
-  })();
+  })().catch((e) => {
+    loading = undefined; // the next call tries again
+    throw asWeftError(e, "Internal");
+  });
   return loading;
 }
 
@@ -36,3 +40,4 @@ export const Replica = makeReplicaClass({
 
 export { load as init };
 export { Connection } from "./connection.js";
+export { WeftError } from "./errors.js";

@@ -9,7 +9,7 @@
 // its write promises resolved and its change events published — in that order, batch after
 // batch. Calls made while a transaction is in flight gather in the next batch (group commit).
 
-import { Connection } from "./connection.js";
+import { newConnection } from "./connection.js";
 import { Emitter } from "./emitter.js";
 import { asWeftError, weftError } from "./errors.js";
 import { IndexedDbStorage, MemoryStorage, deleteIndexedDb } from "./storage.js";
@@ -25,6 +25,12 @@ const TICK_POLL_MS = 10;
  * - `locks()`: the Web Locks API (`navigator.locks`), or undefined.
  */
 export function makeReplicaClass(platform) {
+  /** The wasm module; a failure to load it is a WeftError. */
+  const loadCore = () =>
+    platform.loadCore().catch((e) => {
+      throw asWeftError(e, "Internal");
+    });
+
   class Replica {
     #core;
     #storage;
@@ -36,13 +42,13 @@ export function makeReplicaClass(platform) {
     #failed = null; // the storage error that made this replica unusable
     #closed = false;
     #subscribers = new Emitter();
-    #peers = new Map(); // peer number -> Connection
-    #connections = new Set();
+    #peers = new Map(); // peer number -> its connection's handle
+    #connections = new Map(); // Connection -> its handle (see connection.js)
     #ticker = null;
 
     /** Use `Replica.open()`. */
     constructor(token, core, storage, name, releaseLock) {
-      if (token !== OPEN) throw new TypeError("use `await Replica.open(options)`");
+      if (token !== OPEN) throw weftError("InvalidArgument", "use `await Replica.open(options)`");
       this.#core = core;
       this.#storage = storage;
       this.#name = name;
@@ -66,7 +72,7 @@ export function makeReplicaClass(platform) {
           `unknown storage ${JSON.stringify(storageKind)} (use "indexeddb" or "memory")`,
         );
       }
-      const wasm = await platform.loadCore();
+      const wasm = await loadCore();
       let storage;
       let releaseLock = () => {};
       if (storageKind === "indexeddb") {
@@ -104,7 +110,7 @@ export function makeReplicaClass(platform) {
 
     /** The version of the weft engine inside. */
     static async version() {
-      return (await platform.loadCore()).version();
+      return (await loadCore()).version();
     }
 
     /** This replica's id. */
@@ -186,12 +192,12 @@ export function makeReplicaClass(platform) {
 
     /**
      * Calls `callback(event)` for every committed change from now on, local or remote, in
-     * feed order, after it is durable. Returns a function that unsubscribes.
-     * An event is `{seq, id, collection, kind, heads, origin, at}`.
+     * feed order, after it is durable. Returns a function that unsubscribes; so does
+     * aborting `options.signal`. An event is `{seq, id, collection, kind, heads, origin, at}`.
      */
-    subscribe(callback) {
+    subscribe(callback, options) {
       this.#use();
-      return this.#subscribers.on("change", callback);
+      return this.#subscribers.on("change", callback, options);
     }
 
     /** The durable change feed after `since` (exclusive), oldest first. */
@@ -227,9 +233,9 @@ export function makeReplicaClass(platform) {
      */
     connect(url, options = {}) {
       this.#use();
-      const connection = new Connection(this.#driverFor(), url, options);
-      this.#connections.add(connection);
-      connection.start();
+      const { connection, handle } = newConnection(this.#driverFor(), url, options);
+      this.#connections.set(connection, handle);
+      handle.start();
       return connection;
     }
 
@@ -241,7 +247,7 @@ export function makeReplicaClass(platform) {
     /** Disconnects, waits for pending writes, and releases the storage. */
     async close() {
       if (this.#closed) return;
-      for (const connection of [...this.#connections]) connection.disconnect();
+      for (const connection of [...this.#connections.keys()]) connection.disconnect();
       try {
         if (!this.#failed) await this.#pump(true);
       } finally {
@@ -337,11 +343,11 @@ export function makeReplicaClass(platform) {
     #release(batch) {
       const syncSent = new Set();
       for (const [peer, frame] of batch.frames) {
-        const connection = this.#peers.get(peer);
-        if (connection && connection._send(frame)) syncSent.add(peer);
+        const handle = this.#peers.get(peer);
+        if (handle && handle.send(frame)) syncSent.add(peer);
       }
       for (const event of batch.sessionEvents) {
-        this.#peers.get(event.peer)?._sessionEvent(event, syncSent.has(event.peer));
+        this.#peers.get(event.peer)?.sessionEvent(event, syncSent.has(event.peer));
       }
       for (const waiter of batch.waiters) waiter.resolve();
       for (const event of batch.events) this.#subscribers.emit("change", event);
@@ -349,15 +355,15 @@ export function makeReplicaClass(platform) {
 
     /**
      * A storage transaction failed: memory is now ahead of storage, so this replica stops
-     * (every pending and later call fails with the error); reopening restores the last
-     * committed state.
+     * (every pending and later call fails with the error, every connection ends with status
+     * "failed" and the error); reopening restores the last committed state.
      */
     #fail(error, batch) {
       this.#failed = error;
       const pending = [batch, this.#batch].filter(Boolean);
       this.#batch = null;
       for (const b of pending) for (const waiter of b.waiters) waiter.reject(error);
-      for (const connection of [...this.#connections]) connection._fail(error);
+      for (const handle of [...this.#connections.values()]) handle.fail(error);
       this.#stopTicker();
       console.error("weft: storage failed; reopen the replica", error);
     }
@@ -393,9 +399,12 @@ export function makeReplicaClass(platform) {
         helloFrame: (token, collections) => replica.#use().helloFrame(token, collections),
         handshake: (frame) => replica.#use().handshake(frame),
         pingFrame: (nonce) => replica.#use().pingFrame(nonce),
+        flushed: () => replica.#pump(true),
         openSession: (connection, relay, collections) => {
+          const handle = replica.#connections.get(connection);
+          if (!handle) throw weftError("Closed", "the connection was closed");
           const peer = replica.#use().openSession(relay, collections);
-          replica.#peers.set(peer, connection);
+          replica.#peers.set(peer, handle);
           replica.#startTicker();
           replica.#pump(false);
           return peer;

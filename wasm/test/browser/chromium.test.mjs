@@ -183,38 +183,107 @@ describe("in Chromium", { timeout: 300_000 }, () => {
     }
   });
 
-  it("a failed IndexedDB transaction rejects the write with code Storage and stops the replica", async () => {
+  it("a failed IndexedDB transaction rejects the write with code Storage, stops the replica and fails its connections", async () => {
+    // A relay of its own: the documents written here must not reach the other tests' pages.
+    const own = await startRelay();
     const context = await browser.newContext();
     try {
-      const page = await harness(context, server, "failing");
-      const result = await page.evaluate(async () => {
+      const page = await harness(context, server, "failing", own.url);
+      await whenSynced(page);
+      const result = await page.evaluate(async ({ url, timeout }) => {
+        const { WeftError } = await import("weft");
         const r = h.replica;
+        // A second connection: every connection of the replica must fail, not just one.
+        const second = r.connect(url);
+        const secondStatuses = [];
+        second.on("status", (e) => secondStatuses.push(e.status));
+        await second.whenSynced({ timeout });
+        const failedEvents = [];
+        for (const c of [h.connection, second]) c.on("failed", (e) => failedEvents.push(e));
         const id = await r.create("notes", { v: 1 });
+        await Promise.all([h.connection.whenSynced({ timeout }), second.whenSynced({ timeout })]);
+        const mark = h.statuses.length;
+        const secondMark = secondStatuses.length;
         // Another party deletes the database: ours is closed, the next transaction fails.
         await new Promise((resolve, reject) => {
           const req = indexedDB.deleteDatabase("weft:failing");
           req.onsuccess = resolve;
           req.onerror = () => reject(req.error);
         });
+        const outcome = (promise) =>
+          promise.then(
+            () => ({ ok: true }),
+            (e) => ({ error: e }),
+          );
+        // A write, and whenSynced called before it committed: both must reject with the
+        // storage error (whenSynced neither resolves, as the status was "synced", nor hangs).
+        const write = outcome(r.update(id, { v: 2 }));
+        const synced = outcome(h.connection.whenSynced({ timeout }));
+        const [w, s] = await Promise.all([write, synced]);
+        const describe = (e) =>
+          e && {
+            weft: e instanceof WeftError,
+            code: e.code,
+            message: e.message,
+            cause: e.cause?.name,
+          };
         const codeOf = async (fn) => {
           try {
             await fn();
             return "ok";
           } catch (e) {
-            return e instanceof Error && e.code;
+            return e instanceof WeftError && e.code;
           }
         };
+        // Some time for anything that would still report "synced" (a late frame, the ticker).
+        await new Promise((resolve) => setTimeout(resolve, 500));
         return {
-          write: await codeOf(() => r.update(id, { v: 2 })),
+          write: describe(w.error),
+          whenSynced: describe(s.error),
+          sameError: w.error === s.error && w.error === h.connection.error && w.error === second.error,
+          status: [h.connection.status, second.status],
+          error: describe(h.connection.error),
+          events: failedEvents.map((e) => ({ status: e.status, same: e.error === w.error })),
+          after: [h.statuses.slice(mark), secondStatuses.slice(secondMark)],
+          // Later calls: whenSynced on either connection, disconnect (no-op), reads, writes.
+          laterSynced: [await codeOf(() => h.connection.whenSynced()), await codeOf(() => second.whenSynced())],
+          afterDisconnect: (second.disconnect(), second.status),
           read: await codeOf(() => r.get(id)),
           next: await codeOf(() => r.create("notes", {})),
+          connect: await codeOf(() => r.connect(url)),
+          rejections: h.rejections,
         };
-      });
-      assert.deepEqual(result, { write: "Storage", read: "Storage", next: "Storage" });
-      assert.equal(page.problems.length, 1);
+      }, { url: own.url, timeout: TIMEOUT });
+      const storage = {
+        weft: true,
+        code: "Storage",
+        message: result.write.message,
+        cause: result.write.cause,
+      };
+      assert.match(result.write.message, /^writing IndexedDB: .+/, "names IndexedDB and its error");
+      assert.equal(result.write.cause, "InvalidStateError", "the IndexedDB error is the cause");
+      assert.deepEqual(result.write, storage);
+      assert.deepEqual(result.whenSynced, storage, "whenSynced rejects with the storage error");
+      assert.ok(result.sameError, "one error: the write's, whenSynced's, both connections'");
+      assert.deepEqual(result.status, ["failed", "failed"]);
+      assert.deepEqual(result.error, storage);
+      assert.deepEqual(result.events, [
+        { status: "failed", same: true },
+        { status: "failed", same: true },
+      ]);
+      assert.deepEqual(result.after, [["failed"], ["failed"]], "no status after the failure but failed");
+      assert.deepEqual(result.laterSynced, ["Storage", "Storage"]);
+      assert.equal(result.afterDisconnect, "failed");
+      assert.deepEqual(
+        { read: result.read, next: result.next, connect: result.connect },
+        { read: "Storage", next: "Storage", connect: "Storage" },
+      );
+      assert.deepEqual(result.rejections, []);
+      assert.equal(page.problems.length, 1, page.problems.join("\n"));
       assert.match(page.problems[0], /storage failed; reopen the replica/);
     } finally {
       await context.close();
+      await own.stop();
     }
   });
 

@@ -78,7 +78,7 @@ describe("the npm package", { timeout: 120_000 }, () => {
   it("type-checks a TypeScript program using the whole API (tsc --strict, nodenext)", async () => {
     writeFileSync(
       join(project.dir, "check.ts"),
-      `import { Replica, Connection, init, type ChangeEvent, type WeftError, type Status } from "weft";
+      `import { Replica, Connection, WeftError, init, type ChangeEvent, type Status, type WeftErrorCode } from "weft";
        export async function main(): Promise<void> {
          await init();
          const r: Replica = await Replica.open({ name: "x", storage: "memory", seed: 1, now: () => Date.now() });
@@ -90,15 +90,35 @@ describe("the npm package", { timeout: 120_000 }, () => {
          await r.delete(id);
          const title: unknown = r.get(id).body.title;
          const docs = r.list("todos", "done = false", { limit: 5 });
-         const off = r.subscribe((e: ChangeEvent) => void (e.kind === "created" && e.seq));
+         const controller = new AbortController();
+         const off = r.subscribe((e: ChangeEvent) => void (e.kind === "created" && e.seq), { signal: controller.signal });
          off();
          const feed: ChangeEvent[] = r.changes(0, { limit: 10 });
          const c: Connection = r.connect("ws://127.0.0.1:1", { token: "t", collections: ["todos"], initialBackoff: 100 });
          const status: Status = c.status;
          c.on("offline", (e) => e.error?.code);
          c.on("rejected", (e) => e.reason);
+         c.on("failed", (e) => e.error?.cause, { signal: controller.signal });
          c.on("error", (e) => e.doc);
-         await c.whenSynced({ timeout: 10 }).catch((e: WeftError) => e.code);
+         await c.whenSynced({ timeout: 10, signal: controller.signal }).catch((e: unknown) => {
+           if (e instanceof WeftError) {
+             const code: WeftErrorCode = e.code;
+             const closeCode: number | undefined = e.closeCode;
+             const why: unknown = e.cause;
+             console.log(code === "Aborted" || code === "Timeout", closeCode, why, e.rejectCode, e.status);
+           }
+         });
+         switch (status) {
+           case "failed":
+           case "rejected":
+           case "closed":
+             console.log(c.error?.code);
+             break;
+           default:
+             break;
+         }
+         const mine: WeftError = new WeftError("Custom", "made by the app", { cause: new Error("x"), extra: 1 });
+         console.log(mine instanceof Error, mine.code);
          c.disconnect();
          const report = await r.importBundle(r.exportBundle());
          await r.flushed();
@@ -113,7 +133,7 @@ describe("the npm package", { timeout: 120_000 }, () => {
     });
   });
 
-  it("does CRUD, list with filters, and throws Errors with codes", async () => {
+  it("does CRUD, list with filters, and throws WeftErrors with codes", async () => {
     const replica = await weft.Replica.open({ storage: "memory" });
     assert.equal(replica.storage, "memory");
     assert.match(replica.id, /^[1-9A-HJ-NP-Za-km-z]+$/);
@@ -143,6 +163,7 @@ describe("the npm package", { timeout: 120_000 }, () => {
       try {
         await fn();
       } catch (e) {
+        assert.ok(e instanceof weft.WeftError, `a WeftError: ${e}`);
         assert.ok(e instanceof Error, "an Error");
         assert.equal(typeof e.message, "string");
         return e.code;
