@@ -18,6 +18,7 @@ const LABELS = {
   synced: "synced",
   offline: "offline",
   rejected: "rejected",
+  failed: "storage failed",
   closed: "disconnected",
 };
 
@@ -26,7 +27,13 @@ function showStatus({ status, error, reason }) {
   badge.dataset.status = status;
   badge.textContent = LABELS[status] ?? status;
   $("status-detail").textContent =
-    status === "offline" ? `${error?.message ?? ""} — retrying` : status === "rejected" ? reason : "";
+    status === "offline"
+      ? `${error?.message ?? ""} — retrying`
+      : status === "rejected"
+        ? reason
+        : status === "failed"
+          ? `${error?.message ?? ""} — reload the page`
+          : "";
 }
 
 function render(replica) {
