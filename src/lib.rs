@@ -53,7 +53,7 @@ pub mod store;
 pub use automerge;
 pub use automerge::ChangeHash;
 pub use bundle::{Bundle, BundleEntry, BundleError, BundleScope};
-pub use engine::{ChangeEvent, ChangeKind, ImportReport, Origin};
+pub use engine::{ChangeEvent, ChangeKind, ImportReport, Origin, validate_collection};
 pub use error::{Error, Result};
 pub use hooks::{HookGuard, Subscription};
 pub use id::{DocumentId, ReplicaId};

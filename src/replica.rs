@@ -226,8 +226,8 @@ type Transport =
     Arc<dyn Fn(Vec<(PeerId, Message)>, Vec<(PeerId, PeerEvent)>) -> Vec<PeerId> + Send + Sync>;
 
 struct Shared {
-    #[cfg(feature = "net")]
-    router: std::sync::OnceLock<Arc<crate::net::router::Router>>,
+    /// See [`Replica::attachment`].
+    attachment: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
     inner: Mutex<Inner>,
     transport: Mutex<Option<Transport>>,
     /// Whether storage fails (see [`Replica::storage_health`]).
@@ -332,8 +332,7 @@ impl Replica {
                 hooks: Hooks::default(),
                 transport: Mutex::new(None),
                 health: Mutex::default(),
-                #[cfg(feature = "net")]
-                router: std::sync::OnceLock::new(),
+                attachment: std::sync::OnceLock::new(),
                 clock: options.clock.clone(),
                 path,
                 limits: options.limits,
@@ -619,13 +618,19 @@ impl Replica {
             .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(transport));
     }
 
-    /// The network layer's router for this replica, created on first use.
-    #[cfg(feature = "net")]
-    pub(crate) fn net_router(
+    /// The one value of type `T` a layer above keeps with this replica, created on first use
+    /// (the network layer's router: one per replica, shared by its connections). The replica
+    /// stores it without knowing its type, so it never depends on that layer.
+    pub(crate) fn attachment<T: std::any::Any + Send + Sync>(
         &self,
-        init: impl FnOnce() -> Arc<crate::net::router::Router>,
-    ) -> Arc<crate::net::router::Router> {
-        self.shared.router.get_or_init(init).clone()
+        init: impl FnOnce() -> Arc<T>,
+    ) -> Option<Arc<T>> {
+        self.shared
+            .attachment
+            .get_or_init(|| init() as Arc<dyn std::any::Any + Send + Sync>)
+            .clone()
+            .downcast::<T>()
+            .ok()
     }
 
     /// Applies session inputs of any number of sessions in one step: one storage transaction,

@@ -119,7 +119,7 @@ pub(crate) struct Router {
 impl Router {
     /// The replica's router, installing it as the replica's transport on first use.
     pub(crate) fn of(replica: &Replica) -> Arc<Router> {
-        replica.net_router(|| {
+        let install = || {
             let router = Arc::new(Router::default());
             let weak = Arc::downgrade(&router);
             replica.set_transport(move |frames, events| match weak.upgrade() {
@@ -127,6 +127,11 @@ impl Router {
                 None => Vec::new(),
             });
             router
+        };
+        replica.attachment(install).unwrap_or_else(|| {
+            // Only the network layer attaches anything to a replica; cannot happen.
+            tracing::error!("the replica holds another attachment than the router");
+            Arc::new(Router::default())
         })
     }
 

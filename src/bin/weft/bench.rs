@@ -139,7 +139,7 @@ struct Progress {
 }
 
 pub fn fanout(o: FanoutOptions) -> CliResult {
-    weft::engine::validate_collection(&o.collection)?;
+    weft::validate_collection(&o.collection)?;
     if o.clients == 0 || o.changes == 0 {
         return Err(CliError::Input(
             "--clients and --changes must be at least 1".into(),

@@ -853,7 +853,7 @@ fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
         weft::Scope::Collections(args.collections.clone())
     };
     for c in &args.collections {
-        weft::engine::validate_collection(c)?;
+        weft::validate_collection(c)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -1191,7 +1191,7 @@ fn import(
         })?;
         bodies.push((n + 1, Value::Object(body)));
     }
-    weft::engine::validate_collection(collection)?;
+    weft::validate_collection(collection)?;
     let replica = open(db)?;
     let total = bodies.len();
     let bar = indicatif::ProgressBar::with_draw_target(
