@@ -536,6 +536,12 @@ async fn session(
                         next = stream.next().now_or_never();
                     }
                 }
+                // The relay's storage failed: it says so, then closes. Report the cause, not
+                // the close, whichever of the two this read saw first.
+                let relay_storage = batch.iter().find_map(|m| match m {
+                    Message::Error { code: ErrorCode::Storage, message, .. } => Some(message.clone()),
+                    _ => None,
+                });
                 if !batch.is_empty() {
                     if batch.iter().any(|m| matches!(m, Message::Sync { .. })) && *status.borrow() == Status::Synced {
                         let _ = status.send(Status::Connected);
@@ -552,6 +558,9 @@ async fn session(
                         }
                         _ => break lost("internal error while applying the relay's frames"),
                     }
+                }
+                if let Some(message) = relay_storage {
+                    break Ended::Lost(OfflineError::RelayStorage(message));
                 }
                 if let Some(reason) = ended {
                     break lost(reason);
