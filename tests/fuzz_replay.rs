@@ -1,0 +1,232 @@
+//! Replays the fuzz corpora (`fuzz/corpus/<target>/`) and every crash the fuzzers found
+//! (`tests/fixtures/fuzz/<target>/`) through the fuzz targets' own bodies (`fuzz/bodies/`), so
+//! `cargo test` checks exactly what the fuzzers check, without libFuzzer. BENCHMARKS.md
+//! ("Fuzzing") has the campaigns; `scripts/fuzz.sh TARGET [SECONDS]` runs one.
+//!
+//! `cargo test --test fuzz_replay -- --ignored write_seeds` regenerates the seed inputs
+//! (`fuzz/corpus/<target>/seed-*`) from real frames, bundles and documents.
+
+#[allow(dead_code)]
+#[path = "../fuzz/bodies/mod.rs"]
+mod bodies;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+
+use bodies::{bundle_decode, engine_messages, frame_decode, json_automerge};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The corpus and crash-fixture files of a target.
+fn inputs(target: &str) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in [
+        root().join("fuzz/corpus").join(target),
+        root().join("tests/fixtures/fuzz").join(target),
+    ] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.expect("a directory entry").path();
+            if path.is_file() && path.extension().is_none_or(|e| e != "md") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Runs `check` over every input of `target`; fails listing every input that panicked.
+fn replay(target: &str, check: impl Fn(&[u8])) -> usize {
+    let files = inputs(target);
+    let failed: Vec<String> = files
+        .iter()
+        .filter_map(|path| {
+            let data = std::fs::read(path).expect("an input file reads");
+            catch_unwind(AssertUnwindSafe(|| check(&data)))
+                .is_err()
+                .then(|| {
+                    path.strip_prefix(root())
+                        .unwrap_or(path)
+                        .display()
+                        .to_string()
+                })
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{target}: {} of {} inputs failed (panics printed above):\n{}",
+        failed.len(),
+        files.len(),
+        failed.join("\n")
+    );
+    files.len()
+}
+
+#[test]
+fn frame_decode() {
+    assert!(replay("frame_decode", frame_decode::check) > 0);
+}
+
+#[test]
+fn bundle_decode() {
+    assert!(replay("bundle_decode", bundle_decode::check) > 0);
+}
+
+#[test]
+fn engine_messages() {
+    assert!(replay("engine_messages", engine_messages::check) > 0);
+}
+
+#[test]
+fn json_automerge() {
+    assert!(replay("json_automerge", json_automerge::check) > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seeds
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = root().join("fuzz/corpus").join(target);
+    std::fs::create_dir_all(&dir).expect("create the corpus directory");
+    std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write a seed");
+}
+
+/// Writes the seed inputs of every target: recorded sessions, the frames they exchanged (one
+/// of each message kind at least), bundles of real replicas, real documents.
+#[test]
+#[ignore = "writes fuzz/corpus/*/seed-*; run by hand when the bodies' input formats change"]
+fn write_seeds() {
+    use serde_json::json;
+    use weft::protocol::{self, ErrorCode, Message, RejectCode, WireScope};
+    use weft::{BundleScope, ReplicaId};
+
+    // engine_messages, and frames from the same sessions.
+    let (sessions, mut frames) = engine_messages::seeds();
+    for (name, input) in &sessions {
+        write("engine_messages", name, input);
+    }
+    frames.extend([
+        Message::Hello {
+            protocol: 1,
+            replica: ReplicaId::from_seed(2),
+            token: Some("eyJhbGciOiJIUzI1NiJ9.e30.sig".into()),
+            scope: WireScope::Collections(vec!["todos".into(), "notes".into()]),
+        },
+        Message::Welcome {
+            replica: ReplicaId::from_seed(1),
+            scope: WireScope::All,
+            max_frame: 16 << 20,
+        },
+        Message::Reject {
+            code: RejectCode::Forbidden,
+            reason: "collection \"private\" is not granted".into(),
+        },
+        Message::Ping { nonce: 7 },
+        Message::Pong { nonce: u64::MAX },
+        Message::Error {
+            code: ErrorCode::RateLimited,
+            message: "too many creates".into(),
+            doc: Some(bodies::world::world().docs[0].0),
+        },
+    ]);
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    for message in &frames {
+        // A few of each kind: enough to show the fuzzer every variant and payload.
+        let n = seen.entry(message.kind()).or_default();
+        *n += 1;
+        if *n <= 6 {
+            let frame = protocol::encode(message);
+            write(
+                "frame_decode",
+                &format!("{}-{n}", message.kind()),
+                &frame_decode::input(&frame),
+            );
+        }
+    }
+
+    // bundle_decode: the world's own export, a peer's after edits, partial exports, an
+    // unrelated replica's.
+    let world = bodies::world::open();
+    write(
+        "bundle_decode",
+        "world-all",
+        &world.replica.export_bundle(&BundleScope::All).unwrap(),
+    );
+    let peer = bodies::world::open_records(&bodies::world::Kv::new(), 2);
+    peer.replica
+        .import_bundle(&world.replica.export_bundle(&BundleScope::All).unwrap())
+        .unwrap();
+    let since = peer.replica.last_seq();
+    let docs = &bodies::world::world().docs;
+    peer.replica
+        .update(&docs[0].0, json!({"title": "changed", "n": 9.5}))
+        .unwrap();
+    peer.replica.delete(&docs[3].0).unwrap();
+    peer.replica
+        .create("todos", json!({"fresh": [1, {"a": null}]}))
+        .unwrap();
+    for (name, scope) in [
+        ("peer-all", BundleScope::All),
+        ("peer-notes", BundleScope::Collection("notes".into())),
+        ("peer-since", BundleScope::Since(since)),
+    ] {
+        write(
+            "bundle_decode",
+            name,
+            &peer.replica.export_bundle(&scope).unwrap(),
+        );
+    }
+    let other = bodies::world::open_records(&bodies::world::Kv::new(), 3);
+    other.replica.create("todos", json!({"x": 1})).unwrap();
+    write(
+        "bundle_decode",
+        "unrelated",
+        &other.replica.export_bundle(&BundleScope::All).unwrap(),
+    );
+
+    // json_automerge: documents as JSON text, merge patches, Automerge bytes.
+    let texts = [
+        (
+            "object",
+            r#"{"title":"milk","done":false,"n":1,"tags":["a","b"],"x":null}"#,
+        ),
+        (
+            "numbers",
+            r#"{"i":-9223372036854775808,"u":18446744073709551615,"f":1.0,"e":1e300,"z":-0.0,"small":5e-324,"p":0.1}"#,
+        ),
+        (
+            "nested",
+            r#"{"a":{"b":{"c":[[],{},[{"d":"\u00e9\ud83d\ude00"}]]}},"":""}"#,
+        ),
+        ("empty", "{}"),
+        ("not-an-object", "[1,2,3]"),
+        ("scalar", "\"text\""),
+        (
+            "patch",
+            r#"[{"a":1,"b":{"c":2,"d":[1,2,3]},"e":"x"},{"a":null,"b":{"c":2.0,"d":[1,3],"f":{"g":null,"h":1}},"e":{"x":null}}]"#,
+        ),
+        ("patch-same", r#"[{"a":[1,{"b":2}]},{"a":[1,{"b":2}]}]"#),
+    ];
+    for (name, text) in texts {
+        write("json_automerge", name, &json_automerge::json_input(text));
+    }
+    for (i, entry) in weft::Bundle::decode(&peer.replica.export_bundle(&BundleScope::All).unwrap())
+        .unwrap()
+        .entries
+        .iter()
+        .enumerate()
+    {
+        if let weft::BundleEntry::Document { bytes, .. } = entry {
+            write(
+                "json_automerge",
+                &format!("automerge-{i}"),
+                &json_automerge::automerge_input(bytes),
+            );
+        }
+    }
+}
