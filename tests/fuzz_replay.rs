@@ -82,6 +82,18 @@ fn engine_messages() {
     assert!(replay("engine_messages", engine_messages::check) > 0);
 }
 
+/// The engine target's access invariants over every engine input, whatever
+/// `ACCESS_CHECKS_DEFAULT` says.
+#[test]
+#[ignore = "fails until the engine checks write access on catalog entries marked deleted \
+            (tests/fixtures/fuzz/engine_messages/README.md); with the fix, turn \
+            ACCESS_CHECKS_DEFAULT on and drop this test"]
+fn engine_messages_access() {
+    replay("engine_messages", |data| {
+        engine_messages::run(data, engine_messages::AccessChecks::On)
+    });
+}
+
 #[test]
 fn json_automerge() {
     assert!(replay("json_automerge", json_automerge::check) > 0);
@@ -228,5 +240,63 @@ fn write_seeds() {
                 &json_automerge::automerge_input(bytes),
             );
         }
+    }
+}
+
+/// Prints what an input holds, decoded the way its target reads it, and runs it:
+/// `FUZZ_INPUT=path/to/<target>/file cargo test --test fuzz_replay -- --ignored describe --nocapture`
+/// (the target is the name of the file's directory, or `FUZZ_TARGET`).
+#[test]
+#[ignore = "a debugging aid: set FUZZ_INPUT"]
+fn describe() {
+    let Ok(path) = std::env::var("FUZZ_INPUT") else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    let target = std::env::var("FUZZ_TARGET").unwrap_or_else(|_| {
+        let dir = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .unwrap_or_default();
+        dir.to_string_lossy().into_owned()
+    });
+    let data = std::fs::read(&path).expect("FUZZ_INPUT reads");
+    println!("{target}: {} bytes", data.len());
+    match target.as_str() {
+        "frame_decode" => {
+            if let Some((&selector, frame)) = data.split_first() {
+                let limit = frame_decode::limit_of(selector);
+                println!("limit {limit}: {:#?}", weft::protocol::decode(frame, limit));
+            }
+            frame_decode::check(&data);
+        }
+        "bundle_decode" => {
+            println!("{:#?}", weft::Bundle::decode(&data));
+            if let Some(fixed) = bundle_decode::with_valid_header(&data) {
+                println!("with a valid header: {:#?}", weft::Bundle::decode(&fixed));
+            }
+            bundle_decode::check(&data);
+        }
+        "engine_messages" => {
+            if let Some((setup, ops)) = engine_messages::decode_input(&data) {
+                println!("{setup:?}\n{:?}", setup.access());
+                for mut op in ops {
+                    if let engine_messages::Op::Message(m) = &mut op {
+                        engine_messages::remap(m);
+                    }
+                    println!("{op:?}");
+                }
+            }
+            engine_messages::check(&data);
+        }
+        "json_automerge" => {
+            println!(
+                "mode {:?}: {:?}",
+                data.first(),
+                String::from_utf8_lossy(&data[1.min(data.len())..])
+            );
+            json_automerge::check(&data);
+        }
+        other => panic!("unknown target {other:?}"),
     }
 }
