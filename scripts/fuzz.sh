@@ -12,8 +12,9 @@
 # fixture under tests/fixtures/fuzz/TARGET/; tests/fuzz_replay.rs replays those).
 #
 # Knobs: FUZZ_SANITIZER (none; "address" for ASan), FUZZ_CMIN=0 (leave the corpus alone),
-# WEFT_FUZZ_ACCESS (engine_messages: 1 / skip-known turns on the access invariants, see
-# fuzz/bodies/engine_messages.rs). Extra libFuzzer flags: FUZZ_ARGS (e.g. "-seed=1").
+# extra libFuzzer flags in FUZZ_ARGS (e.g. "-seed=1"). engine_messages reads
+# WEFT_FUZZ_ACCESS=1 (check the access invariants) and WEFT_FUZZ_SKIP_KNOWN=1 (keep the known,
+# reported engine bugs out of the inputs, so a campaign finds others): fuzz/bodies/engine_messages.rs.
 # The log is fuzz/work/TARGET.log. Not part of CI; needs `cargo install cargo-fuzz`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

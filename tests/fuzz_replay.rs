@@ -90,7 +90,13 @@ fn engine_messages() {
             ACCESS_CHECKS_DEFAULT on and drop this test"]
 fn engine_messages_access() {
     replay("engine_messages", |data| {
-        engine_messages::run(data, engine_messages::AccessChecks::On)
+        engine_messages::run(
+            data,
+            engine_messages::Mode {
+                access: true,
+                skip_known: false,
+            },
+        )
     });
 }
 
@@ -110,7 +116,11 @@ fn engine_messages_pending() {
     files.sort();
     for path in &files {
         let data = std::fs::read(path).expect("an input file reads");
-        if catch_unwind(AssertUnwindSafe(|| engine_messages::check(&data))).is_err() {
+        let mode = engine_messages::Mode {
+            access: false,
+            skip_known: false,
+        };
+        if catch_unwind(AssertUnwindSafe(|| engine_messages::run(&data, mode))).is_err() {
             failed.push(path.display().to_string());
         }
     }

@@ -16,37 +16,55 @@
 //! Invariants:
 //! - nothing panics, and every frame the engine sends survives the frame codec unchanged;
 //! - a replica restored from the journal shows what the live one shows;
-//! - with [`access_checks`] on: documents in collections the session may not write keep their
+//! - with the access checks on ([`Mode`]): documents in collections the session may not write keep their
 //!   catalog entry (heads digest, tombstone flag), and none appears there; nothing the engine
 //!   sends carries a document or catalog entry of a collection the session may not read.
 //!   Off by default until the engine enforces write access on every path (see BENCHMARKS.md,
-//!   "Fuzzing"); `WEFT_FUZZ_ACCESS=1` turns it on.
+//!   "Fuzzing"); `WEFT_FUZZ_ACCESS=1` turns them on.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use weft::automerge::sync;
 use weft::engine::PeerId;
-use weft::protocol::{self, CatalogEntry, DEFAULT_MAX_FRAME, Message};
+use weft::protocol::{self, CatalogEntry, DEFAULT_MAX_FRAME, Message, Payload};
 use weft::{Access, BundleScope, DocumentId, Replica, ReplicaId, Scope};
 
 use super::world::{self, COLLECTIONS, Open};
 
 /// Whether the access invariants are checked when `WEFT_FUZZ_ACCESS` is not set. Turn on
-/// (`AccessChecks::On`) when the engine refuses every write outside the session's write scope.
-pub const ACCESS_CHECKS_DEFAULT: AccessChecks = AccessChecks::Off;
+/// when the engine refuses every write outside the session's write scope.
+pub const ACCESS_CHECKS_DEFAULT: bool = false;
 
-/// Which access invariants an input is checked against.
+/// How an input is run: which invariants, and whether known, reported bugs are kept out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AccessChecks {
-    Off,
-    /// Both access invariants.
-    On,
-    /// Both, on inputs without the known hole: catalog entries marked deleted, in collections
-    /// the session may not write, are dropped before delivery. The engine turns such an entry
-    /// into a tombstone (tests/fixtures/fuzz/engine_messages/README.md); this mode lets a
-    /// campaign look for other holes until that one is closed.
-    SkipKnown,
+pub struct Mode {
+    /// Check the access invariants (`WEFT_FUZZ_ACCESS=1`).
+    pub access: bool,
+    /// Keep the known, reported bugs out of the input so a campaign can look for others
+    /// (`WEFT_FUZZ_SKIP_KNOWN=1`; never in the replay test): sync items whose Automerge sync
+    /// message `protocol::check_sync_message` refuses are dropped (they crash the engine:
+    /// tests/fixtures/fuzz/engine_messages/pending/README.md), and with `access`, catalog
+    /// entries marked deleted in collections the session may not write (the engine turns them
+    /// into tombstones: tests/fixtures/fuzz/engine_messages/README.md). Remove each with its fix.
+    pub skip_known: bool,
+}
+
+/// The mode the environment asks for (`WEFT_FUZZ_ACCESS`, `WEFT_FUZZ_SKIP_KNOWN`: `1` / `0`).
+pub fn mode() -> Mode {
+    static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        let flag = |name: &str, default: bool| match std::env::var(name).as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => default,
+        };
+        Mode {
+            access: flag("WEFT_FUZZ_ACCESS", ACCESS_CHECKS_DEFAULT),
+            skip_known: flag("WEFT_FUZZ_SKIP_KNOWN", false),
+        }
+    })
 }
 
 /// At most this many operations per input.
@@ -147,18 +165,6 @@ pub fn decode_input(data: &[u8]) -> Option<(Setup, Vec<Op>)> {
     Some((setup, ops))
 }
 
-/// Which access invariants are checked: `WEFT_FUZZ_ACCESS` = `0` (off), `1` (on) or `skip-known`
-/// ([`AccessChecks::SkipKnown`]) overrides [`ACCESS_CHECKS_DEFAULT`].
-pub fn access_checks() -> AccessChecks {
-    static CHECKS: std::sync::OnceLock<AccessChecks> = std::sync::OnceLock::new();
-    *CHECKS.get_or_init(|| match std::env::var("WEFT_FUZZ_ACCESS").as_deref() {
-        Ok("1") => AccessChecks::On,
-        Ok("0") => AccessChecks::Off,
-        Ok("skip-known") => AccessChecks::SkipKnown,
-        _ => ACCESS_CHECKS_DEFAULT,
-    })
-}
-
 /// The peer's replica id (the seed sessions' peer has it too).
 pub fn remote() -> ReplicaId {
     ReplicaId::from_seed(2)
@@ -227,11 +233,11 @@ fn catalog(replica: &Replica) -> BTreeMap<DocumentId, CatalogEntry> {
 }
 
 pub fn check(data: &[u8]) {
-    run(data, access_checks());
+    run(data, mode());
 }
 
-/// Runs an input, checking the access invariants `checks` asks for.
-pub fn run(data: &[u8], checks: AccessChecks) {
+/// Runs an input in `mode`.
+pub fn run(data: &[u8], mode: Mode) {
     let Some((setup, ops)) = decode_input(data) else {
         return;
     };
@@ -246,14 +252,8 @@ pub fn run(data: &[u8], checks: AccessChecks) {
         match op {
             Op::Message(mut message) => {
                 remap(&mut message);
-                if checks == AccessChecks::SkipKnown
-                    && let Message::Entries { entries, .. } = &mut message
-                {
-                    entries.retain(|e| {
-                        !e.deleted
-                            || (access_rights.read.contains(&e.collection)
-                                && access_rights.write.contains(&e.collection))
-                    });
+                if mode.skip_known {
+                    skip_known(&mut message, &access_rights, mode.access);
                 }
                 w.replica.peer_message(peer, message);
             }
@@ -281,11 +281,27 @@ pub fn run(data: &[u8], checks: AccessChecks) {
         );
     }
     let after = catalog(&w.replica);
-    if checks != AccessChecks::Off {
+    if mode.access {
         check_writes(&access_rights, &before, &after);
         check_reads(&access_rights, &after, &sent);
     }
     w.check_restores();
+}
+
+/// See [`Mode::skip_known`].
+fn skip_known(message: &mut Message, access: &Access, access_checked: bool) {
+    match message {
+        Message::Sync { batch } => batch.retain(|item| match &item.payload {
+            Payload::Sync(bytes) => sync::Message::decode(bytes)
+                .map_or(true, |m| protocol::check_sync_message(&m).is_ok()),
+            _ => true,
+        }),
+        Message::Entries { entries, .. } if access_checked => entries.retain(|e| {
+            !e.deleted
+                || (access.read.contains(&e.collection) && access.write.contains(&e.collection))
+        }),
+        _ => {}
+    }
 }
 
 /// Documents in collections the session may not write keep their catalog entries; none is
