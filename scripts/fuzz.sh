@@ -5,9 +5,12 @@
 # How (BENCHMARKS.md "Fuzzing" has the numbers): cargo-fuzz on the stable toolchain with
 # RUSTC_BOOTSTRAP=1 (it passes -Z flags to rustc), one job, debug assertions and overflow checks
 # on (-a), no sanitizer by default (weft and its dependencies are safe Rust; AddressSanitizer made
-# engine_messages 13x slower). New inputs go to fuzz/work/TARGET/ (not committed); afterwards they
-# and the committed corpus fuzz/corpus/TARGET/ are minimized together into fuzz/corpus/TARGET/
-# (cargo fuzz cmin), so the corpus only keeps inputs that add coverage. A crash stops the
+# engine_messages 13x slower). It starts from the seeds (fuzz/seeds/TARGET/, real inputs written
+# by tests/fuzz_replay.rs) and the committed corpus (fuzz/corpus/TARGET/); new inputs go to
+# fuzz/work/TARGET/ (not committed). Afterwards the corpus and the new inputs are minimized
+# together into fuzz/corpus/TARGET/ (cargo fuzz cmin) by edge coverage (-use_counters=0: every
+# edge stays covered, hit counts are not kept, which makes the committed corpus 3-5x smaller;
+# fuzz/work/ keeps the full set for the next campaign). A crash stops the
 # campaign: the input is in fuzz/artifacts/TARGET/ (minimize it with cargo fuzz tmin, make it a
 # fixture under tests/fixtures/fuzz/TARGET/; tests/fuzz_replay.rs replays those).
 #
@@ -28,14 +31,14 @@ command -v cargo-fuzz >/dev/null || {
     echo "error: cargo-fuzz is not installed (cargo install cargo-fuzz)" >&2
     exit 2
 }
-mkdir -p "fuzz/work/$target" "fuzz/corpus/$target"
+mkdir -p "fuzz/work/$target" "fuzz/corpus/$target" "fuzz/seeds/$target"
 log="fuzz/work/$target.log"
 
 cargo fuzz build -a -s "$sanitizer" "$target"
 echo "fuzzing $target for ${seconds}s (sanitizer: $sanitizer, log: $log)"
 status=0
 # shellcheck disable=SC2086 # FUZZ_ARGS is a list of flags
-cargo fuzz run -a -s "$sanitizer" "$target" "fuzz/work/$target" "fuzz/corpus/$target" -- \
+cargo fuzz run -a -s "$sanitizer" "$target" "fuzz/work/$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
     -max_total_time="$seconds" -print_final_stats=1 ${FUZZ_ARGS:-} >"$log" 2>&1 || status=$?
 
 grep -E '^#[0-9]+[[:space:]]+INITED' "$log" | tail -1 || true
@@ -49,7 +52,7 @@ fi
 
 if [ "${FUZZ_CMIN:-1}" != 0 ]; then
     cp -n "fuzz/work/$target"/* "fuzz/corpus/$target"/ 2>/dev/null || true
-    cargo fuzz cmin -a -s "$sanitizer" "$target" "fuzz/corpus/$target" >>"$log" 2>&1
+    cargo fuzz cmin -a -s "$sanitizer" "$target" "fuzz/corpus/$target" -- -use_counters=0 >>"$log" 2>&1
 fi
 echo "corpus fuzz/corpus/$target: $(find "fuzz/corpus/$target" -type f | wc -l) files," \
-    "$(du -sk "fuzz/corpus/$target" | cut -f1) KiB"
+    "$(cat "fuzz/corpus/$target"/* | wc -c) bytes"

@@ -1,10 +1,11 @@
-//! Replays the fuzz corpora (`fuzz/corpus/<target>/`) and every crash the fuzzers found
-//! (`tests/fixtures/fuzz/<target>/`) through the fuzz targets' own bodies (`fuzz/bodies/`), so
+//! Replays the fuzz seeds (`fuzz/seeds/<target>/`), the minimized corpora
+//! (`fuzz/corpus/<target>/`) and every crash the fuzzers found (`tests/fixtures/fuzz/<target>/`)
+//! through the fuzz targets' own bodies (`fuzz/bodies/`), so
 //! `cargo test` checks exactly what the fuzzers check, without libFuzzer. BENCHMARKS.md
 //! ("Fuzzing") has the campaigns; `scripts/fuzz.sh TARGET [SECONDS]` runs one.
 //!
 //! `cargo test --test fuzz_replay -- --ignored write_seeds` regenerates the seed inputs
-//! (`fuzz/corpus/<target>/seed-*`) from real frames, bundles and documents.
+//! (`fuzz/seeds/<target>/`) from real sessions, frames, bundles and documents.
 
 #[allow(dead_code)]
 #[path = "../fuzz/bodies/mod.rs"]
@@ -19,10 +20,11 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The corpus and crash-fixture files of a target.
+/// The seed, corpus and crash-fixture files of a target.
 fn inputs(target: &str) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for dir in [
+        root().join("fuzz/seeds").join(target),
         root().join("fuzz/corpus").join(target),
         root().join("tests/fixtures/fuzz").join(target),
     ] {
@@ -214,15 +216,15 @@ fn json_automerge() {
 // Seeds
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
-    let dir = root().join("fuzz/corpus").join(target);
-    std::fs::create_dir_all(&dir).expect("create the corpus directory");
-    std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write a seed");
+    let dir = root().join("fuzz/seeds").join(target);
+    std::fs::create_dir_all(&dir).expect("create the seed directory");
+    std::fs::write(dir.join(name), bytes).expect("write a seed");
 }
 
 /// Writes the seed inputs of every target: recorded sessions, the frames they exchanged (one
 /// of each message kind at least), bundles of real replicas, real documents.
 #[test]
-#[ignore = "writes fuzz/corpus/*/seed-*; run by hand when the bodies' input formats change"]
+#[ignore = "writes fuzz/seeds/; run by hand when the bodies' input formats change"]
 fn write_seeds() {
     use serde_json::json;
     use weft::protocol::{self, ErrorCode, Message, RejectCode, WireScope};
