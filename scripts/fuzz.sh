@@ -16,8 +16,9 @@
 #
 # Knobs: FUZZ_SANITIZER (none; "address" for ASan), FUZZ_CMIN=0 (leave the corpus alone),
 # extra libFuzzer flags in FUZZ_ARGS (e.g. "-seed=1"). engine_messages reads
-# WEFT_FUZZ_ACCESS=1 (check the access invariants) and WEFT_FUZZ_SKIP_KNOWN=1 (keep the known,
-# reported engine bugs out of the inputs, so a campaign finds others): fuzz/bodies/engine_messages.rs.
+# WEFT_FUZZ_ACCESS=1 (check the access invariants; off by default) and WEFT_FUZZ_SKIP_KNOWN=0
+# (stop keeping the known, reported engine bugs out of the inputs; on by default, so campaigns
+# find other bugs): fuzz/bodies/engine_messages.rs.
 # The log is fuzz/work/TARGET.log. Not part of CI; needs `cargo install cargo-fuzz`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

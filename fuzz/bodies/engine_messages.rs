@@ -37,13 +37,19 @@ use super::world::{self, COLLECTIONS, Open};
 /// when the engine refuses every write outside the session's write scope.
 pub const ACCESS_CHECKS_DEFAULT: bool = false;
 
+/// Whether known, reported bugs are kept out of the inputs when `WEFT_FUZZ_SKIP_KNOWN` is not
+/// set ([`Mode::skip_known`]). On, so that the corpora (which campaigns grew with it on) replay
+/// cleanly; the pending fixtures replay with it off. Turn off (and delete the skipping) when the
+/// engine refuses the Bloom filters `protocol::check_sync_message` refuses.
+pub const SKIP_KNOWN_DEFAULT: bool = true;
+
 /// How an input is run: which invariants, and whether known, reported bugs are kept out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mode {
     /// Check the access invariants (`WEFT_FUZZ_ACCESS=1`).
     pub access: bool,
     /// Keep the known, reported bugs out of the input so a campaign can look for others
-    /// (`WEFT_FUZZ_SKIP_KNOWN=1`; never in the replay test): sync items whose Automerge sync
+    /// (`WEFT_FUZZ_SKIP_KNOWN`, default [`SKIP_KNOWN_DEFAULT`]): sync items whose Automerge sync
     /// message `protocol::check_sync_message` refuses are dropped (they crash the engine:
     /// tests/fixtures/fuzz/engine_messages/pending/README.md), and with `access`, catalog
     /// entries marked deleted in collections the session may not write (the engine turns them
@@ -62,7 +68,7 @@ pub fn mode() -> Mode {
         };
         Mode {
             access: flag("WEFT_FUZZ_ACCESS", ACCESS_CHECKS_DEFAULT),
-            skip_known: flag("WEFT_FUZZ_SKIP_KNOWN", false),
+            skip_known: flag("WEFT_FUZZ_SKIP_KNOWN", SKIP_KNOWN_DEFAULT),
         }
     })
 }
