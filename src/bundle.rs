@@ -181,7 +181,8 @@ impl Bundle {
         let body = &bytes[HEADER_LEN..];
         if (body.len() as u64) < body_len {
             return Err(BundleError::Truncated {
-                expected: HEADER_LEN as u64 + body_len,
+                // A damaged length can be near u64::MAX.
+                expected: (HEADER_LEN as u64).saturating_add(body_len),
                 found: bytes.len() as u64,
             });
         }
@@ -243,6 +244,21 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_huge_body_length_is_truncation_not_a_panic() {
+        // Found by fuzzing (tests/fixtures/fuzz/bundle_decode/body-length-overflow): the
+        // expected size overflowed u64 in the error.
+        let mut bytes = sample().encode();
+        bytes[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(
+            Bundle::decode(&bytes),
+            Err(BundleError::Truncated {
+                expected: u64::MAX,
+                found: bytes.len() as u64
+            })
+        );
     }
 
     #[test]

@@ -737,6 +737,26 @@ mod tests {
     use automerge::AutoCommit;
     use serde_json::json;
 
+    #[test]
+    fn a_float_reads_back_from_its_stored_text_bit_for_bit() {
+        // A replica stores a document's body as JSON text and `get` parses it back; without
+        // serde_json's `float_roundtrip` that parse can be an ulp off, and `get` disagreed with
+        // the Automerge document (found by fuzzing:
+        // tests/fixtures/fuzz/json_automerge/stored-body-float-drifts).
+        for f in [
+            9.224674407370955e19,
+            5e-324,
+            0.1,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            -123_456_789.123_456_78,
+        ] {
+            let text = Value::from(f).to_string();
+            let back: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.as_f64().map(f64::to_bits), Some(f.to_bits()), "{text}");
+        }
+    }
+
     fn doc_of(value: Value) -> AutoCommit {
         let mut doc = AutoCommit::new();
         create_root(&mut doc, &into_object(value).unwrap()).unwrap();

@@ -21,10 +21,12 @@
 //! exchange ends there. Otherwise only the differing buckets' entries are exchanged.
 
 mod frame;
+mod sync_guard;
 
 use serde::{Deserialize, Serialize};
 
 pub use frame::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ProtocolError, decode, encode};
+pub use sync_guard::{MAX_BLOOM_PROBES, check_sync_message};
 
 /// Sync items are packed into frames of about this many payload bytes.
 pub const TARGET_FRAME_BYTES: usize = 1 << 20;
