@@ -84,58 +84,12 @@ fn engine_messages() {
     assert!(replay("engine_messages", engine_messages::check) > 0);
 }
 
-/// The engine target's access invariants over every engine input, whatever
-/// `ACCESS_CHECKS_DEFAULT` says, without skipping known bugs.
+/// What the Bloom filter panic did to a relay that survived it (`net/applier.rs` catches
+/// panics): the batch's other changes stayed in the engine's memory, uncommitted; the next
+/// edit stored a chunk without them, and after a restart the document no longer loaded. Now
+/// the filter is refused before Automerge sees it, and a step that panics anyway is rolled
+/// back with the engine's memory (`Engine::recover`).
 #[test]
-#[ignore = "fails until the engine checks write access on catalog entries marked deleted \
-            (tests/fixtures/fuzz/engine_messages/README.md) and refuses the Bloom filters \
-            some corpus inputs carry (pending/README.md); with both fixes, turn \
-            ACCESS_CHECKS_DEFAULT on, SKIP_KNOWN_DEFAULT off, and drop this test"]
-fn engine_messages_access() {
-    replay("engine_messages", |data| {
-        engine_messages::run(
-            data,
-            engine_messages::Mode {
-                access: true,
-                skip_known: false,
-            },
-        )
-    });
-}
-
-/// Engine crashes found but not fixed yet (see the README there).
-#[test]
-#[ignore = "crashes the engine until it checks peers' Bloom filters \
-            (tests/fixtures/fuzz/engine_messages/pending/README.md)"]
-fn engine_messages_pending() {
-    let dir = root().join("tests/fixtures/fuzz/engine_messages/pending");
-    let mut failed = Vec::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("the pending directory")
-        .map(|e| e.expect("a directory entry").path())
-        // `.oom` inputs would allocate gigabytes; replay those under libFuzzer only.
-        .filter(|p| p.extension().is_none())
-        .collect();
-    files.sort();
-    for path in &files {
-        let data = std::fs::read(path).expect("an input file reads");
-        let mode = engine_messages::Mode {
-            access: false,
-            skip_known: false,
-        };
-        if catch_unwind(AssertUnwindSafe(|| engine_messages::run(&data, mode))).is_err() {
-            failed.push(path.display().to_string());
-        }
-    }
-    assert!(failed.is_empty(), "still crashing:\n{}", failed.join("\n"));
-}
-
-/// What the Bloom filter panic does to a relay that survives it (`net/applier.rs` catches
-/// panics): the batch's other changes stay in the engine's memory, uncommitted; the next edit
-/// stores a chunk without them, and after a restart the document no longer loads.
-#[test]
-#[ignore = "corrupts a document until the engine refuses the Bloom filter and the driver \
-            forgets what a panicked step changed (pending/README.md)"]
 fn a_panic_mid_batch_does_not_corrupt_a_document() {
     use serde_json::json;
     use weft::automerge::sync::{BloomFilter, ChunkList, Have, Message as SyncMessage};

@@ -33,15 +33,14 @@ use weft::{Access, BundleScope, DocumentId, Replica, ReplicaId, Scope};
 
 use super::world::{self, COLLECTIONS, Open};
 
-/// Whether the access invariants are checked when `WEFT_FUZZ_ACCESS` is not set. Turn on
-/// when the engine refuses every write outside the session's write scope.
-pub const ACCESS_CHECKS_DEFAULT: bool = false;
+/// Whether the access invariants are checked when `WEFT_FUZZ_ACCESS` is not set: on, since
+/// the engine's write gate refuses every write outside the session's write scope.
+pub const ACCESS_CHECKS_DEFAULT: bool = true;
 
 /// Whether known, reported bugs are kept out of the inputs when `WEFT_FUZZ_SKIP_KNOWN` is not
-/// set ([`Mode::skip_known`]). On, so that the corpora (which campaigns grew with it on) replay
-/// cleanly; the pending fixtures replay with it off. Turn off (and delete the skipping) when the
-/// engine refuses the Bloom filters `protocol::check_sync_message` refuses.
-pub const SKIP_KNOWN_DEFAULT: bool = true;
+/// set ([`Mode::skip_known`]). Off: both reported bugs (the Entries tombstone hole, the Bloom
+/// filters Automerge trusts) are fixed, and their fixtures replay with everything else.
+pub const SKIP_KNOWN_DEFAULT: bool = false;
 
 /// How an input is run: which invariants, and whether known, reported bugs are kept out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,7 +139,10 @@ impl Setup {
         Access {
             read: scopes[usize::from(self.read & 3)].clone(),
             write: scopes[usize::from(self.write & 3)].clone(),
-            creates_per_minute: self.creates_per_minute.map(u32::from),
+            creates: self.creates_per_minute.map(|per_minute| weft::CreateLimit {
+                per_minute: u32::from(per_minute),
+                burst: 0,
+            }),
         }
     }
 }

@@ -258,6 +258,16 @@ impl Engine {
                 );
             }
         };
+        // Automerge trusts a peer's Bloom filters: one without bits panics it, one with
+        // billions of probes allocates them all (found by fuzzing). Refused before it sees them.
+        if let Err(reason) = crate::protocol::check_sync_message(&message) {
+            return self.peer_error(
+                peer,
+                ErrorCode::BadDocument,
+                format!("sync message refused: {reason}"),
+                Some(id),
+            );
+        }
         // Changes are a write; so are heads we lack (the peer holds changes): a peer that may
         // not write is refused either, and a writer needs a permit only to apply changes.
         let lacks_heads = match self.touch(&id) {
