@@ -413,6 +413,7 @@ fn follow(db: &Path, case: &str, initial: u64, write: impl FnOnce()) {
                 }
                 other => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     panic!("{case}: the follower stopped or stalled ({other:?}) after {seen:?}");
                 }
             }

@@ -166,6 +166,11 @@ pub enum StoreError {
     /// A stored value is not what weft wrote.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Reading a file read-only while another process writes it through a WAL this process
+    /// may not share (its `-shm` is not writable to us): passing, try again once the writer
+    /// is done (it removes the WAL when it closes the file).
+    #[error("{0}")]
+    InUse(String),
 }
 
 #[cfg(feature = "sqlite")]

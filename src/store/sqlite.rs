@@ -428,7 +428,9 @@ impl SqliteStore {
             match header(&conn) {
                 Ok(app_id) => (conn, StoreMode::ReadOnly, app_id),
                 Err(e) if cannot_share(&e) && wal_exists => {
-                    return Err(open_err(format!(
+                    // A writer we cannot share with has the file open (typically for the
+                    // moment of a write): say so as a passing condition, to try again.
+                    return Err(StoreError::InUse(format!(
                         "{wal} holds commits that may not be in the file yet, and SQLite \
                          cannot open {shown}-shm to read them (is the directory writable?): {e}"
                     )));

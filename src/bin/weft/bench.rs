@@ -23,7 +23,8 @@ use weft::net::{ConnectOptions, Connection, Status};
 use weft::protocol::{self, CatalogSummary, Message, WireScope};
 use weft::{ChangeEvent, ChangeKind, Replica, ReplicaId, Scope};
 
-use super::{CliError, CliResult, out, shutdown_signal};
+use crate::common::{CliError, CliResult, out};
+use crate::serve::shutdown_signal;
 
 /// How long connecting and the initial sync of all replicas may take.
 const SETUP_LIMIT: Duration = Duration::from_secs(120);
