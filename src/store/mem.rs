@@ -334,31 +334,7 @@ impl MemStore {
                 body,
                 snapshot,
                 seq,
-            } => {
-                // (Checked in `commit` before anything is applied.)
-                let key = self.next_key;
-                self.next_key += 1;
-                self.ids.insert(id, key);
-                self.journal.push(Record::Put {
-                    table: Table::Chunks,
-                    key: chunk_key(&id, 0),
-                    value: snapshot.clone(),
-                });
-                self.docs.insert(
-                    key,
-                    Doc {
-                        id,
-                        collection,
-                        deleted: false,
-                        heads,
-                        body: Some(body),
-                        updated_seq: seq,
-                        chunks: BTreeMap::from([(0, snapshot)]),
-                        snapshot: true,
-                    },
-                );
-                self.put_row(key);
-            }
+            } => self.insert_document(id, collection, heads, body, snapshot, seq),
             StorageOp::PutDocument {
                 id,
                 collection,
@@ -366,116 +342,177 @@ impl MemStore {
                 heads,
                 body,
                 seq,
-            } => {
-                let key = match self.ids.get(&id) {
-                    Some(key) => *key,
-                    None => {
-                        let key = self.next_key;
-                        self.next_key += 1;
-                        self.ids.insert(id, key);
-                        self.docs.insert(
-                            key,
-                            Doc {
-                                id,
-                                collection: collection.clone(),
-                                deleted,
-                                heads: Vec::new(),
-                                body: None,
-                                updated_seq: seq,
-                                chunks: BTreeMap::new(),
-                                snapshot: false,
-                            },
-                        );
-                        key
-                    }
-                };
-                if let Some(doc) = self.docs.get_mut(&key) {
-                    doc.deleted = deleted;
-                    doc.heads = heads;
-                    doc.body = body;
-                    doc.updated_seq = seq;
-                }
-                self.put_row(key);
-            }
-            StorageOp::AppendChunk { id, bytes } => {
-                let doc = self.doc_mut(&id)?;
-                let n = doc.chunks.keys().next_back().map_or(1, |n| n + 1);
-                doc.chunks.insert(n, bytes.clone());
-                self.journal.push(Record::Put {
-                    table: Table::Chunks,
-                    key: chunk_key(&id, n),
-                    value: bytes,
-                });
-            }
-            StorageOp::ReplaceChunks { id, snapshot } => {
-                let doc = self.doc_mut(&id)?;
-                doc.chunks = BTreeMap::from([(0, snapshot.clone())]);
-                doc.snapshot = true;
-                self.journal.push(Record::DeletePrefix {
-                    table: Table::Chunks,
-                    prefix: format!("{id}/"),
-                });
-                self.journal.push(Record::Put {
-                    table: Table::Chunks,
-                    key: chunk_key(&id, 0),
-                    value: snapshot,
-                });
-            }
-            StorageOp::PurgeChunks { id } => {
-                let doc = self.doc_mut(&id)?;
-                doc.chunks.clear();
-                doc.snapshot = false;
-                self.journal.push(Record::DeletePrefix {
-                    table: Table::Chunks,
-                    prefix: format!("{id}/"),
-                });
-                let peers: Vec<ReplicaId> = self
-                    .sync_states
-                    .keys()
-                    .filter(|(_, d)| *d == id)
-                    .map(|(p, _)| *p)
-                    .collect();
-                for peer in peers {
-                    self.sync_states.remove(&(peer, id));
-                    self.journal.push(Record::DeletePrefix {
-                        table: Table::SyncStates,
-                        prefix: format!("{peer}/{id}"),
-                    });
-                }
-            }
-            StorageOp::PutSyncState { peer, id, state } => {
-                // As in SQLite: only for a stored, live document.
-                if self.doc(&id).is_some_and(|d| !d.deleted) {
-                    self.journal.push(Record::Put {
-                        table: Table::SyncStates,
-                        key: format!("{peer}/{id}"),
-                        value: state.clone(),
-                    });
-                    self.sync_states.insert((peer, id), state);
-                }
-            }
-            StorageOp::AppendChange(event) => {
-                if self.doc(&event.id).is_none() {
-                    return Err(corrupt(format!(
-                        "change for {}, which has no catalog row",
-                        event.id
-                    )));
-                }
-                let row = ChangeRow {
-                    id: *event.id.as_bytes(),
-                    kind: event.kind.as_u8(),
-                    heads: encode_heads(&event.heads),
-                    origin: event.origin.to_string(),
-                    at: event.at,
-                };
-                self.journal.push(Record::Put {
-                    table: Table::Changes,
-                    key: format!("{:020}", event.seq),
-                    value: postcard::to_allocvec(&row).unwrap_or_default(),
-                });
-                self.changes.insert(event.seq, event);
-            }
+            } => self.put_document(id, collection, deleted, heads, body, seq),
+            StorageOp::AppendChunk { id, bytes } => self.append_chunk(id, bytes)?,
+            StorageOp::ReplaceChunks { id, snapshot } => self.replace_chunks(id, snapshot)?,
+            StorageOp::PurgeChunks { id } => self.purge_chunks(id)?,
+            StorageOp::PutSyncState { peer, id, state } => self.put_sync_state(peer, id, state),
+            StorageOp::AppendChange(event) => self.append_change(event)?,
         }
+        Ok(())
+    }
+
+    /// A document new to storage (checked in `commit` before anything is applied).
+    fn insert_document(
+        &mut self,
+        id: DocumentId,
+        collection: String,
+        heads: Vec<automerge::ChangeHash>,
+        body: String,
+        snapshot: Vec<u8>,
+        seq: u64,
+    ) {
+        let key = self.next_key;
+        self.next_key += 1;
+        self.ids.insert(id, key);
+        self.journal.push(Record::Put {
+            table: Table::Chunks,
+            key: chunk_key(&id, 0),
+            value: snapshot.clone(),
+        });
+        self.docs.insert(
+            key,
+            Doc {
+                id,
+                collection,
+                deleted: false,
+                heads,
+                body: Some(body),
+                updated_seq: seq,
+                chunks: BTreeMap::from([(0, snapshot)]),
+                snapshot: true,
+            },
+        );
+        self.put_row(key);
+    }
+
+    /// Inserts or replaces a catalog row and its body.
+    fn put_document(
+        &mut self,
+        id: DocumentId,
+        collection: String,
+        deleted: bool,
+        heads: Vec<automerge::ChangeHash>,
+        body: Option<String>,
+        seq: u64,
+    ) {
+        let key = match self.ids.get(&id) {
+            Some(key) => *key,
+            None => {
+                let key = self.next_key;
+                self.next_key += 1;
+                self.ids.insert(id, key);
+                self.docs.insert(
+                    key,
+                    Doc {
+                        id,
+                        collection,
+                        deleted,
+                        heads: Vec::new(),
+                        body: None,
+                        updated_seq: seq,
+                        chunks: BTreeMap::new(),
+                        snapshot: false,
+                    },
+                );
+                key
+            }
+        };
+        if let Some(doc) = self.docs.get_mut(&key) {
+            doc.deleted = deleted;
+            doc.heads = heads;
+            doc.body = body;
+            doc.updated_seq = seq;
+        }
+        self.put_row(key);
+    }
+
+    fn append_chunk(&mut self, id: DocumentId, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let doc = self.doc_mut(&id)?;
+        let n = doc.chunks.keys().next_back().map_or(1, |n| n + 1);
+        doc.chunks.insert(n, bytes.clone());
+        self.journal.push(Record::Put {
+            table: Table::Chunks,
+            key: chunk_key(&id, n),
+            value: bytes,
+        });
+        Ok(())
+    }
+
+    /// Compaction: one snapshot replaces every chunk.
+    fn replace_chunks(&mut self, id: DocumentId, snapshot: Vec<u8>) -> Result<(), StoreError> {
+        let doc = self.doc_mut(&id)?;
+        doc.chunks = BTreeMap::from([(0, snapshot.clone())]);
+        doc.snapshot = true;
+        self.journal.push(Record::DeletePrefix {
+            table: Table::Chunks,
+            prefix: format!("{id}/"),
+        });
+        self.journal.push(Record::Put {
+            table: Table::Chunks,
+            key: chunk_key(&id, 0),
+            value: snapshot,
+        });
+        Ok(())
+    }
+
+    /// A deleted document's content and sync states go; its catalog row stays.
+    fn purge_chunks(&mut self, id: DocumentId) -> Result<(), StoreError> {
+        let doc = self.doc_mut(&id)?;
+        doc.chunks.clear();
+        doc.snapshot = false;
+        self.journal.push(Record::DeletePrefix {
+            table: Table::Chunks,
+            prefix: format!("{id}/"),
+        });
+        let peers: Vec<ReplicaId> = self
+            .sync_states
+            .keys()
+            .filter(|(_, d)| *d == id)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in peers {
+            self.sync_states.remove(&(peer, id));
+            self.journal.push(Record::DeletePrefix {
+                table: Table::SyncStates,
+                prefix: format!("{peer}/{id}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// As in SQLite: only for a stored, live document.
+    fn put_sync_state(&mut self, peer: ReplicaId, id: DocumentId, state: Vec<u8>) {
+        if self.doc(&id).is_some_and(|d| !d.deleted) {
+            self.journal.push(Record::Put {
+                table: Table::SyncStates,
+                key: format!("{peer}/{id}"),
+                value: state.clone(),
+            });
+            self.sync_states.insert((peer, id), state);
+        }
+    }
+
+    fn append_change(&mut self, event: ChangeEvent) -> Result<(), StoreError> {
+        if self.doc(&event.id).is_none() {
+            return Err(corrupt(format!(
+                "change for {}, which has no catalog row",
+                event.id
+            )));
+        }
+        let row = ChangeRow {
+            id: *event.id.as_bytes(),
+            kind: event.kind.as_u8(),
+            heads: encode_heads(&event.heads),
+            origin: event.origin.to_string(),
+            at: event.at,
+        };
+        self.journal.push(Record::Put {
+            table: Table::Changes,
+            key: format!("{:020}", event.seq),
+            value: postcard::to_allocvec(&row).unwrap_or_default(),
+        });
+        self.changes.insert(event.seq, event);
         Ok(())
     }
 

@@ -486,11 +486,6 @@ impl SqliteStore {
         })
     }
 
-    /// How the file is open.
-    pub fn mode(&self) -> StoreMode {
-        self.mode
-    }
-
     /// The error of a write to a store opened read-only.
     fn refuse_write(&self) -> Result<(), StoreError> {
         match self.mode {
@@ -502,473 +497,12 @@ impl SqliteStore {
         }
     }
 
-    /// This replica's id (created with the file).
-    pub fn replica_id(&self) -> ReplicaId {
-        self.replica_id
-    }
-
-    /// The highest change-feed sequence number stored (0 when empty).
-    pub fn max_seq(&self) -> Result<u64, StoreError> {
-        let max: i64 =
-            self.conn
-                .query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| {
-                    r.get(0)
-                })?;
-        Ok(max as u64)
-    }
-
-    /// Reads what the engine needs to bring a document into memory.
-    /// The persisted sync state of `id` with `peer` (see `StorageOp::PutSyncState`).
-    pub fn load_sync_state(
-        &self,
-        peer: &ReplicaId,
-        id: &DocumentId,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT s.state FROM sync_states s JOIN documents d ON d.doc_key = s.doc_key
-                 WHERE s.peer = ?1 AND d.doc_id = ?2",
-            )?
-            .query_row(
-                params![peer.as_bytes().as_slice(), id.as_bytes().as_slice()],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    pub fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
-        let row = self
-            .conn
-            .prepare_cached("SELECT doc_key, collection, deleted, heads, snapshot FROM documents WHERE doc_id = ?1")?
-            .query_row([id.as_bytes().as_slice()], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?, r.get::<_, Vec<u8>>(3)?, r.get::<_, Option<Vec<u8>>>(4)?))
-            })
-            .optional()?;
-        let Some((key, collection, deleted, heads, snapshot)) = row else {
-            return Ok(None);
-        };
-        let mut chunks = Vec::new();
-        if !deleted {
-            if let Some(bytes) = snapshot {
-                chunks.push(StoredChunk {
-                    kind: ChunkKind::Snapshot,
-                    bytes,
-                });
-            }
-            for bytes in self.incrementals(key)? {
-                chunks.push(StoredChunk {
-                    kind: ChunkKind::Incremental,
-                    bytes,
-                });
-            }
-        }
-        Ok(Some(StoredDoc {
-            collection,
-            deleted,
-            heads: decode_heads(&heads)?,
-            chunks,
-        }))
-    }
-
     fn incrementals(&self, key: i64) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT bytes FROM chunks WHERE doc_key = ?1 ORDER BY chunk_id")?;
         let rows = stmt.query_map([key], |r| r.get::<_, Vec<u8>>(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Starts the write transaction that one driver step runs in (`BEGIN IMMEDIATE`: waits for
-    /// other writers, then keeps them out until [`commit`](Self::commit)). Returns true when
-    /// another connection — another process — committed since this store's last transaction:
-    /// then whatever the caller cached from storage is stale.
-    pub fn begin(&mut self) -> Result<bool, StoreError> {
-        // A panic between begin and commit (e.g. in a user's change closure) leaves the
-        // transaction open; without this every later write would fail with "cannot start a
-        // transaction within a transaction". Nothing of it was committed, so roll it back.
-        self.rollback();
-        // Read-only: a read transaction (its steps only read, e.g. `get_at`).
-        let begin = match self.mode {
-            StoreMode::ReadWrite => "BEGIN IMMEDIATE",
-            StoreMode::ReadOnly | StoreMode::Snapshot => "BEGIN",
-        };
-        self.conn.prepare_cached(begin)?.execute([])?;
-        let version: i64 = match self
-            .conn
-            .prepare_cached("PRAGMA data_version")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-        {
-            Ok(v) => v,
-            Err(e) => {
-                self.rollback();
-                return Err(e.into());
-            }
-        };
-        let changed = version != self.data_version;
-        self.data_version = version;
-        Ok(changed)
-    }
-
-    /// Commits the transaction opened by [`begin`](Self::begin).
-    pub fn commit(&mut self) -> Result<(), StoreError> {
-        match self
-            .conn
-            .prepare_cached("COMMIT")
-            .and_then(|mut s| s.execute([]))
-        {
-            Ok(_) => {
-                self.summaries.borrow_mut().uncommitted = false;
-                Ok(())
-            }
-            Err(e) => {
-                // SQLite may have rolled the transaction back itself (a full disk does):
-                // whatever the cache learned from it goes either way.
-                self.summaries.borrow_mut().abandon();
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Abandons the transaction opened by [`begin`](Self::begin), if any.
-    pub fn rollback(&mut self) {
-        self.summaries.borrow_mut().abandon();
-        if !self.conn.is_autocommit()
-            && let Err(e) = self.conn.execute_batch("ROLLBACK")
-        {
-            tracing::error!(error = %e, "rollback failed");
-        }
-    }
-
-    /// Applies engine writes in their own transaction: all of them or none.
-    pub fn apply(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
-        self.begin()?;
-        match self.write(ops).and_then(|()| self.commit()) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.rollback();
-                Err(e)
-            }
-        }
-    }
-
-    /// Applies engine writes inside the transaction opened by [`begin`](Self::begin).
-    pub fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
-        if !ops.is_empty() {
-            self.refuse_write()?;
-        }
-        let conn = &self.conn;
-        // doc_key of documents written in this batch (PutDocument always comes first).
-        let mut keys: std::collections::HashMap<DocumentId, i64> = std::collections::HashMap::new();
-        let key_of = |keys: &mut std::collections::HashMap<DocumentId, i64>,
-                      id: &DocumentId|
-         -> Result<i64, StoreError> {
-            if let Some(key) = keys.get(id) {
-                return Ok(*key);
-            }
-            let key = conn
-                .prepare_cached("SELECT doc_key FROM documents WHERE doc_id = ?1")?
-                .query_row([id.as_bytes().as_slice()], |r| r.get(0))
-                .optional()?
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!("write for {id}, which has no catalog row"))
-                })?;
-            keys.insert(*id, key);
-            Ok(key)
-        };
-        for op in ops {
-            match op {
-                StorageOp::PutDocument {
-                    id,
-                    collection,
-                    deleted,
-                    heads,
-                    body,
-                    seq,
-                } => {
-                    // The version this write replaces, for the cached summaries.
-                    let old = if self.summaries.borrow().covers(collection) {
-                        conn.prepare_cached(
-                            "SELECT deleted, heads FROM documents WHERE doc_id = ?1",
-                        )?
-                        .query_row([id.as_bytes().as_slice()], |r| {
-                            Ok((r.get::<_, bool>(0)?, r.get::<_, Vec<u8>>(1)?))
-                        })
-                        .optional()?
-                        .map(|(deleted, heads)| {
-                            decode_heads(&heads).map(|heads| doc_digest(id, &heads, deleted))
-                        })
-                        .transpose()?
-                    } else {
-                        None
-                    };
-                    let key: i64 = conn
-                        .prepare_cached(
-                            "INSERT INTO documents (doc_id, collection, deleted, heads, updated_seq, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                             ON CONFLICT (doc_id) DO UPDATE SET deleted = excluded.deleted, heads = excluded.heads,
-                                 updated_seq = excluded.updated_seq, body = excluded.body
-                             RETURNING doc_key",
-                        )?
-                        .query_row(params![id.as_bytes().as_slice(), collection, deleted, encode_heads(heads), sql_int(*seq), body], |r| r.get(0))?;
-                    keys.insert(*id, key);
-                    self.summaries.borrow_mut().update(
-                        collection,
-                        id,
-                        old,
-                        doc_digest(id, heads, *deleted),
-                    );
-                }
-                StorageOp::InsertDocument {
-                    id,
-                    collection,
-                    heads,
-                    body,
-                    snapshot,
-                    seq,
-                } => {
-                    let key: i64 = conn
-                        .prepare_cached(
-                            "INSERT INTO documents (doc_id, collection, deleted, heads, updated_seq, body, snapshot)
-                             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6) RETURNING doc_key",
-                        )?
-                        .query_row(params![id.as_bytes().as_slice(), collection, encode_heads(heads), sql_int(*seq), body, snapshot], |r| r.get(0))?;
-                    keys.insert(*id, key);
-                    self.summaries.borrow_mut().update(
-                        collection,
-                        id,
-                        None,
-                        doc_digest(id, heads, false),
-                    );
-                }
-                StorageOp::ReplaceChunks { id, snapshot } => {
-                    let key = key_of(&mut keys, id)?;
-                    conn.prepare_cached("UPDATE documents SET snapshot = ?2 WHERE doc_key = ?1")?
-                        .execute(params![key, snapshot])?;
-                    conn.prepare_cached("DELETE FROM chunks WHERE doc_key = ?1")?
-                        .execute([key])?;
-                }
-                StorageOp::AppendChunk { id, bytes } => {
-                    let key = key_of(&mut keys, id)?;
-                    conn.prepare_cached("INSERT INTO chunks (doc_key, bytes) VALUES (?1, ?2)")?
-                        .execute(params![key, bytes])?;
-                }
-                StorageOp::PurgeChunks { id } => {
-                    let key = key_of(&mut keys, id)?;
-                    conn.prepare_cached("UPDATE documents SET snapshot = NULL WHERE doc_key = ?1")?
-                        .execute([key])?;
-                    conn.prepare_cached("DELETE FROM chunks WHERE doc_key = ?1")?
-                        .execute([key])?;
-                    conn.prepare_cached("DELETE FROM sync_states WHERE doc_key = ?1")?
-                        .execute([key])?;
-                }
-                StorageOp::PutSyncState { peer, id, state } => {
-                    // A document that is not stored (yet) has no state worth keeping.
-                    conn.prepare_cached(
-                        "INSERT INTO sync_states (peer, doc_key, state)
-                         SELECT ?1, doc_key, ?3 FROM documents WHERE doc_id = ?2 AND deleted = 0
-                         ON CONFLICT (peer, doc_key) DO UPDATE SET state = excluded.state",
-                    )?
-                    .execute(params![
-                        peer.as_bytes().as_slice(),
-                        id.as_bytes().as_slice(),
-                        state
-                    ])?;
-                }
-                StorageOp::AppendChange(event) => {
-                    let key = key_of(&mut keys, &event.id)?;
-                    conn.prepare_cached("INSERT INTO changes (seq, doc_key, kind, heads, origin, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![
-                        sql_int(event.seq),
-                        key,
-                        event.kind.as_u8(),
-                        encode_heads(&event.heads),
-                        event.origin.to_string(),
-                        event.at
-                    ])?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One catalog row.
-    pub fn get(&self, id: &DocumentId) -> Result<Option<DocRecord>, StoreError> {
-        self.conn
-            .prepare_cached(&format!(
-                "SELECT {RECORD_COLUMNS} FROM documents WHERE doc_id = ?1"
-            ))?
-            .query_row([id.as_bytes().as_slice()], record_from_row)
-            .optional()?
-            .transpose()
-    }
-
-    /// Live documents matching a query, in creation order.
-    pub fn query(&self, query: &Query) -> Result<Vec<DocRecord>, StoreError> {
-        let mut sql = format!("SELECT {RECORD_COLUMNS} FROM documents WHERE deleted = 0");
-        let mut args: Vec<SqlValue> = Vec::new();
-        if let Some(collection) = &query.collection {
-            sql.push_str(" AND collection = ?");
-            args.push(SqlValue::Text(collection.clone()));
-        }
-        if let Some(filter) = &query.filter {
-            sql.push_str(" AND ");
-            compile_filter(filter, &mut sql, &mut args);
-        }
-        sql.push_str(" ORDER BY doc_key");
-        if let Some(limit) = query.limit {
-            sql.push_str(" LIMIT ?");
-            args.push(SqlValue::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
-        }
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params_from_iter(args), record_from_row)?;
-        rows.map(|r| r?).collect()
-    }
-
-    /// Change-feed entries with `seq > since`, oldest first, at most `limit`.
-    pub fn changes_since(
-        &self,
-        since: u64,
-        limit: usize,
-        collection: Option<&str>,
-    ) -> Result<Vec<ChangeEvent>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT c.seq, d.doc_id, d.collection, c.kind, c.heads, c.origin, c.at
-             FROM changes c JOIN documents d ON d.doc_key = c.doc_key
-             WHERE c.seq > ?1 AND (?2 IS NULL OR d.collection = ?2) ORDER BY c.seq LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(
-            params![
-                sql_int(since),
-                collection,
-                i64::try_from(limit).unwrap_or(i64::MAX)
-            ],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, u8>(3)?,
-                    r.get::<_, Vec<u8>>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, i64>(6)?,
-                ))
-            },
-        )?;
-        rows.map(|row| {
-            let (seq, id, collection, kind, heads, origin, at) = row?;
-            Ok(ChangeEvent {
-                seq: seq as u64,
-                id: doc_id(&id)?,
-                collection,
-                kind: ChangeKind::from_u8(kind).ok_or_else(|| {
-                    StoreError::Corrupt(format!("change {seq} has unknown kind {kind}"))
-                })?,
-                heads: decode_heads(&heads)?,
-                origin: origin.parse().map_err(|_| {
-                    StoreError::Corrupt(format!("change {seq} has unknown origin {origin:?}"))
-                })?,
-                at,
-            })
-        })
-        .collect()
-    }
-
-    /// Bundle entries for an export: documents as their stored chunks, deletions as tombstones.
-    pub fn export(&self, scope: &BundleScope) -> Result<Vec<BundleEntry>, StoreError> {
-        let (clause, arg) = match scope {
-            BundleScope::All => ("1 = 1 OR ?1 IS NULL", SqlValue::Null),
-            BundleScope::Collection(c) => ("collection = ?1", SqlValue::Text(c.clone())),
-            BundleScope::Since(seq) => ("updated_seq > ?1", SqlValue::Integer(sql_int(*seq))),
-        };
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT doc_key, doc_id, collection, deleted, heads, snapshot, EXISTS (SELECT 1 FROM chunks c WHERE c.doc_key = d.doc_key)
-             FROM documents d WHERE {clause} ORDER BY doc_key"
-        ))?;
-        let rows = stmt.query_map([arg], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, bool>(3)?,
-                r.get::<_, Vec<u8>>(4)?,
-                r.get::<_, Option<Vec<u8>>>(5)?,
-                r.get::<_, bool>(6)?,
-            ))
-        })?;
-        let mut entries = Vec::new();
-        for row in rows {
-            let (key, id, collection, deleted, heads, snapshot, has_incrementals) = row?;
-            let id = doc_id(&id)?;
-            if deleted {
-                entries.push(BundleEntry::Tombstone { id, collection });
-                continue;
-            }
-            let mut bytes = snapshot.unwrap_or_default();
-            if has_incrementals {
-                for chunk in self.incrementals(key)? {
-                    bytes.extend_from_slice(&chunk);
-                }
-            }
-            entries.push(BundleEntry::Document {
-                id,
-                collection,
-                heads: decode_heads(&heads)?,
-                bytes,
-            });
-        }
-        Ok(entries)
-    }
-
-    /// The reconciliation summary of the documents (live and deleted) in `collections` (all
-    /// when `None`).
-    pub fn catalog_summary(
-        &self,
-        collections: Option<&[String]>,
-    ) -> Result<CatalogSummary, StoreError> {
-        let version: i64 = self
-            .conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
-        let key = collections.map(<[String]>::to_vec);
-        {
-            let mut cache = self.summaries.borrow_mut();
-            if cache.version != version {
-                cache.by_scope.clear();
-                cache.version = version;
-            }
-            if let Some(summary) = cache.by_scope.get(&key) {
-                return Ok(summary.clone());
-            }
-        }
-        let mut summary = CatalogSummary::empty();
-        self.scan_catalog(collections, |id, _, digest, _| summary.add(&id, digest))?;
-        self.summaries
-            .borrow_mut()
-            .by_scope
-            .insert(key, summary.clone());
-        Ok(summary)
-    }
-
-    /// The catalog entries of the given reconciliation buckets.
-    pub fn catalog_entries(
-        &self,
-        collections: Option<&[String]>,
-        buckets: &[u8],
-    ) -> Result<Vec<CatalogEntry>, StoreError> {
-        let mut wanted = [false; 256];
-        for b in buckets {
-            wanted[usize::from(*b)] = true;
-        }
-        let mut entries = Vec::new();
-        self.scan_catalog(collections, |id, collection, digest, deleted| {
-            if wanted[usize::from(bucket_of(&id))] {
-                entries.push(CatalogEntry {
-                    id,
-                    collection: collection.to_owned(),
-                    digest,
-                    deleted,
-                });
-            }
-        })?;
-        Ok(entries)
     }
 
     fn scan_catalog(
@@ -993,64 +527,6 @@ impl SqliteStore {
             let heads = decode_heads(row.get_ref(3)?.as_blob().map_err(rusqlite::Error::from)?)?;
             f(id, collection, doc_digest(&id, &heads, deleted), deleted);
         }
-        Ok(())
-    }
-
-    /// Documents that have incremental chunks waiting to be folded into their snapshot.
-    pub fn uncompacted(&self) -> Result<Vec<DocumentId>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT doc_id FROM documents WHERE doc_key IN (SELECT DISTINCT doc_key FROM chunks) AND deleted = 0")?;
-        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-        rows.map(|r| doc_id(&r?)).collect()
-    }
-
-    /// Log-compacts the change feed: keeps only the newest entry of each document. A consumer
-    /// resuming from any sequence number still learns of every document changed since (with its
-    /// latest version); only superseded intermediate entries disappear. Returns entries removed.
-    pub fn compact_feed(&mut self) -> Result<usize, StoreError> {
-        self.refuse_write()?;
-        Ok(self.conn.execute(
-            "DELETE FROM changes WHERE seq NOT IN (SELECT max(seq) FROM changes GROUP BY doc_key)",
-            [],
-        )?)
-    }
-
-    /// Rebuilds the file without free pages (`VACUUM`). Needs no open transaction.
-    pub fn vacuum(&mut self) -> Result<(), StoreError> {
-        self.refuse_write()?;
-        self.conn.execute_batch("VACUUM")?;
-        Ok(())
-    }
-
-    /// Runs `PRAGMA integrity_check`; `Ok(())` when SQLite reports "ok".
-    pub fn integrity_check(&self) -> Result<(), StoreError> {
-        let result: String = self
-            .conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
-        if result == "ok" {
-            Ok(())
-        } else {
-            Err(StoreError::Corrupt(format!("integrity_check: {result}")))
-        }
-    }
-
-    /// Counts of live documents, tombstones and change-feed entries.
-    pub fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
-        Ok(self.conn.query_row(
-            "SELECT (SELECT count(*) FROM documents WHERE deleted = 0), (SELECT count(*) FROM documents WHERE deleted = 1), (SELECT count(*) FROM changes)",
-            [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
-        )?)
-    }
-
-    /// Writes the WAL back into the main file and truncates it (used before measuring file size
-    /// and on clean shutdown).
-    pub fn checkpoint(&self) -> Result<(), StoreError> {
-        if self.mode != StoreMode::ReadWrite {
-            // Nothing of ours to fold back, and no right to.
-            return Ok(());
-        }
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(())
     }
 }
@@ -1208,104 +684,418 @@ fn number_arg(value: &Value) -> SqlValue {
 
 /// The replica's storage interface, answered by the methods above.
 impl Store for SqliteStore {
+    /// This replica's id (created with the file).
     fn replica_id(&self) -> ReplicaId {
-        SqliteStore::replica_id(self)
+        self.replica_id
     }
 
+    /// The highest change-feed sequence number stored (0 when empty).
     fn max_seq(&self) -> Result<u64, StoreError> {
-        SqliteStore::max_seq(self)
+        let max: i64 =
+            self.conn
+                .query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(max as u64)
     }
 
+    /// Starts the write transaction that one driver step runs in (`BEGIN IMMEDIATE`: waits for
+    /// other writers, then keeps them out until [`commit`](Self::commit)). Returns true when
+    /// another connection — another process — committed since this store's last transaction:
+    /// then whatever the caller cached from storage is stale.
     fn begin(&mut self) -> Result<bool, StoreError> {
-        SqliteStore::begin(self)
+        // A panic between begin and commit (e.g. in a user's change closure) leaves the
+        // transaction open; without this every later write would fail with "cannot start a
+        // transaction within a transaction". Nothing of it was committed, so roll it back.
+        self.rollback();
+        // Read-only: a read transaction (its steps only read, e.g. `get_at`).
+        let begin = match self.mode {
+            StoreMode::ReadWrite => "BEGIN IMMEDIATE",
+            StoreMode::ReadOnly | StoreMode::Snapshot => "BEGIN",
+        };
+        self.conn.prepare_cached(begin)?.execute([])?;
+        let version: i64 = match self
+            .conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.rollback();
+                return Err(e.into());
+            }
+        };
+        let changed = version != self.data_version;
+        self.data_version = version;
+        Ok(changed)
     }
 
+    /// Commits the transaction opened by [`begin`](Self::begin).
     fn commit(&mut self) -> Result<(), StoreError> {
-        SqliteStore::commit(self)
+        match self
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut s| s.execute([]))
+        {
+            Ok(_) => {
+                self.summaries.borrow_mut().uncommitted = false;
+                Ok(())
+            }
+            Err(e) => {
+                // SQLite may have rolled the transaction back itself (a full disk does):
+                // whatever the cache learned from it goes either way.
+                self.summaries.borrow_mut().abandon();
+                Err(e.into())
+            }
+        }
     }
 
+    /// Abandons the transaction opened by [`begin`](Self::begin), if any.
     fn rollback(&mut self) {
-        SqliteStore::rollback(self)
+        self.summaries.borrow_mut().abandon();
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(error = %e, "rollback failed");
+        }
     }
 
+    /// Applies engine writes inside the transaction opened by [`begin`](Self::begin).
     fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError> {
-        SqliteStore::write(self, ops)
+        if !ops.is_empty() {
+            self.refuse_write()?;
+        }
+        let mut batch = WriteBatch {
+            conn: &self.conn,
+            summaries: &self.summaries,
+            keys: std::collections::HashMap::new(),
+        };
+        for op in ops {
+            match op {
+                StorageOp::PutDocument {
+                    id,
+                    collection,
+                    deleted,
+                    heads,
+                    body,
+                    seq,
+                } => batch.put_document(id, collection, *deleted, heads, body.as_deref(), *seq)?,
+                StorageOp::InsertDocument {
+                    id,
+                    collection,
+                    heads,
+                    body,
+                    snapshot,
+                    seq,
+                } => batch.insert_document(id, collection, heads, body, snapshot, *seq)?,
+                StorageOp::ReplaceChunks { id, snapshot } => batch.replace_chunks(id, snapshot)?,
+                StorageOp::AppendChunk { id, bytes } => batch.append_chunk(id, bytes)?,
+                StorageOp::PurgeChunks { id } => batch.purge_chunks(id)?,
+                StorageOp::PutSyncState { peer, id, state } => {
+                    batch.put_sync_state(peer, id, state)?
+                }
+                StorageOp::AppendChange(event) => batch.append_change(event)?,
+            }
+        }
+        Ok(())
     }
 
     fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
-        SqliteStore::load(self, id)
+        let row = self
+            .conn
+            .prepare_cached("SELECT doc_key, collection, deleted, heads, snapshot FROM documents WHERE doc_id = ?1")?
+            .query_row([id.as_bytes().as_slice()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, bool>(2)?, r.get::<_, Vec<u8>>(3)?, r.get::<_, Option<Vec<u8>>>(4)?))
+            })
+            .optional()?;
+        let Some((key, collection, deleted, heads, snapshot)) = row else {
+            return Ok(None);
+        };
+        let mut chunks = Vec::new();
+        if !deleted {
+            if let Some(bytes) = snapshot {
+                chunks.push(StoredChunk {
+                    kind: ChunkKind::Snapshot,
+                    bytes,
+                });
+            }
+            for bytes in self.incrementals(key)? {
+                chunks.push(StoredChunk {
+                    kind: ChunkKind::Incremental,
+                    bytes,
+                });
+            }
+        }
+        Ok(Some(StoredDoc {
+            collection,
+            deleted,
+            heads: decode_heads(&heads)?,
+            chunks,
+        }))
     }
 
+    /// Reads what the engine needs to bring a document into memory.
+    /// The persisted sync state of `id` with `peer` (see `StorageOp::PutSyncState`).
     fn load_sync_state(
         &self,
         peer: &ReplicaId,
         id: &DocumentId,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        SqliteStore::load_sync_state(self, peer, id)
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT s.state FROM sync_states s JOIN documents d ON d.doc_key = s.doc_key
+                 WHERE s.peer = ?1 AND d.doc_id = ?2",
+            )?
+            .query_row(
+                params![peer.as_bytes().as_slice(), id.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
+    /// One catalog row.
     fn get(&self, id: &DocumentId) -> Result<Option<DocRecord>, StoreError> {
-        SqliteStore::get(self, id)
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM documents WHERE doc_id = ?1"
+            ))?
+            .query_row([id.as_bytes().as_slice()], record_from_row)
+            .optional()?
+            .transpose()
     }
 
+    /// Live documents matching a query, in creation order.
     fn query(&self, query: &Query) -> Result<Vec<DocRecord>, StoreError> {
-        SqliteStore::query(self, query)
+        let mut sql = format!("SELECT {RECORD_COLUMNS} FROM documents WHERE deleted = 0");
+        let mut args: Vec<SqlValue> = Vec::new();
+        if let Some(collection) = &query.collection {
+            sql.push_str(" AND collection = ?");
+            args.push(SqlValue::Text(collection.clone()));
+        }
+        if let Some(filter) = &query.filter {
+            sql.push_str(" AND ");
+            compile_filter(filter, &mut sql, &mut args);
+        }
+        sql.push_str(" ORDER BY doc_key");
+        if let Some(limit) = query.limit {
+            sql.push_str(" LIMIT ?");
+            args.push(SqlValue::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        }
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(args), record_from_row)?;
+        rows.map(|r| r?).collect()
     }
 
+    /// Change-feed entries with `seq > since`, oldest first, at most `limit`.
     fn changes_since(
         &self,
         since: u64,
         limit: usize,
         collection: Option<&str>,
     ) -> Result<Vec<ChangeEvent>, StoreError> {
-        SqliteStore::changes_since(self, since, limit, collection)
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT c.seq, d.doc_id, d.collection, c.kind, c.heads, c.origin, c.at
+             FROM changes c JOIN documents d ON d.doc_key = c.doc_key
+             WHERE c.seq > ?1 AND (?2 IS NULL OR d.collection = ?2) ORDER BY c.seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                sql_int(since),
+                collection,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, u8>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            },
+        )?;
+        rows.map(|row| {
+            let (seq, id, collection, kind, heads, origin, at) = row?;
+            Ok(ChangeEvent {
+                seq: seq as u64,
+                id: doc_id(&id)?,
+                collection,
+                kind: ChangeKind::from_u8(kind).ok_or_else(|| {
+                    StoreError::Corrupt(format!("change {seq} has unknown kind {kind}"))
+                })?,
+                heads: decode_heads(&heads)?,
+                origin: origin.parse().map_err(|_| {
+                    StoreError::Corrupt(format!("change {seq} has unknown origin {origin:?}"))
+                })?,
+                at,
+            })
+        })
+        .collect()
     }
 
+    /// Bundle entries for an export: documents as their stored chunks, deletions as tombstones.
     fn export(&self, scope: &BundleScope) -> Result<Vec<BundleEntry>, StoreError> {
-        SqliteStore::export(self, scope)
+        let (clause, arg) = match scope {
+            BundleScope::All => ("1 = 1 OR ?1 IS NULL", SqlValue::Null),
+            BundleScope::Collection(c) => ("collection = ?1", SqlValue::Text(c.clone())),
+            BundleScope::Since(seq) => ("updated_seq > ?1", SqlValue::Integer(sql_int(*seq))),
+        };
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT doc_key, doc_id, collection, deleted, heads, snapshot, EXISTS (SELECT 1 FROM chunks c WHERE c.doc_key = d.doc_key)
+             FROM documents d WHERE {clause} ORDER BY doc_key"
+        ))?;
+        let rows = stmt.query_map([arg], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, Option<Vec<u8>>>(5)?,
+                r.get::<_, bool>(6)?,
+            ))
+        })?;
+        let mut entries = Vec::new();
+        for row in rows {
+            let (key, id, collection, deleted, heads, snapshot, has_incrementals) = row?;
+            let id = doc_id(&id)?;
+            if deleted {
+                entries.push(BundleEntry::Tombstone { id, collection });
+                continue;
+            }
+            let mut bytes = snapshot.unwrap_or_default();
+            if has_incrementals {
+                for chunk in self.incrementals(key)? {
+                    bytes.extend_from_slice(&chunk);
+                }
+            }
+            entries.push(BundleEntry::Document {
+                id,
+                collection,
+                heads: decode_heads(&heads)?,
+                bytes,
+            });
+        }
+        Ok(entries)
     }
 
+    /// The reconciliation summary of the documents (live and deleted) in `collections` (all
+    /// when `None`).
     fn catalog_summary(
         &self,
         collections: Option<&[String]>,
     ) -> Result<CatalogSummary, StoreError> {
-        SqliteStore::catalog_summary(self, collections)
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let key = collections.map(<[String]>::to_vec);
+        {
+            let mut cache = self.summaries.borrow_mut();
+            if cache.version != version {
+                cache.by_scope.clear();
+                cache.version = version;
+            }
+            if let Some(summary) = cache.by_scope.get(&key) {
+                return Ok(summary.clone());
+            }
+        }
+        let mut summary = CatalogSummary::empty();
+        self.scan_catalog(collections, |id, _, digest, _| summary.add(&id, digest))?;
+        self.summaries
+            .borrow_mut()
+            .by_scope
+            .insert(key, summary.clone());
+        Ok(summary)
     }
 
+    /// The catalog entries of the given reconciliation buckets.
     fn catalog_entries(
         &self,
         collections: Option<&[String]>,
         buckets: &[u8],
     ) -> Result<Vec<CatalogEntry>, StoreError> {
-        SqliteStore::catalog_entries(self, collections, buckets)
+        let mut wanted = [false; 256];
+        for b in buckets {
+            wanted[usize::from(*b)] = true;
+        }
+        let mut entries = Vec::new();
+        self.scan_catalog(collections, |id, collection, digest, deleted| {
+            if wanted[usize::from(bucket_of(&id))] {
+                entries.push(CatalogEntry {
+                    id,
+                    collection: collection.to_owned(),
+                    digest,
+                    deleted,
+                });
+            }
+        })?;
+        Ok(entries)
     }
 
+    /// Documents that have incremental chunks waiting to be folded into their snapshot.
     fn uncompacted(&self) -> Result<Vec<DocumentId>, StoreError> {
-        SqliteStore::uncompacted(self)
+        let mut stmt = self.conn.prepare("SELECT doc_id FROM documents WHERE doc_key IN (SELECT DISTINCT doc_key FROM chunks) AND deleted = 0")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|r| doc_id(&r?)).collect()
     }
 
+    /// Log-compacts the change feed: keeps only the newest entry of each document. A consumer
+    /// resuming from any sequence number still learns of every document changed since (with its
+    /// latest version); only superseded intermediate entries disappear. Returns entries removed.
     fn compact_feed(&mut self) -> Result<usize, StoreError> {
-        SqliteStore::compact_feed(self)
+        self.refuse_write()?;
+        Ok(self.conn.execute(
+            "DELETE FROM changes WHERE seq NOT IN (SELECT max(seq) FROM changes GROUP BY doc_key)",
+            [],
+        )?)
     }
 
+    /// Rebuilds the file without free pages (`VACUUM`). Needs no open transaction.
     fn vacuum(&mut self) -> Result<(), StoreError> {
-        SqliteStore::vacuum(self)
+        self.refuse_write()?;
+        self.conn.execute_batch("VACUUM")?;
+        Ok(())
     }
 
+    /// Runs `PRAGMA integrity_check`; `Ok(())` when SQLite reports "ok".
     fn integrity_check(&self) -> Result<(), StoreError> {
-        SqliteStore::integrity_check(self)
+        let result: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(format!("integrity_check: {result}")))
+        }
     }
 
+    /// Counts of live documents, tombstones and change-feed entries.
     fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
-        SqliteStore::counts(self)
+        Ok(self.conn.query_row(
+            "SELECT (SELECT count(*) FROM documents WHERE deleted = 0), (SELECT count(*) FROM documents WHERE deleted = 1), (SELECT count(*) FROM changes)",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
+        )?)
     }
 
+    /// Writes the WAL back into the main file and truncates it (used before measuring file size
+    /// and on clean shutdown).
     fn checkpoint(&self) -> Result<(), StoreError> {
-        SqliteStore::checkpoint(self)
+        if self.mode != StoreMode::ReadWrite {
+            // Nothing of ours to fold back, and no right to.
+            return Ok(());
+        }
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
     }
 
+    /// How the file is open.
     fn mode(&self) -> StoreMode {
-        SqliteStore::mode(self)
+        self.mode
     }
 
     fn changed_elsewhere(&self) -> Result<bool, StoreError> {
@@ -1333,5 +1123,176 @@ impl Store for SqliteStore {
             self.rollback();
         }
         written
+    }
+}
+
+/// One step's writes, applied in the open transaction: the statements for each kind of
+/// [`StorageOp`], and the `doc_key` of each document written (a document's catalog row is
+/// always written before its chunks and feed entries).
+struct WriteBatch<'a> {
+    conn: &'a Connection,
+    summaries: &'a std::cell::RefCell<SummaryCache>,
+    keys: std::collections::HashMap<DocumentId, i64>,
+}
+
+impl WriteBatch<'_> {
+    /// The `doc_key` of a document written in this batch or stored before.
+    fn key_of(&mut self, id: &DocumentId) -> Result<i64, StoreError> {
+        if let Some(key) = self.keys.get(id) {
+            return Ok(*key);
+        }
+        let key = self
+            .conn
+            .prepare_cached("SELECT doc_key FROM documents WHERE doc_id = ?1")?
+            .query_row([id.as_bytes().as_slice()], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("write for {id}, which has no catalog row"))
+            })?;
+        self.keys.insert(*id, key);
+        Ok(key)
+    }
+
+    /// Inserts or replaces the catalog row and body; the cached summaries follow.
+    fn put_document(
+        &mut self,
+        id: &DocumentId,
+        collection: &str,
+        deleted: bool,
+        heads: &[automerge::ChangeHash],
+        body: Option<&str>,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        // The version this write replaces, for the cached summaries.
+        let old = if self.summaries.borrow().covers(collection) {
+            self.conn
+                .prepare_cached("SELECT deleted, heads FROM documents WHERE doc_id = ?1")?
+                .query_row([id.as_bytes().as_slice()], |r| {
+                    Ok((r.get::<_, bool>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .optional()?
+                .map(|(deleted, heads)| {
+                    decode_heads(&heads).map(|heads| doc_digest(id, &heads, deleted))
+                })
+                .transpose()?
+        } else {
+            None
+        };
+        let key: i64 = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO documents (doc_id, collection, deleted, heads, updated_seq, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (doc_id) DO UPDATE SET deleted = excluded.deleted, heads = excluded.heads,
+                     updated_seq = excluded.updated_seq, body = excluded.body
+                 RETURNING doc_key",
+            )?
+            .query_row(
+                params![id.as_bytes().as_slice(), collection, deleted, encode_heads(heads), sql_int(seq), body],
+                |r| r.get(0),
+            )?;
+        self.keys.insert(*id, key);
+        self.summaries
+            .borrow_mut()
+            .update(collection, id, old, doc_digest(id, heads, deleted));
+        Ok(())
+    }
+
+    /// A document new to storage: catalog row, body and snapshot in one row.
+    fn insert_document(
+        &mut self,
+        id: &DocumentId,
+        collection: &str,
+        heads: &[automerge::ChangeHash],
+        body: &str,
+        snapshot: &[u8],
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        let key: i64 = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO documents (doc_id, collection, deleted, heads, updated_seq, body, snapshot)
+                 VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6) RETURNING doc_key",
+            )?
+            .query_row(
+                params![id.as_bytes().as_slice(), collection, encode_heads(heads), sql_int(seq), body, snapshot],
+                |r| r.get(0),
+            )?;
+        self.keys.insert(*id, key);
+        self.summaries
+            .borrow_mut()
+            .update(collection, id, None, doc_digest(id, heads, false));
+        Ok(())
+    }
+
+    /// Compaction: one snapshot replaces every chunk.
+    fn replace_chunks(&mut self, id: &DocumentId, snapshot: &[u8]) -> Result<(), StoreError> {
+        let key = self.key_of(id)?;
+        self.conn
+            .prepare_cached("UPDATE documents SET snapshot = ?2 WHERE doc_key = ?1")?
+            .execute(params![key, snapshot])?;
+        self.conn
+            .prepare_cached("DELETE FROM chunks WHERE doc_key = ?1")?
+            .execute([key])?;
+        Ok(())
+    }
+
+    fn append_chunk(&mut self, id: &DocumentId, bytes: &[u8]) -> Result<(), StoreError> {
+        let key = self.key_of(id)?;
+        self.conn
+            .prepare_cached("INSERT INTO chunks (doc_key, bytes) VALUES (?1, ?2)")?
+            .execute(params![key, bytes])?;
+        Ok(())
+    }
+
+    /// A deleted document's content and sync states go; its catalog row stays as the
+    /// tombstone.
+    fn purge_chunks(&mut self, id: &DocumentId) -> Result<(), StoreError> {
+        let key = self.key_of(id)?;
+        for sql in [
+            "UPDATE documents SET snapshot = NULL WHERE doc_key = ?1",
+            "DELETE FROM chunks WHERE doc_key = ?1",
+            "DELETE FROM sync_states WHERE doc_key = ?1",
+        ] {
+            self.conn.prepare_cached(sql)?.execute([key])?;
+        }
+        Ok(())
+    }
+
+    fn put_sync_state(
+        &mut self,
+        peer: &ReplicaId,
+        id: &DocumentId,
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        // A document that is not stored (yet) has no state worth keeping.
+        self.conn
+            .prepare_cached(
+                "INSERT INTO sync_states (peer, doc_key, state)
+                 SELECT ?1, doc_key, ?3 FROM documents WHERE doc_id = ?2 AND deleted = 0
+                 ON CONFLICT (peer, doc_key) DO UPDATE SET state = excluded.state",
+            )?
+            .execute(params![
+                peer.as_bytes().as_slice(),
+                id.as_bytes().as_slice(),
+                state
+            ])?;
+        Ok(())
+    }
+
+    fn append_change(&mut self, event: &ChangeEvent) -> Result<(), StoreError> {
+        let key = self.key_of(&event.id)?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO changes (seq, doc_key, kind, heads, origin, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                sql_int(event.seq),
+                key,
+                event.kind.as_u8(),
+                encode_heads(&event.heads),
+                event.origin.to_string(),
+                event.at
+            ])?;
+        Ok(())
     }
 }

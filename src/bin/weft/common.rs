@@ -138,7 +138,9 @@ impl Reader {
                 // A writer we cannot share the file with is at work: wait for it (a write
                 // takes milliseconds; give up after 10 s of it).
                 None => match open_read(&self.db) {
-                    Err(CliError::Weft(weft::Error::Store(StoreError::InUse(_)))) if in_use < 200 => {
+                    Err(CliError::Weft(weft::Error::Store(StoreError::InUse(_))))
+                        if in_use < 200 =>
+                    {
                         in_use += 1;
                         std::thread::sleep(std::time::Duration::from_millis(50));
                         continue;
