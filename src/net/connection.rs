@@ -2,6 +2,7 @@
 //! what was wrong when the peer misbehaves.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -120,9 +121,48 @@ enum Phase {
     Ready,
 }
 
+/// What handling one event decided: go on, or end the session with a close frame to send
+/// (`None`: the connection is gone, there is nobody to tell).
+type Next = ControlFlow<Option<Close>>;
+
+/// The end of the session, with a close frame for the peer.
+fn close(code: CloseCode, reason: impl Into<String>) -> Next {
+    ControlFlow::Break(Some(Close::new(code, reason)))
+}
+
+/// The connection is gone: end without a close frame.
+const GONE: Next = ControlFlow::Break(None);
+
+/// What woke the session up.
+enum Event {
+    Stop,
+    TokenExpired,
+    Keepalive,
+    Outbound(Option<Outbound>),
+    /// A WebSocket message (or its end, or an error); `Err`: no `Hello` in time.
+    Incoming(Result<Option<Result<WsMessage, WsError>>, ()>),
+}
+
+/// One relay session's connection and state.
+struct Conn<'a> {
+    ws: Ws,
+    shared: &'a Shared,
+    router: std::sync::Arc<Router>,
+    phase: Phase,
+    /// The replication session, once Welcome is sent: its id and the frames the replica
+    /// sends it.
+    sync: Option<Session>,
+    /// When the session's token expires (never without auth).
+    expires: Option<tokio::time::Instant>,
+    frames: TokenBucket,
+    bytes: TokenBucket,
+    last_heard: Instant,
+    last_ping: Instant,
+}
+
 /// Runs a session until either side closes it or the relay shuts down.
 pub(crate) async fn session(
-    mut ws: Ws,
+    ws: Ws,
     peer: SocketAddr,
     shared: &Shared,
     mut stop: watch::Receiver<bool>,
@@ -130,275 +170,21 @@ pub(crate) async fn session(
 ) {
     let gauge = ConnectionGauge::new(&shared.metrics);
     tracing::debug!("session open");
-    let mut bucket = TokenBucket::new(shared.config.rate_limit, Instant::now());
-    let mut byte_bucket = TokenBucket::new(shared.config.byte_limit, Instant::now());
-    // When the session's token expires (never without auth).
-    let mut expires: Option<tokio::time::Instant> = None;
-    let mut phase = Phase::AwaitingHello;
-    let router = Router::of(&shared.replica);
-    // The replication session, once Welcome is sent: its id and the frames the replica sends it.
-    let mut sync: Option<Session> = None;
-    let hello_deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
-    let keepalive_every = shared.config.keepalive;
-    // Checked four times per period: a session is pinged at most 1.25 periods after it went
-    // quiet, well before the two periods after which it is closed. (And often enough to notice
-    // a client paused for longer than the send timeout.)
-    let check = (keepalive_every / 4).min(shared.config.send_timeout / 4);
-    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + check, check);
-    let mut last_ping = Instant::now();
-    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    let outcome: Option<Close> = loop {
-        let next = async {
-            match phase {
-                Phase::AwaitingHello => tokio::time::timeout_at(hello_deadline, ws.next())
-                    .await
-                    .map_err(|_| ()),
-                Phase::Ready => Ok(ws.next().await),
-            }
-        };
-        let outbound = async {
-            match sync.as_mut() {
-                Some(session) => session.rx.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        let expiry = async {
-            match expires {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        let incoming = tokio::select! {
-            () = stopped(&mut stop) => {
-                break Some(Close::new(CloseCode::Away, "relay shutting down"));
-            }
-            () = expiry => {
-                break Some(Close::new(CloseCode::Policy, "the token expired"));
-            }
-            _ = keepalive.tick() => {
-                // A client that has not read its queue down for the send timeout: its frames
-                // fit the socket buffers, so no single write timed out, but it is not reading.
-                if let Some(paused) = sync
-                    .as_ref()
-                    .and_then(|s| s.flow.paused_for())
-                    .filter(|p| *p >= shared.config.send_timeout)
-                {
-                    break Some(Close::new(
-                        CloseCode::Policy,
-                        format!("the client did not read for {} s", paused.as_secs()),
-                    ));
-                }
-                let silent = last_heard.elapsed();
-                if silent >= keepalive_every * 2 {
-                    break Some(Close::new(
-                        CloseCode::Away,
-                        format!("no traffic for {} s", silent.as_secs()),
-                    ));
-                }
-                if silent >= keepalive_every && last_ping.elapsed() >= keepalive_every {
-                    last_ping = Instant::now();
-                    if ws.send(WsMessage::Ping(Bytes::new())).await.is_err() {
-                        break None;
-                    }
-                }
-                continue;
-            }
-            out = outbound => {
-                match out {
-                    Some(Outbound::Frame(frame)) => {
-                        if let Err(close) = send_queued(&mut ws, shared, sync.as_ref(), frame).await {
-                            break close;
-                        }
-                    }
-                    // The engine ended the session (the client broke the protocol); its
-                    // Error frame saying why was queued before this event and is sent.
-                    Some(Outbound::Event(PeerEvent::Closed { reason })) => {
-                        break Some(Close::new(CloseCode::Protocol, reason));
-                    }
-                    Some(Outbound::Event(event)) => tracing::debug!(?event, "session event"),
-                    None => break Some(Close::new(CloseCode::Error, "replica router closed")),
-                }
-                continue;
-            }
-            incoming = next => incoming,
-        };
-        let incoming = match incoming {
-            Ok(incoming) => incoming,
-            Err(()) => break Some(Close::new(CloseCode::Policy, "no Hello in time")),
-        };
-        let message = match incoming {
-            None => break None,
-            Some(Ok(message)) => {
-                last_heard = Instant::now();
-                message
-            }
-            Some(Err(e)) => break close_for_ws_error(e),
-        };
-        if message_counts(&message) {
-            shared.metrics.frame_in(message.len());
-            let now = Instant::now();
-            let limited = if !bucket.take(now) {
-                Some("frame rate limit exceeded")
-            } else if !byte_bucket.take_n(message.len() as f64, now) {
-                Some("byte rate limit exceeded")
-            } else {
-                None
-            };
-            if let Some(what) = limited {
-                shared
-                    .metrics
-                    .rate_limited
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // Say why in the protocol too (a close reason is easy to lose), then close:
-                // a flooding client costs the relay until it is gone.
-                let error = Message::Error {
-                    code: ErrorCode::RateLimited,
-                    message: what.into(),
-                    doc: None,
-                };
-                let _ = send(&mut ws, shared, &error).await;
-                break Some(Close::new(CloseCode::Policy, what));
-            }
-        }
-        let bytes = match message {
-            WsMessage::Binary(bytes) => bytes,
-            WsMessage::Text(_) => {
-                break Some(Close::new(
-                    CloseCode::Unsupported,
-                    "text frames are not supported; send binary weft frames",
-                ));
-            }
-            // tungstenite answers pings (while reading) and the peer's close by itself.
-            _ => continue,
-        };
-        let frame_len = bytes.len();
-        let frame = match protocol::decode(&bytes, shared.config.max_frame) {
-            Ok(frame) => frame,
-            Err(e) => break close_for_decode_error(&mut ws, shared, &phase, e).await,
-        };
-        match (&phase, frame) {
-            (
-                Phase::AwaitingHello,
-                Message::Hello {
-                    protocol: version,
-                    replica,
-                    scope,
-                    token,
-                },
-            ) => {
-                if version != u16::from(protocol::PROTOCOL_VERSION) {
-                    let reason = format!(
-                        "protocol version {version} is not supported (this relay speaks {})",
-                        protocol::PROTOCOL_VERSION
-                    );
-                    let reject = Message::Reject {
-                        code: RejectCode::ProtocolVersion,
-                        reason: reason.clone(),
-                    };
-                    if send(&mut ws, shared, &reject).await.is_err() {
-                        break None;
-                    }
-                    break Some(Close::new(CloseCode::Protocol, reason));
-                }
-                let admitted = match admit(shared, token, scope) {
-                    Ok(admitted) => admitted,
-                    Err((code, reason)) => {
-                        tracing::info!(client = %replica, ?code, %reason, "refused");
-                        shared
-                            .metrics
-                            .sessions_refused
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let reject = Message::Reject {
-                            code,
-                            reason: reason.clone(),
-                        };
-                        if send(&mut ws, shared, &reject).await.is_err() {
-                            break None;
-                        }
-                        break Some(Close::new(CloseCode::Policy, reason));
-                    }
-                };
-                tracing::info!(client = %replica, subject = ?admitted.subject, "hello");
-                expires = admitted.expires;
-                let welcome = Message::Welcome {
-                    replica: shared.relay_id,
-                    scope: match &admitted.access.read {
-                        Scope::All => WireScope::All,
-                        Scope::Collections(c) => WireScope::Collections(c.clone()),
-                    },
-                    max_frame: u32::try_from(shared.config.max_frame).unwrap_or(u32::MAX),
-                };
-                if send(&mut ws, shared, &welcome).await.is_err() {
-                    break None;
-                }
-                phase = Phase::Ready;
-                let session = router.register(None);
-                let peer_id = session.peer;
-                let connected = SessionInput::Connected {
-                    peer: peer_id,
-                    remote: replica,
-                    access: admitted.access,
-                    initiator: false,
-                };
-                // Set first, so that the session is unregistered however this ends.
-                sync = Some(session);
-                if let Err(e) = shared.applier.apply(connected, 0).await {
-                    break not_applied(&mut ws, shared, e).await;
-                }
-            }
-            (Phase::AwaitingHello, other) => {
-                break Some(Close::new(
-                    CloseCode::Protocol,
-                    format!("the first frame must be Hello, not {}", other.kind()),
-                ));
-            }
-            (Phase::Ready, Message::Hello { .. }) => {
-                let error = Message::Error {
-                    code: ErrorCode::Unexpected,
-                    message: "Hello sent twice: the handshake is over".into(),
-                    doc: None,
-                };
-                let _ = send(&mut ws, shared, &error).await;
-                break Some(Close::new(CloseCode::Protocol, "Hello sent twice"));
-            }
-            (Phase::Ready, Message::Ping { nonce }) => {
-                if send(&mut ws, shared, &Message::Pong { nonce })
-                    .await
-                    .is_err()
-                {
-                    break None;
-                }
-            }
-            (Phase::Ready, Message::Pong { .. }) => {}
-            // Every other message goes to the engine, whose role table refuses what a client
-            // may not send (Entries, Persisted, Welcome, Reject) and ends the session.
-            (Phase::Ready, other) => {
-                let Some(session) = sync.as_ref() else {
-                    break None;
-                };
-                let arrived = Instant::now();
-                // Applied by the relay's single writer, together with whatever other sessions
-                // sent meanwhile; awaited, so this session's frames are applied in order.
-                let applied = shared
-                    .applier
-                    .apply(
-                        SessionInput::Message {
-                            peer: session.peer,
-                            message: other,
-                        },
-                        frame_len,
-                    )
-                    .await;
-                shared.metrics.sync_latency.observe(arrived.elapsed());
-                if let Err(e) = applied {
-                    break not_applied(&mut ws, shared, e).await;
-                }
-            }
-        }
+    let mut conn = Conn {
+        ws,
+        shared,
+        router: Router::of(&shared.replica),
+        phase: Phase::AwaitingHello,
+        sync: None,
+        expires: None,
+        frames: TokenBucket::new(shared.config.rate_limit, Instant::now()),
+        bytes: TokenBucket::new(shared.config.byte_limit, Instant::now()),
+        last_heard: Instant::now(),
+        last_ping: Instant::now(),
     };
-    if let Some(Session { peer: peer_id, .. }) = sync.take() {
-        router.unregister(peer_id);
+    let outcome = conn.run(&mut stop).await;
+    if let Some(Session { peer: peer_id, .. }) = conn.sync.take() {
+        conn.router.unregister(peer_id);
         let _ = shared
             .applier
             .apply(SessionInput::Disconnected { peer: peer_id }, 0)
@@ -415,9 +201,310 @@ pub(crate) async fn session(
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         tracing::info!(code = u16::from(close.code), reason = %close.reason, %peer, "closing");
-        close_with(ws, close).await;
+        close_with(conn.ws, close).await;
     } else {
         tracing::debug!("session closed by peer");
+    }
+}
+
+impl Conn<'_> {
+    /// The session's loop: waits for the next event and hands it to its handler.
+    async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> Option<Close> {
+        let hello_deadline = tokio::time::Instant::now() + self.shared.config.hello_timeout;
+        // Checked four times per period: a session is pinged at most 1.25 periods after it
+        // went quiet, well before the two periods after which it is closed. (And often enough
+        // to notice a client paused for longer than the send timeout.)
+        let check = (self.shared.config.keepalive / 4).min(self.shared.config.send_timeout / 4);
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + check, check);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let event = {
+                let (ws, sync, phase, expires) =
+                    (&mut self.ws, &mut self.sync, &self.phase, self.expires);
+                let next = async {
+                    match phase {
+                        Phase::AwaitingHello => tokio::time::timeout_at(hello_deadline, ws.next())
+                            .await
+                            .map_err(|_| ()),
+                        Phase::Ready => Ok(ws.next().await),
+                    }
+                };
+                let outbound = async {
+                    match sync.as_mut() {
+                        Some(session) => session.rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let expiry = async {
+                    match expires {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = stopped(stop) => Event::Stop,
+                    () = expiry => Event::TokenExpired,
+                    _ = keepalive.tick() => Event::Keepalive,
+                    out = outbound => Event::Outbound(out),
+                    incoming = next => Event::Incoming(incoming),
+                }
+            };
+            let next = match event {
+                Event::Stop => close(CloseCode::Away, "relay shutting down"),
+                Event::TokenExpired => close(CloseCode::Policy, "the token expired"),
+                Event::Keepalive => self.keepalive().await,
+                Event::Outbound(out) => self.outbound(out).await,
+                Event::Incoming(Err(())) => close(CloseCode::Policy, "no Hello in time"),
+                Event::Incoming(Ok(incoming)) => self.incoming(incoming).await,
+            };
+            if let ControlFlow::Break(outcome) = next {
+                return outcome;
+            }
+        }
+    }
+
+    /// Liveness: a client that stopped reading, or went silent, is closed; a quiet one is
+    /// pinged.
+    async fn keepalive(&mut self) -> Next {
+        let config = &self.shared.config;
+        // A client that has not read its queue down for the send timeout: its frames fit the
+        // socket buffers, so no single write timed out, but it is not reading.
+        if let Some(paused) = self
+            .sync
+            .as_ref()
+            .and_then(|s| s.flow.paused_for())
+            .filter(|p| *p >= config.send_timeout)
+        {
+            return close(
+                CloseCode::Policy,
+                format!("the client did not read for {} s", paused.as_secs()),
+            );
+        }
+        let silent = self.last_heard.elapsed();
+        if silent >= config.keepalive * 2 {
+            return close(
+                CloseCode::Away,
+                format!("no traffic for {} s", silent.as_secs()),
+            );
+        }
+        if silent >= config.keepalive && self.last_ping.elapsed() >= config.keepalive {
+            self.last_ping = Instant::now();
+            if self.ws.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                return GONE;
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// What the replica queued for this session: a frame to write, or an event.
+    async fn outbound(&mut self, out: Option<Outbound>) -> Next {
+        match out {
+            Some(Outbound::Frame(frame)) => {
+                match send_queued(&mut self.ws, self.shared, self.sync.as_ref(), frame).await {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(close) => ControlFlow::Break(close),
+                }
+            }
+            // The engine ended the session (the client broke the protocol); its Error frame
+            // saying why was queued before this event and is sent.
+            Some(Outbound::Event(PeerEvent::Closed { reason })) => {
+                close(CloseCode::Protocol, reason)
+            }
+            Some(Outbound::Event(event)) => {
+                tracing::debug!(?event, "session event");
+                ControlFlow::Continue(())
+            }
+            None => close(CloseCode::Error, "replica router closed"),
+        }
+    }
+
+    /// A WebSocket message from the client: counted against the rate limits, decoded, and
+    /// handled by the phase of the session.
+    async fn incoming(&mut self, incoming: Option<Result<WsMessage, WsError>>) -> Next {
+        let message = match incoming {
+            None => return GONE,
+            Some(Ok(message)) => {
+                self.last_heard = Instant::now();
+                message
+            }
+            Some(Err(e)) => return ControlFlow::Break(close_for_ws_error(e)),
+        };
+        if message_counts(&message) {
+            self.rate_limit(message.len()).await?;
+        }
+        let bytes = match message {
+            WsMessage::Binary(bytes) => bytes,
+            WsMessage::Text(_) => {
+                return close(
+                    CloseCode::Unsupported,
+                    "text frames are not supported; send binary weft frames",
+                );
+            }
+            // tungstenite answers pings (while reading) and the peer's close by itself.
+            _ => return ControlFlow::Continue(()),
+        };
+        let frame = match protocol::decode(&bytes, self.shared.config.max_frame) {
+            Ok(frame) => frame,
+            Err(e) => {
+                let closing =
+                    close_for_decode_error(&mut self.ws, self.shared, &self.phase, e).await;
+                return ControlFlow::Break(closing);
+            }
+        };
+        match (&self.phase, frame) {
+            (
+                Phase::AwaitingHello,
+                Message::Hello {
+                    protocol: version,
+                    replica,
+                    scope,
+                    token,
+                },
+            ) => self.hello(version, replica, token, scope).await,
+            (Phase::AwaitingHello, other) => close(
+                CloseCode::Protocol,
+                format!("the first frame must be Hello, not {}", other.kind()),
+            ),
+            (Phase::Ready, Message::Hello { .. }) => {
+                let error = Message::Error {
+                    code: ErrorCode::Unexpected,
+                    message: "Hello sent twice: the handshake is over".into(),
+                    doc: None,
+                };
+                let _ = send(&mut self.ws, self.shared, &error).await;
+                close(CloseCode::Protocol, "Hello sent twice")
+            }
+            (Phase::Ready, Message::Ping { nonce }) => {
+                match send(&mut self.ws, self.shared, &Message::Pong { nonce }).await {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(_) => GONE,
+                }
+            }
+            (Phase::Ready, Message::Pong { .. }) => ControlFlow::Continue(()),
+            // Every other message goes to the engine, whose role table refuses what a client
+            // may not send (Entries, Persisted, Welcome, Reject) and ends the session.
+            (Phase::Ready, other) => self.apply(other, bytes.len()).await,
+        }
+    }
+
+    /// The frame and byte rate limits: a flooding client is told, then closed.
+    async fn rate_limit(&mut self, len: usize) -> Next {
+        self.shared.metrics.frame_in(len);
+        let now = Instant::now();
+        let limited = if !self.frames.take(now) {
+            Some("frame rate limit exceeded")
+        } else if !self.bytes.take_n(len as f64, now) {
+            Some("byte rate limit exceeded")
+        } else {
+            None
+        };
+        let Some(what) = limited else {
+            return ControlFlow::Continue(());
+        };
+        self.shared
+            .metrics
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Say why in the protocol too (a close reason is easy to lose), then close: a
+        // flooding client costs the relay until it is gone.
+        let error = Message::Error {
+            code: ErrorCode::RateLimited,
+            message: what.into(),
+            doc: None,
+        };
+        let _ = send(&mut self.ws, self.shared, &error).await;
+        close(CloseCode::Policy, what)
+    }
+
+    /// The handshake: the protocol version, the token, then `Welcome` (or `Reject`) and the
+    /// replication session.
+    async fn hello(
+        &mut self,
+        version: u16,
+        replica: crate::ReplicaId,
+        token: Option<String>,
+        scope: WireScope,
+    ) -> Next {
+        let shared = self.shared;
+        if version != u16::from(protocol::PROTOCOL_VERSION) {
+            let reason = format!(
+                "protocol version {version} is not supported (this relay speaks {})",
+                protocol::PROTOCOL_VERSION
+            );
+            return self
+                .reject(RejectCode::ProtocolVersion, reason, CloseCode::Protocol)
+                .await;
+        }
+        let admitted = match admit(shared, token, scope) {
+            Ok(admitted) => admitted,
+            Err((code, reason)) => {
+                tracing::info!(client = %replica, ?code, %reason, "refused");
+                shared
+                    .metrics
+                    .sessions_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return self.reject(code, reason, CloseCode::Policy).await;
+            }
+        };
+        tracing::info!(client = %replica, subject = ?admitted.subject, "hello");
+        self.expires = admitted.expires;
+        let welcome = Message::Welcome {
+            replica: shared.relay_id,
+            scope: match &admitted.access.read {
+                Scope::All => WireScope::All,
+                Scope::Collections(c) => WireScope::Collections(c.clone()),
+            },
+            max_frame: u32::try_from(shared.config.max_frame).unwrap_or(u32::MAX),
+        };
+        if send(&mut self.ws, shared, &welcome).await.is_err() {
+            return GONE;
+        }
+        self.phase = Phase::Ready;
+        let session = self.router.register(None);
+        let connected = SessionInput::Connected {
+            peer: session.peer,
+            remote: replica,
+            access: admitted.access,
+            initiator: false,
+        };
+        // Set first, so that the session is unregistered however this ends.
+        self.sync = Some(session);
+        match shared.applier.apply(connected, 0).await {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => ControlFlow::Break(not_applied(&mut self.ws, shared, e).await),
+        }
+    }
+
+    /// Refuses the session: `Reject` with the reason, then close.
+    async fn reject(&mut self, code: RejectCode, reason: String, close_code: CloseCode) -> Next {
+        let reject = Message::Reject {
+            code,
+            reason: reason.clone(),
+        };
+        if send(&mut self.ws, self.shared, &reject).await.is_err() {
+            return GONE;
+        }
+        close(close_code, reason)
+    }
+
+    /// A session message for the replica, applied by the relay's single writer together with
+    /// whatever other sessions sent meanwhile; awaited, so this session's frames are applied
+    /// in order.
+    async fn apply(&mut self, message: Message, frame_len: usize) -> Next {
+        let Some(session) = self.sync.as_ref() else {
+            return GONE;
+        };
+        let arrived = Instant::now();
+        let input = SessionInput::Message {
+            peer: session.peer,
+            message,
+        };
+        let applied = self.shared.applier.apply(input, frame_len).await;
+        self.shared.metrics.sync_latency.observe(arrived.elapsed());
+        match applied {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => ControlFlow::Break(not_applied(&mut self.ws, self.shared, e).await),
+        }
     }
 }
 
