@@ -6,6 +6,7 @@
 //! jitter; edits made meanwhile are simply in the database and go out on reconnect.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -372,6 +373,10 @@ async fn run(
     }
 }
 
+type Sink = futures_util::stream::SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, WsMessage>;
+type Stream = futures_util::stream::SplitStream<WebSocketStream<MaybeTlsStream<TcpStream>>>;
+
+/// One connection attempt: the handshake, then the live session until it ends.
 async fn session(
     replica: &Replica,
     url: &str,
@@ -380,81 +385,12 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
     reached_sync: &mut bool,
 ) -> Ended {
-    // A small read buffer: tungstenite zero-fills the free part of it before every read.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
-        .max_message_size(Some(options.max_frame))
-        .max_frame_size(Some(options.max_frame));
-    let ws = tokio::select! {
-        r = dial(url, options, config) => match r {
-            Ok(ws) => ws,
-            Err(error) => return Ended::Lost(OfflineError::Unreachable(error)),
+    let (sink, mut stream, remote, scope) = tokio::select! {
+        shaken = handshake(replica, url, options) => match shaken {
+            Ok(connected) => connected,
+            Err(ended) => return ended,
         },
         () = stopped(stop) => return Ended::Stopped,
-    };
-    let (mut sink, mut stream) = ws.split();
-    let scope = match &options.scope {
-        Scope::All => WireScope::All,
-        Scope::Collections(c) => WireScope::Collections(c.clone()),
-    };
-    let hello = Message::Hello {
-        protocol: u16::from(protocol::PROTOCOL_VERSION),
-        replica: replica.replica_id(),
-        token: options.token.clone(),
-        scope,
-    };
-    if let Err(e) = sink
-        .send(WsMessage::Binary(protocol::encode(&hello).into()))
-        .await
-    {
-        return lost(format!("sending Hello: {e}"));
-    }
-    // The first frame must be Welcome or Reject.
-    let (remote, granted) = loop {
-        let next = tokio::select! {
-            n = tokio::time::timeout(Duration::from_secs(10), stream.next()) => n,
-            () = stopped(stop) => return Ended::Stopped,
-        };
-        match next {
-            Err(_) => return lost("no Welcome from the relay within 10 s"),
-            Ok(None) => {
-                return lost("the relay closed the connection during the handshake");
-            }
-            Ok(Some(Err(e))) => {
-                return Ended::Lost(OfflineError::Unreachable(format!("handshake: {e}")));
-            }
-            Ok(Some(Ok(WsMessage::Binary(bytes)))) => {
-                match protocol::decode(&bytes, options.max_frame) {
-                    Ok(Message::Welcome {
-                        replica: remote,
-                        scope,
-                        ..
-                    }) => break (remote, scope),
-                    Ok(Message::Reject { code, reason }) => {
-                        return match code {
-                            RejectCode::Busy => Ended::Lost(OfflineError::Busy(reason)),
-                            _ => Ended::Rejected(code, reason),
-                        };
-                    }
-                    Ok(other) => return lost(format!("expected Welcome, got {}", other.kind())),
-                    Err(e) => return lost(format!("bad frame from the relay: {e}")),
-                }
-            }
-            // Closed without a Reject: not a verdict on this replica; try again later.
-            Ok(Some(Ok(WsMessage::Close(frame)))) => {
-                return lost(format!(
-                    "the relay closed the connection during the handshake: {}",
-                    frame
-                        .map(|f| format!("{} {}", f.code, f.reason))
-                        .unwrap_or_default()
-                ));
-            }
-            Ok(Some(Ok(_))) => continue,
-        }
-    };
-    let scope = match granted {
-        WireScope::All => Scope::All,
-        WireScope::Collections(c) => Scope::Collections(c),
     };
     if let Ok(mut granted) = report.granted.lock() {
         *granted = Some(scope.clone());
@@ -471,133 +407,276 @@ async fn session(
         r.peer_connected(peer, remote, scope, true)
     })
     .await;
-    let mut last_heard = std::time::Instant::now();
-    let mut last_ping = last_heard;
+    let mut live = Live {
+        replica,
+        options,
+        status: &status,
+        sink,
+        peer,
+        flow: session.flow.clone(),
+        last_heard: std::time::Instant::now(),
+        last_ping: std::time::Instant::now(),
+        reached_sync,
+    };
     let mut ticker = tokio::time::interval(options.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // Commits by other processes on our file (a CLI next to us) go out within this.
     let mut external = tokio::time::interval(EXTERNAL_POLL);
     external.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let ended = loop {
-        tokio::select! {
-            out = session.rx.recv() => match out {
-                Some(Outbound::Frame(frame)) => {
-                    let len = frame.bytes.len();
-                    if let Err(e) = sink.send(WsMessage::Binary(frame.bytes)).await {
-                        break lost(format!("sending: {e}"));
-                    }
-                    if session.flow.written(len) {
-                        blocking(replica, move |r| r.peer_flow(peer, false)).await;
-                    }
-                }
-                Some(Outbound::Event(PeerEvent::InSync)) => *reached_sync = true,
-                Some(Outbound::Event(PeerEvent::Error { code: ErrorCode::Storage, message, .. })) => {
-                    // The relay stored nothing of what we sent last; it closes the session.
-                    break Ended::Lost(OfflineError::RelayStorage(message));
-                }
-                // Refusals were recorded by the router (`Report::note`).
-                Some(Outbound::Event(PeerEvent::Error { code, message, doc })) => {
-                    tracing::info!(?code, %message, ?doc, "relay reported an error");
-                }
-                Some(Outbound::Event(PeerEvent::Closed { reason })) => {
-                    // The relay broke the protocol; the Error frame saying so went out first.
-                    let close = CloseFrame { code: CloseCode::Protocol, reason: reason.clone().into() };
-                    let _ = sink.send(WsMessage::Close(Some(close))).await;
-                    break Ended::Lost(OfflineError::Protocol(reason));
-                }
-                Some(Outbound::Event(PeerEvent::Persisted(_))) => {}
-                None => break lost("router closed"),
+        let next = tokio::select! {
+            out = session.rx.recv() => live.outbound(out).await,
+            incoming = stream.next() => live.incoming(incoming, &mut stream).await,
+            _ = ticker.tick() => live.tick().await,
+            _ = external.tick() => match blocking(replica, |r| r.poll_external()).await {
+                Some(Err(e)) => ControlFlow::Break(local_failure(e)),
+                _ => ControlFlow::Continue(()),
             },
-            incoming = stream.next() => {
-                last_heard = std::time::Instant::now();
-                // Take every frame that has already arrived (up to MAX_BATCH) and apply them
-                // in one replica step: one commit for a burst instead of one per frame.
-                let mut batch = Vec::new();
-                let mut bytes = 0;
-                let mut ended = None;
-                let mut next = Some(incoming);
-                while let Some(incoming) = next.take() {
-                    if let Some(Ok(WsMessage::Binary(frame))) = &incoming {
-                        bytes += frame.len();
-                    }
-                    match read(incoming, options.max_frame) {
-                        Read::Session(message) => batch.push(message),
-                        Read::Ping(nonce) => {
-                            let pong = protocol::encode(&Message::Pong { nonce });
-                            let _ = sink.send(WsMessage::Binary(pong.into())).await;
-                        }
-                        Read::Nothing => {}
-                        Read::End(reason) => {
-                            ended = Some(reason);
-                            break;
-                        }
-                    }
-                    if batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                        next = stream.next().now_or_never();
-                    }
-                }
-                // The relay's storage failed: it says so, then closes. Report the cause, not
-                // the close, whichever of the two this read saw first.
-                let relay_storage = batch.iter().find_map(|m| match m {
-                    Message::Error { code: ErrorCode::Storage, message, .. } => Some(message.clone()),
-                    _ => None,
-                });
-                if !batch.is_empty() {
-                    if batch.iter().any(|m| matches!(m, Message::Sync { .. })) && *status.borrow() == Status::Synced {
-                        let _ = status.send(Status::Connected);
-                    }
-                    let inputs = batch
-                        .into_iter()
-                        .map(|message| SessionInput::Message { peer, message })
-                        .collect();
-                    let failed = blocking(replica, move |r| r.peer_batch(inputs)).await;
-                    match failed.as_deref() {
-                        Some([]) => {}
-                        Some([(_, SessionFailure::Storage(e)), ..]) => {
-                            break Ended::Lost(OfflineError::LocalStorage(e.clone()));
-                        }
-                        _ => break lost("internal error while applying the relay's frames"),
-                    }
-                }
-                if let Some(message) = relay_storage {
-                    break Ended::Lost(OfflineError::RelayStorage(message));
-                }
-                if let Some(reason) = ended {
-                    break lost(reason);
-                }
-            }
-            _ = ticker.tick() => {
-                let silent = last_heard.elapsed();
-                if silent >= options.keepalive * 2 {
-                    break lost(format!("the relay was silent for {} s", silent.as_secs()));
-                }
-                if silent >= options.keepalive && last_ping.elapsed() >= options.keepalive {
-                    last_ping = std::time::Instant::now();
-                    if let Err(e) = sink.send(WsMessage::Ping(Default::default())).await {
-                        break lost(format!("sending: {e}"));
-                    }
-                }
-                // Checked without waiting for the replica: most ticks have nothing to do.
-                if replica.tick_wanted()
-                    && let Some(Err(e)) = blocking(replica, |r| r.tick()).await
-                {
-                    break local_failure(e);
-                }
-            }
-            _ = external.tick() => {
-                if let Some(Err(e)) = blocking(replica, |r| r.poll_external()).await {
-                    break local_failure(e);
-                }
-            }
             () = stopped(stop) => {
-                let _ = sink.send(WsMessage::Close(None)).await;
-                break Ended::Stopped;
+                let _ = live.sink.send(WsMessage::Close(None)).await;
+                ControlFlow::Break(Ended::Stopped)
             }
+        };
+        if let ControlFlow::Break(ended) = next {
+            break ended;
         }
     };
     router.unregister(peer);
     blocking(replica, move |r| r.peer_disconnected(peer)).await;
     ended
+}
+
+/// Dials the relay, says `Hello`, and waits for `Welcome` (or `Reject`): the connection, the
+/// relay's id and the collections it granted.
+async fn handshake(
+    replica: &Replica,
+    url: &str,
+    options: &ConnectOptions,
+) -> Result<(Sink, Stream, crate::ReplicaId, Scope), Ended> {
+    // A small read buffer: tungstenite zero-fills the free part of it before every read.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .max_message_size(Some(options.max_frame))
+        .max_frame_size(Some(options.max_frame));
+    let ws = dial(url, options, config)
+        .await
+        .map_err(|error| Ended::Lost(OfflineError::Unreachable(error)))?;
+    let (mut sink, mut stream) = ws.split();
+    let hello = Message::Hello {
+        protocol: u16::from(protocol::PROTOCOL_VERSION),
+        replica: replica.replica_id(),
+        token: options.token.clone(),
+        scope: match &options.scope {
+            Scope::All => WireScope::All,
+            Scope::Collections(c) => WireScope::Collections(c.clone()),
+        },
+    };
+    if let Err(e) = sink
+        .send(WsMessage::Binary(protocol::encode(&hello).into()))
+        .await
+    {
+        return Err(lost(format!("sending Hello: {e}")));
+    }
+    // The first frame must be Welcome or Reject.
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+        let bytes = match next {
+            Err(_) => return Err(lost("no Welcome from the relay within 10 s")),
+            Ok(None) => return Err(lost("the relay closed the connection during the handshake")),
+            Ok(Some(Err(e))) => {
+                return Err(Ended::Lost(OfflineError::Unreachable(format!(
+                    "handshake: {e}"
+                ))));
+            }
+            Ok(Some(Ok(WsMessage::Binary(bytes)))) => bytes,
+            // Closed without a Reject: not a verdict on this replica; try again later.
+            Ok(Some(Ok(WsMessage::Close(frame)))) => {
+                return Err(lost(format!(
+                    "the relay closed the connection during the handshake: {}",
+                    frame
+                        .map(|f| format!("{} {}", f.code, f.reason))
+                        .unwrap_or_default()
+                )));
+            }
+            Ok(Some(Ok(_))) => continue,
+        };
+        return match protocol::decode(&bytes, options.max_frame) {
+            Ok(Message::Welcome {
+                replica: remote,
+                scope,
+                ..
+            }) => {
+                let scope = match scope {
+                    WireScope::All => Scope::All,
+                    WireScope::Collections(c) => Scope::Collections(c),
+                };
+                Ok((sink, stream, remote, scope))
+            }
+            Ok(Message::Reject { code, reason }) => Err(match code {
+                RejectCode::Busy => Ended::Lost(OfflineError::Busy(reason)),
+                _ => Ended::Rejected(code, reason),
+            }),
+            Ok(other) => Err(lost(format!("expected Welcome, got {}", other.kind()))),
+            Err(e) => Err(lost(format!("bad frame from the relay: {e}"))),
+        };
+    }
+}
+
+/// A live session's connection and state, and a handler per event.
+struct Live<'a> {
+    replica: &'a Replica,
+    options: &'a ConnectOptions,
+    status: &'a watch::Sender<Status>,
+    sink: Sink,
+    peer: crate::engine::PeerId,
+    flow: std::sync::Arc<super::router::Flow>,
+    last_heard: std::time::Instant,
+    last_ping: std::time::Instant,
+    reached_sync: &'a mut bool,
+}
+
+impl Live<'_> {
+    /// What the replica queued for the relay: a frame to send, or a session event.
+    async fn outbound(&mut self, out: Option<Outbound>) -> ControlFlow<Ended> {
+        match out {
+            Some(Outbound::Frame(frame)) => {
+                let len = frame.bytes.len();
+                if let Err(e) = self.sink.send(WsMessage::Binary(frame.bytes)).await {
+                    return ControlFlow::Break(lost(format!("sending: {e}")));
+                }
+                if self.flow.written(len) {
+                    let peer = self.peer;
+                    blocking(self.replica, move |r| r.peer_flow(peer, false)).await;
+                }
+            }
+            Some(Outbound::Event(PeerEvent::InSync)) => *self.reached_sync = true,
+            Some(Outbound::Event(PeerEvent::Error {
+                code: ErrorCode::Storage,
+                message,
+                ..
+            })) => {
+                // The relay stored nothing of what we sent last; it closes the session.
+                return ControlFlow::Break(Ended::Lost(OfflineError::RelayStorage(message)));
+            }
+            // Refusals were recorded by the router (`Report::note`).
+            Some(Outbound::Event(PeerEvent::Error { code, message, doc })) => {
+                tracing::info!(?code, %message, ?doc, "relay reported an error");
+            }
+            Some(Outbound::Event(PeerEvent::Closed { reason })) => {
+                // The relay broke the protocol; the Error frame saying so went out first.
+                let close = CloseFrame {
+                    code: CloseCode::Protocol,
+                    reason: reason.clone().into(),
+                };
+                let _ = self.sink.send(WsMessage::Close(Some(close))).await;
+                return ControlFlow::Break(Ended::Lost(OfflineError::Protocol(reason)));
+            }
+            Some(Outbound::Event(PeerEvent::Persisted(_))) => {}
+            None => return ControlFlow::Break(lost("router closed")),
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Frames from the relay: every frame that has already arrived (up to [`MAX_BATCH`]) is
+    /// applied in one replica step — one commit for a burst instead of one per frame.
+    async fn incoming(
+        &mut self,
+        first: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
+        stream: &mut Stream,
+    ) -> ControlFlow<Ended> {
+        self.last_heard = std::time::Instant::now();
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut ended = None;
+        let mut next = Some(first);
+        while let Some(incoming) = next.take() {
+            if let Some(Ok(WsMessage::Binary(frame))) = &incoming {
+                bytes += frame.len();
+            }
+            match read(incoming, self.options.max_frame) {
+                Read::Session(message) => batch.push(message),
+                Read::Ping(nonce) => {
+                    let pong = protocol::encode(&Message::Pong { nonce });
+                    let _ = self.sink.send(WsMessage::Binary(pong.into())).await;
+                }
+                Read::Nothing => {}
+                Read::End(reason) => {
+                    ended = Some(reason);
+                    break;
+                }
+            }
+            if batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                next = stream.next().now_or_never();
+            }
+        }
+        // The relay's storage failed: it says so, then closes. Report the cause, not the
+        // close, whichever of the two this read saw first.
+        let relay_storage = batch.iter().find_map(|m| match m {
+            Message::Error {
+                code: ErrorCode::Storage,
+                message,
+                ..
+            } => Some(message.clone()),
+            _ => None,
+        });
+        if !batch.is_empty() {
+            if batch.iter().any(|m| matches!(m, Message::Sync { .. }))
+                && *self.status.borrow() == Status::Synced
+            {
+                let _ = self.status.send(Status::Connected);
+            }
+            let peer = self.peer;
+            let inputs = batch
+                .into_iter()
+                .map(|message| SessionInput::Message { peer, message })
+                .collect();
+            let failed = blocking(self.replica, move |r| r.peer_batch(inputs)).await;
+            match failed.as_deref() {
+                Some([]) => {}
+                Some([(_, SessionFailure::Storage(e)), ..]) => {
+                    return ControlFlow::Break(Ended::Lost(OfflineError::LocalStorage(e.clone())));
+                }
+                _ => {
+                    return ControlFlow::Break(lost(
+                        "internal error while applying the relay's frames",
+                    ));
+                }
+            }
+        }
+        if let Some(message) = relay_storage {
+            return ControlFlow::Break(Ended::Lost(OfflineError::RelayStorage(message)));
+        }
+        match ended {
+            Some(reason) => ControlFlow::Break(lost(reason)),
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    /// Keepalive (a silent relay is pinged, then given up on), and the replica's tick (a
+    /// quiet session checks again that it is in sync).
+    async fn tick(&mut self) -> ControlFlow<Ended> {
+        let keepalive = self.options.keepalive;
+        let silent = self.last_heard.elapsed();
+        if silent >= keepalive * 2 {
+            return ControlFlow::Break(lost(format!(
+                "the relay was silent for {} s",
+                silent.as_secs()
+            )));
+        }
+        if silent >= keepalive && self.last_ping.elapsed() >= keepalive {
+            self.last_ping = std::time::Instant::now();
+            if let Err(e) = self.sink.send(WsMessage::Ping(Default::default())).await {
+                return ControlFlow::Break(lost(format!("sending: {e}")));
+            }
+        }
+        // Checked without waiting for the replica: most ticks have nothing to do.
+        if self.replica.tick_wanted()
+            && let Some(Err(e)) = blocking(self.replica, |r| r.tick()).await
+        {
+            return ControlFlow::Break(local_failure(e));
+        }
+        ControlFlow::Continue(())
+    }
 }
 
 /// Opens the WebSocket: `ws://` as it is, `wss://` through rustls, trusting the system's root
