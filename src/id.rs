@@ -10,6 +10,37 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
+/// bs58check's checksum: the first 4 bytes of SHA-256(SHA-256(payload)). (With the `sha2`
+/// Automerge already uses: `bs58`'s own `check` feature would bring a second version.)
+fn checksum(payload: &[u8]) -> [u8; 4] {
+    use sha2::{Digest, Sha256};
+    let twice = Sha256::digest(Sha256::digest(payload));
+    [twice[0], twice[1], twice[2], twice[3]]
+}
+
+/// The bs58check text of `payload`.
+fn encode_check(payload: &[u8]) -> String {
+    let mut bytes = payload.to_vec();
+    bytes.extend_from_slice(&checksum(payload));
+    bs58::encode(bytes).into_string()
+}
+
+/// The payload of a bs58check text, or why it is not one.
+fn decode_check(text: &str) -> Result<Vec<u8>, &'static str> {
+    let mut bytes = bs58::decode(text).into_vec().map_err(|e| match e {
+        bs58::decode::Error::InvalidCharacter { .. } => "not base58",
+        _ => "not base58check",
+    })?;
+    if bytes.len() < 4 {
+        return Err("not base58check");
+    }
+    let sum = bytes.split_off(bytes.len() - 4);
+    if sum != checksum(&bytes) {
+        return Err("checksum mismatch (typo?)");
+    }
+    Ok(bytes)
+}
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
@@ -50,7 +81,7 @@ macro_rules! id_type {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&bs58::encode(self.0).with_check().into_string())
+                f.write_str(&encode_check(&self.0))
             }
         }
 
@@ -72,11 +103,7 @@ macro_rules! id_type {
                 if s.len() > 64 {
                     return Err(invalid("too long"));
                 }
-                let bytes = bs58::decode(s).with_check(None).into_vec().map_err(|e| match e {
-                    bs58::decode::Error::InvalidChecksum { .. } => invalid("checksum mismatch (typo?)"),
-                    bs58::decode::Error::InvalidCharacter { .. } => invalid("not base58"),
-                    _ => invalid("not base58check"),
-                })?;
+                let bytes = decode_check(s).map_err(invalid)?;
                 Self::try_from_slice(&bytes).ok_or_else(|| invalid("wrong length, expected 16 bytes"))
             }
         }
@@ -98,6 +125,19 @@ id_type!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_form_is_bs58check() {
+        // Fixed values, as automerge-repo (and the `bs58` crate's check feature) write them.
+        assert_eq!(
+            DocumentId::from_bytes([7; 16]).to_string(),
+            "6gMHXjsZ5cxdn4qSbgGYYY8CnKK"
+        );
+        assert_eq!(
+            DocumentId::from_bytes(*b"0123456789abcdef").to_string(),
+            "fwaoKqDyZ5CbBM9gJn6sXgFZrfo"
+        );
+    }
 
     #[test]
     fn text_form_round_trips() {

@@ -129,7 +129,8 @@ type Transport =
     Arc<dyn Fn(Vec<(PeerId, Message)>, Vec<(PeerId, PeerEvent)>) -> Vec<PeerId> + Send + Sync>;
 
 struct Shared {
-    /// See [`Replica::attachment`].
+    /// See [`Replica::attachment`] (unused in a build without a layer above, e.g. wasm).
+    #[cfg_attr(not(feature = "net"), allow(dead_code))]
     attachment: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
     inner: Mutex<Inner>,
     transport: Mutex<Option<Transport>>,

@@ -119,6 +119,7 @@ impl Replica {
     /// The one value of type `T` a layer above keeps with this replica, created on first use
     /// (the network layer's router: one per replica, shared by its connections). The replica
     /// stores it without knowing its type, so it never depends on that layer.
+    #[cfg_attr(not(feature = "net"), allow(dead_code))]
     pub(crate) fn attachment<T: std::any::Any + Send + Sync>(
         &self,
         init: impl FnOnce() -> Arc<T>,
