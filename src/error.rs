@@ -13,6 +13,9 @@ use crate::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The operating system gave no randomness (needed for new replica ids and seeds).
+    #[error("no OS randomness: {0}")]
+    NoRandomness(String),
     /// No document with this id exists on this replica.
     #[error("document {0} not found")]
     NotFound(DocumentId),

@@ -10,6 +10,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
+/// `N` random bytes from the operating system: the one place weft asks it (new replica ids,
+/// engine seeds, backoff jitter). Everything else random comes from seeded generators.
+pub fn os_random<const N: usize>() -> Result<[u8; N], Error> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|e| Error::NoRandomness(e.to_string()))?;
+    Ok(bytes)
+}
+
 /// bs58check's checksum: the first 4 bytes of SHA-256(SHA-256(payload)). (With the `sha2`
 /// Automerge already uses: `bs58`'s own `check` feature would bring a second version.)
 fn checksum(payload: &[u8]) -> [u8; 4] {
@@ -61,6 +69,11 @@ macro_rules! id_type {
             /// Reads an id from a byte slice that must be exactly 16 bytes long.
             pub fn try_from_slice(bytes: &[u8]) -> Option<Self> {
                 <[u8; 16]>::try_from(bytes).ok().map(Self)
+            }
+
+            /// A new random id, from the operating system.
+            pub fn random() -> Result<Self, Error> {
+                os_random().map(Self)
             }
 
             /// An id derived from a seed (splitmix64): the same on every platform, for

@@ -769,9 +769,8 @@ async fn blocking<T: Send + 'static>(
 
 /// A uniformly random number in [0, 1] from the OS (0.5 if it has none to give).
 fn random_fraction() -> f64 {
-    let mut bytes = [0u8; 4];
-    match getrandom::fill(&mut bytes) {
-        Ok(()) => f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX),
+    match crate::id::os_random() {
+        Ok(bytes) => f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX),
         Err(_) => 0.5,
     }
 }

@@ -157,12 +157,7 @@ fn now_ms() -> i64 {
 }
 
 fn os_seed() -> Result<u64> {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).map_err(|e| StoreError::Open {
-        path: String::new(),
-        reason: format!("no OS randomness: {e}"),
-    })?;
-    Ok(u64::from_le_bytes(bytes))
+    crate::id::os_random().map(u64::from_le_bytes)
 }
 
 impl Replica {

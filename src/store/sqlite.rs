@@ -210,12 +210,10 @@ fn immutable_uri(path: &Path) -> String {
 }
 
 fn random_replica_id() -> Result<ReplicaId, StoreError> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| StoreError::Open {
+    ReplicaId::random().map_err(|e| StoreError::Open {
         path: String::new(),
-        reason: format!("no OS randomness: {e}"),
-    })?;
-    Ok(ReplicaId::from_bytes(bytes))
+        reason: e.to_string(),
+    })
 }
 
 impl SqliteStore {

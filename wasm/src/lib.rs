@@ -469,10 +469,6 @@ fn parse_id(id: &str) -> JsResult<weft::DocumentId> {
 fn new_replica_id(seed: Option<u64>) -> JsResult<ReplicaId> {
     match seed {
         Some(seed) => Ok(ReplicaId::from_seed(seed)),
-        None => {
-            let mut bytes = [0u8; 16];
-            getrandom::fill(&mut bytes).map_err(|e| error("Random", &e))?;
-            Ok(ReplicaId::from_bytes(bytes))
-        }
+        None => ReplicaId::random().map_err(|e| error("Random", &e)),
     }
 }

@@ -74,15 +74,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn random_u64() -> CliResult<u64> {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).map_err(|e| CliError::Io(format!("no OS randomness: {e}")))?;
-    Ok(u64::from_le_bytes(bytes))
+    Ok(weft::id::os_random().map(u64::from_le_bytes)?)
 }
 
 fn random_replica_id() -> CliResult<ReplicaId> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| CliError::Io(format!("no OS randomness: {e}")))?;
-    Ok(ReplicaId::from_bytes(bytes))
+    Ok(ReplicaId::random()?)
 }
 
 fn ms(d: Duration) -> f64 {
