@@ -13,6 +13,13 @@ use crate::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A value over a size limit (an ephemeral message's data, ...).
+    #[error("{what} of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
     /// The operating system gave no randomness (needed for new replica ids and seeds).
     #[error("no OS randomness: {0}")]
     NoRandomness(String),

@@ -64,6 +64,9 @@ pub enum Command {
     ImportBundle { bundle: Bundle },
     /// Fold the document's incremental chunks into one snapshot.
     Compact { id: DocumentId },
+    /// Send ephemeral data about a document (presence, cursors) to every session that may read
+    /// it; nothing is stored.
+    Broadcast { id: DocumentId, data: Vec<u8> },
 }
 
 impl Command {
@@ -79,7 +82,8 @@ impl Command {
             | Command::Change { id, .. }
             | Command::Delete { id }
             | Command::GetAt { id, .. }
-            | Command::Compact { id } => vec![*id],
+            | Command::Compact { id }
+            | Command::Broadcast { id, .. } => vec![*id],
             Command::ImportBundle { bundle } => bundle.entries.iter().map(|e| e.id()).collect(),
         }
     }
@@ -98,6 +102,7 @@ impl fmt::Debug for Command {
             Command::Delete { id } => write!(f, "Delete({id})"),
             Command::GetAt { id, .. } => write!(f, "GetAt({id})"),
             Command::Compact { id } => write!(f, "Compact({id})"),
+            Command::Broadcast { id, data } => write!(f, "Broadcast({id}, {} bytes)", data.len()),
             Command::ImportBundle { bundle } => {
                 write!(f, "ImportBundle({} entries)", bundle.entries.len())
             }
@@ -148,4 +153,6 @@ pub enum Output {
     Imported(ImportReport),
     /// A compaction; `bytes` is the size of the document's snapshot now.
     Compacted { bytes: usize },
+    /// An ephemeral message went to this many sessions.
+    Broadcast { sessions: usize },
 }

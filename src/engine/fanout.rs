@@ -15,7 +15,9 @@ use super::receive::PeerWork;
 use super::session::{Held, Peer, PeerId};
 use super::{ChangeEvent, ChangeKind, Effects, Engine, Origin, Touched, Work};
 use crate::id::DocumentId;
-use crate::protocol::{ErrorCode, Message, Payload, SyncItem, TARGET_FRAME_BYTES};
+use crate::protocol::{
+    ErrorCode, MAX_EPHEMERAL_BYTES, Message, Payload, SyncItem, TARGET_FRAME_BYTES,
+};
 use crate::store::StoreError;
 
 /// More changes by another process than this in one step are left to reconciliation.
@@ -131,6 +133,66 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Ephemeral data from this replica's API: sent at once to every session that may read the
+    /// document's stored collection, never stored. Returns how many sessions it went to.
+    pub(crate) fn broadcast(
+        &mut self,
+        id: DocumentId,
+        data: Vec<u8>,
+        fx: &mut Effects,
+    ) -> Result<super::Output, crate::Error> {
+        let sessions = self.send_ephemeral(id, data, None, fx)?;
+        Ok(super::Output::Broadcast { sessions })
+    }
+
+    /// Passes ephemeral data on to every session (but `from`, the peer it came from) that may
+    /// read the document's stored collection; the sender, if a peer, must be able to read it
+    /// too, and hears of it as a [`PeerEvent::Ephemeral`](super::PeerEvent::Ephemeral).
+    pub(crate) fn send_ephemeral(
+        &mut self,
+        id: DocumentId,
+        data: Vec<u8>,
+        from: Option<PeerId>,
+        fx: &mut Effects,
+    ) -> Result<usize, crate::Error> {
+        if data.len() > MAX_EPHEMERAL_BYTES {
+            return Err(crate::Error::TooLarge {
+                what: "ephemeral data",
+                size: data.len(),
+                limit: MAX_EPHEMERAL_BYTES,
+            });
+        }
+        let collection = match self.touch(&id) {
+            Touched::Live(live) => live.collection.clone(),
+            Touched::Deleted => return Err(crate::Error::Deleted(id)),
+            Touched::Absent => return Err(crate::Error::NotFound(id)),
+            Touched::Broken(reason) => return Err(crate::Error::Corrupt { id, reason }),
+        };
+        if from.is_some_and(|peer| !self.may_read(peer, &collection)) {
+            return Err(crate::Error::NotFound(id));
+        }
+        let targets: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(peer, p)| Some(**peer) != from && p.scope.contains(&collection))
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in &targets {
+            fx.send.push((
+                *peer,
+                Message::Ephemeral {
+                    doc: id,
+                    data: data.clone(),
+                },
+            ));
+        }
+        if let Some(peer) = from {
+            fx.peer_events
+                .push((peer, super::PeerEvent::Ephemeral { doc: id, data }));
+        }
+        Ok(targets.len())
     }
 
     /// Queues the session's next Automerge sync message for a loaded document, if there is

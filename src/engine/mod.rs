@@ -512,6 +512,7 @@ impl Engine {
             Command::GetAt { id, heads } => self.get_at(id, &heads),
             Command::ImportBundle { bundle } => self.import(now, bundle, fx),
             Command::Compact { id } => self.compact(id, fx),
+            Command::Broadcast { id, data } => self.broadcast(id, data, fx),
         }
     }
 

@@ -24,6 +24,11 @@ pub(crate) enum PeerWork {
     Receive(SyncItem),
     SendWhole(DocumentId),
     SendSync(DocumentId),
+    /// Ephemeral data from the peer, to pass on once the document's collection is known.
+    Ephemeral {
+        doc: DocumentId,
+        data: Vec<u8>,
+    },
 }
 
 impl PeerWork {
@@ -31,6 +36,7 @@ impl PeerWork {
         match self {
             PeerWork::Receive(item) => item.id,
             PeerWork::SendWhole(id) | PeerWork::SendSync(id) => *id,
+            PeerWork::Ephemeral { doc, .. } => *doc,
         }
     }
 
@@ -39,7 +45,7 @@ impl PeerWork {
         match self {
             PeerWork::SendSync(_) => true,
             PeerWork::Receive(item) => matches!(item.payload, Payload::Sync(_)),
-            PeerWork::SendWhole(_) => false,
+            PeerWork::SendWhole(_) | PeerWork::Ephemeral { .. } => false,
         }
     }
 }
@@ -96,7 +102,31 @@ impl Engine {
                 }
             }
             PeerWork::Receive(item) => self.receive(now, peer, item, fx),
+            PeerWork::Ephemeral { doc, data } => {
+                if let Err(e) = self.send_ephemeral(doc, data, Some(peer), fx) {
+                    // A document of another collection, unknown, deleted or unreadable: all
+                    // "outside this session's scope", so the answer says no more than that.
+                    let (code, message) = match e {
+                        e @ crate::Error::TooLarge { .. } => (ErrorCode::TooLarge, e.to_string()),
+                        _ => (ErrorCode::Forbidden, OUTSIDE_SCOPE.into()),
+                    };
+                    self.peer_error(peer, code, message, Some(doc));
+                }
+            }
         }
+    }
+
+    /// Ephemeral data from a peer: passed on once its document is in memory (its stored
+    /// collection decides who may send and receive it).
+    pub(crate) fn on_ephemeral(
+        &mut self,
+        peer: PeerId,
+        doc: DocumentId,
+        data: Vec<u8>,
+        _fx: &mut Effects,
+    ) {
+        self.queue
+            .push_back(Work::Peer(peer, PeerWork::Ephemeral { doc, data }));
     }
 
     fn receive(&mut self, now: i64, peer: PeerId, item: SyncItem, fx: &mut Effects) {

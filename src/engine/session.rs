@@ -57,6 +57,9 @@ pub enum PeerEvent {
         message: String,
         doc: Option<DocumentId>,
     },
+    /// Ephemeral data about a document (presence, cursors) from the peer, already passed on
+    /// to the other sessions that may read the document.
+    Ephemeral { doc: DocumentId, data: Vec<u8> },
     /// The engine ended the session: the peer sent a message out of its role. The engine has
     /// forgotten the session (its later messages are ignored) and queued an `Error` frame
     /// saying why; the driver sends that frame, then closes the connection.
@@ -200,7 +203,7 @@ impl Peer {
         let allowed = match message {
             Message::Summary { .. } => !self.initiator,
             Message::Entries { .. } => self.initiator && self.announced,
-            Message::Sync { .. } | Message::Error { .. } => true,
+            Message::Sync { .. } | Message::Error { .. } | Message::Ephemeral { .. } => true,
             Message::Persisted { .. } => self.initiator,
             Message::Hello { .. } | Message::Welcome { .. } | Message::Reject { .. } => false,
             // Keepalive belongs to the driver; one that reaches the engine is harmless.
@@ -469,6 +472,7 @@ impl Engine {
                 fx.peer_events
                     .push((peer, PeerEvent::Error { code, message, doc }))
             }
+            Message::Ephemeral { doc, data } => self.on_ephemeral(peer, doc, data, fx),
             Message::Ping { .. } | Message::Pong { .. } => {
                 tracing::debug!(?peer, "keepalive reached the engine; the driver answers it")
             }

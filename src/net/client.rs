@@ -132,17 +132,49 @@ pub struct Refusal {
 /// What the sessions learned that the status does not say, shared with the [`Connection`].
 /// The router keeps `refused` current as it delivers each step's events, in commit order, so
 /// a caller that sees `Synced` also sees the refusals of the same step.
-#[derive(Default)]
 pub(crate) struct Report {
     /// The documents the relay refused, until it acknowledges a later version of one.
     refused: Mutex<BTreeMap<DocumentId, Refusal>>,
     /// The collections the relay granted in the latest session.
     granted: Mutex<Option<Scope>>,
+    /// Ephemeral messages from the relay, to every [`Connection::ephemeral`] receiver.
+    ephemeral: tokio::sync::broadcast::Sender<Ephemeral>,
+}
+
+impl Default for Report {
+    fn default() -> Self {
+        Report {
+            refused: Mutex::default(),
+            granted: Mutex::default(),
+            ephemeral: tokio::sync::broadcast::channel(EPHEMERAL_BUFFER).0,
+        }
+    }
+}
+
+/// Ephemeral messages a slow receiver may fall behind by before it misses some (they are
+/// presence and cursors: the next one replaces the last).
+const EPHEMERAL_BUFFER: usize = 256;
+
+/// Ephemeral data about a document (presence, cursors) from another session, through the
+/// relay: never stored. weft's JS package and automerge-repo encode `data` as CBOR.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ephemeral {
+    pub doc: DocumentId,
+    pub data: Vec<u8>,
 }
 
 impl Report {
-    /// Keeps the refused documents current with a session event.
+    /// Keeps the refused documents current with a session event, and hands ephemeral
+    /// messages to the connection's receivers.
     pub(crate) fn note(&self, event: &PeerEvent) {
+        if let PeerEvent::Ephemeral { doc, data } = event {
+            // No receiver is fine: nobody listens.
+            let _ = self.ephemeral.send(Ephemeral {
+                doc: *doc,
+                data: data.clone(),
+            });
+            return;
+        }
         let Ok(mut refused) = self.refused.lock() else {
             return;
         };
@@ -177,6 +209,7 @@ pub(crate) type SharedReport = Arc<Report>;
 
 /// A live connection to a relay. Dropping it disconnects.
 pub struct Connection {
+    replica: Replica,
     status: watch::Receiver<Status>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
@@ -256,6 +289,19 @@ impl Connection {
         }
     }
 
+    /// Ephemeral messages (presence, cursors) other sessions sent about documents this
+    /// replica may read, from now on. A receiver that falls more than 256 messages behind
+    /// misses the oldest (`RecvError::Lagged`).
+    pub fn ephemeral(&self) -> tokio::sync::broadcast::Receiver<Ephemeral> {
+        self.report.ephemeral.subscribe()
+    }
+
+    /// Sends ephemeral data about a document to every other session that may read it (see
+    /// [`Replica::broadcast`]); returns how many of this replica's sessions it went to.
+    pub fn broadcast(&self, doc: &DocumentId, data: Vec<u8>) -> crate::Result<usize> {
+        self.replica.broadcast(doc, data)
+    }
+
     /// Closes the connection and waits for the session to end.
     pub async fn close(mut self) {
         let _ = self.stop.send(true);
@@ -288,6 +334,7 @@ impl Replica {
             stop_rx,
         ));
         Connection {
+            replica: self.clone(),
             status: status_rx,
             stop: stop_tx,
             task: Some(task),
@@ -571,7 +618,8 @@ impl Live<'_> {
                 let _ = self.sink.send(WsMessage::Close(Some(close))).await;
                 return ControlFlow::Break(Ended::Lost(OfflineError::Protocol(reason)));
             }
-            Some(Outbound::Event(PeerEvent::Persisted(_))) => {}
+            // Refusals and ephemeral messages were handed on by the router (`Report::note`).
+            Some(Outbound::Event(PeerEvent::Persisted(_) | PeerEvent::Ephemeral { .. })) => {}
             None => return ControlFlow::Break(lost("router closed")),
         }
         ControlFlow::Continue(())

@@ -35,7 +35,7 @@ mod tls;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use client::{ConnectOptions, Connection, OfflineError, Refusal, Status};
+pub use client::{ConnectOptions, Connection, Ephemeral, OfflineError, Refusal, Status};
 pub use metrics::Metrics;
 pub use server::{run, run_with_replica};
 pub use tls::TlsConfig;

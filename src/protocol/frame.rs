@@ -2,8 +2,8 @@
 
 use super::Message;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The protocol version this build speaks (2: `Ephemeral` messages).
+pub const PROTOCOL_VERSION: u8 = 2;
 /// The default maximum frame size: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 const MAGIC: &[u8; 2] = b"wf";

@@ -243,7 +243,18 @@ pub enum Message {
         message: String,
         doc: Option<DocumentId>,
     },
+    /// Ephemeral data about one document (presence, cursors): passed on to every other session
+    /// that may read the document, never stored. `data` is opaque to weft; weft's JS package
+    /// and automerge-repo encode it as CBOR.
+    Ephemeral {
+        doc: DocumentId,
+        #[serde(with = "serde_bytes_compat")]
+        data: Vec<u8>,
+    },
 }
+
+/// The largest ephemeral message accepted (its data), in bytes.
+pub const MAX_EPHEMERAL_BYTES: usize = 64 * 1024;
 
 impl Message {
     /// The variant's name, for logs and error messages (never the possibly large contents).
@@ -259,6 +270,7 @@ impl Message {
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
             Message::Error { .. } => "Error",
+            Message::Ephemeral { .. } => "Ephemeral",
         }
     }
 }

@@ -402,6 +402,18 @@ impl Replica {
         })
     }
 
+    /// Sends ephemeral data about a document (presence, cursors: anything not worth storing)
+    /// to every session of this replica that may read it — for a client, the relay, which
+    /// passes it on to every other session that may read the document. Nothing is stored.
+    /// `data` is opaque (at most 64 KiB); weft's JS package and automerge-repo encode it as
+    /// CBOR. Returns how many sessions it went to.
+    pub fn broadcast(&self, id: &DocumentId, data: Vec<u8>) -> Result<usize> {
+        match self.execute_one(Command::Broadcast { id: *id, data })? {
+            Output::Broadcast { sessions } => Ok(sessions),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Deletes the document: a tombstone that wins over concurrent edits and replicates.
     /// Deleting an already deleted document succeeds and changes nothing.
     pub fn delete(&self, id: &DocumentId) -> Result<()> {

@@ -156,6 +156,12 @@ pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
                 "message": message,
                 "doc": doc.map(|d| d.to_string()),
             }),
+            PeerEvent::Ephemeral { doc, data } => serde_json::json!({
+                "peer": peer.0,
+                "kind": "ephemeral",
+                "doc": doc.to_string(),
+                "data": data,
+            }),
             PeerEvent::Closed { reason } => serde_json::json!({
                 "peer": peer.0,
                 "kind": "closed",
