@@ -324,7 +324,14 @@ async fn malformed_frame_after_hello_closes_1007() {
     let reason = bad_input_closes_only_that_connection(
         |_| {},
         true,
-        binary(b"wf\x01\xff\xff\xff"),
+        binary(&[
+            b'w',
+            b'f',
+            weft::protocol::PROTOCOL_VERSION,
+            0xff,
+            0xff,
+            0xff,
+        ]),
         CloseCode::Invalid,
     )
     .await;

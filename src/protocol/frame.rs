@@ -215,7 +215,7 @@ mod tests {
                 }
                 _ => {
                     let len = rng.random_range(0..64);
-                    bytes = b"wf\x01".to_vec();
+                    bytes = vec![b'w', b'f', PROTOCOL_VERSION];
                     bytes.extend((0..len).map(|_| rng.random::<u8>()));
                 }
             }
