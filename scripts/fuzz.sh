@@ -6,13 +6,13 @@
 # RUSTC_BOOTSTRAP=1 (it passes -Z flags to rustc), one job, debug assertions and overflow checks
 # on (-a), no sanitizer by default (weft and its dependencies are safe Rust; AddressSanitizer made
 # engine_messages 13x slower). It starts from the seeds (fuzz/seeds/TARGET/, real inputs written
-# by tests/fuzz_replay.rs) and the committed corpus (fuzz/corpus/TARGET/); new inputs go to
+# by tests/it/fuzz_replay.rs) and the committed corpus (fuzz/corpus/TARGET/); new inputs go to
 # fuzz/work/TARGET/ (not committed). Afterwards the corpus and the new inputs are minimized
 # together into fuzz/corpus/TARGET/ (cargo fuzz cmin) by edge coverage (-use_counters=0: every
 # edge stays covered, hit counts are not kept, which makes the committed corpus 3-5x smaller;
 # fuzz/work/ keeps the full set for the next campaign). A crash stops the
 # campaign: the input is in fuzz/artifacts/TARGET/ (minimize it with cargo fuzz tmin, make it a
-# fixture under tests/fixtures/fuzz/TARGET/; tests/fuzz_replay.rs replays those).
+# fixture under tests/fixtures/fuzz/TARGET/; tests/it/fuzz_replay.rs replays those).
 #
 # Knobs: FUZZ_SANITIZER (none; "address" for ASan), FUZZ_CMIN=0 (leave the corpus alone),
 # extra libFuzzer flags in FUZZ_ARGS (e.g. "-seed=1"). engine_messages reads

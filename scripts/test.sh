@@ -5,7 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-step() { printf '\n==> %s  (%ss so far)\n' "$*" "$SECONDS"; }
+# Each step prints the seconds so far and the CPU seconds the finished commands used so far:
+# on 2 cores, CPU close to twice the wall time means both cores were busy.
+step() { printf '\n==> %s  (%ss so far, %s CPU s)\n' "$*" "$SECONDS" "$(cpu_so_far)"; }
+cpu_so_far() {
+    local shell children
+    times >"$bg_dir/times" # a builtin: the children's user and system time, no subshell
+    { read -r shell; read -r children; } <"$bg_dir/times"
+    awk '{ s = 0; for (i = 1; i <= NF; i++) { split($i, t, /[ms]/); s += t[1] * 60 + t[2] } printf "%d", s }' <<<"$children"
+}
 
 # ----- slow installs, in the background from the start ------------------------------------
 # Each runs as a job with its log in $bg_dir; `wait_bg NAME` waits for it where it is needed
@@ -73,18 +81,36 @@ cargo fmt --all -- --check
 step "clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
-# weft-wasm depends on weft without default features, so this also proves the engine builds
-# without IO (no SQLite, no tokio). It is the npm package's build (profile wasm-release).
-step "the engine builds for wasm32-unknown-unknown, without IO (the npm package's wasm)"
-scripts/build-wasm.sh compile
+# The tests' build and the wasm32 build run side by side: each ends on long stretches that keep
+# one core busy (the weft crate and the test binary; the wasm's link-time optimization with one
+# codegen unit), and the other fills the second core. The wasm build's target directories
+# (target/wasm-release, target/wasm32-unknown-unknown) are apart from target/debug, so neither
+# waits for the other's lock.
+# weft-wasm depends on weft without default features, so the wasm32 build also proves the engine
+# builds without IO (no SQLite, no tokio). It is the npm package's build (profile wasm-release).
+step "the tests' build, beside the wasm32 build of the engine (in the background)"
+start_bg wasm scripts/build-wasm.sh compile
+cargo test --no-run
 
-# wasm-bindgen and wasm-opt (one core, about a minute) run beside the tests' build.
+step "the engine builds for wasm32-unknown-unknown, without IO (the npm package's wasm)"
+wait_bg wasm
+grep -v -e "^ *Compiling " -e "^ *Downloaded " -e "^ *Downloading " "$bg_dir/wasm.log"
+
+# wasm-bindgen and wasm-opt (one core, about a minute) run beside the tests.
 wait_bg wasm-bindgen
 wait_bg npm
 start_bg package scripts/build-wasm.sh package
 
 step "tests"
-cargo test
+# cargo-nextest (on these machines) runs each test as its own process, two at a time, the
+# slowest first (.config/nextest.toml); it does not run doc tests, so those run apart. Without
+# it: cargo test, which runs them all.
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run
+    cargo test --doc
+else
+    cargo test
+fi
 
 step "the examples run (demo, then the change-feed mirror on its output)"
 demo_dir=$(mktemp -d)

@@ -38,7 +38,7 @@ fn splitmix64(state: &mut u64) -> u64 {
 
 /// Runs `f` once per seed (see [`seeds`]), printing each seed first; a failure is re-raised with
 /// the seed and the command that replays it.
-pub fn for_each_seed(test_file: &str, test: &str, n: usize, mut f: impl FnMut(u64)) {
+pub fn for_each_seed(test: &str, n: usize, mut f: impl FnMut(u64)) {
     for seed in seeds(n) {
         eprintln!("{test}: seed = {seed}");
         if let Err(payload) = catch_unwind(AssertUnwindSafe(|| f(seed))) {
@@ -49,7 +49,7 @@ pub fn for_each_seed(test_file: &str, test: &str, n: usize, mut f: impl FnMut(u6
                 .unwrap_or_else(|| "(non-string panic)".into());
             panic!(
                 "{test} failed with seed = {seed}; replay with \
-                 `WEFT_SEED={seed} cargo test --test {test_file} {test}`\n{message}"
+                 `WEFT_SEED={seed} cargo test --test it {test}`\n{message}"
             );
         }
     }

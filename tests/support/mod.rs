@@ -1,10 +1,14 @@
-//! Shared helpers for the real-process tests (`tests/cli.rs`, `tests/crash.rs`): running the
-//! `weft` binary with a time bound, a seeded random generator, and reading a child's stdout
-//! lines as events.
+//! Shared helpers for the integration tests (`tests/it/`): running the `weft` binary with a
+//! time bound, a seeded random generator, reading a child's stdout lines as events; the relay
+//! harness ([`relay`]: in-process relays, `weft serve` processes, raw protocol clients), hostile
+//! Automerge documents ([`hostile`]) and a store whose faults a test controls
+//! ([`faulty_store`]).
 #![allow(dead_code)]
 
 pub mod faulty_store;
 pub mod hostile;
+#[cfg(feature = "net")]
+pub mod relay;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -149,6 +153,12 @@ pub fn weft(db: &Path, args: &[&str]) -> Output {
     run(cmd, None)
 }
 
+/// `weft --db DB ARGS...`, which must succeed: its stdout.
+#[track_caller]
+pub fn ok(db: &Path, args: &[&str]) -> String {
+    weft(db, args).ok().stdout
+}
+
 /// `weft --db DB ARGS... < stdin`
 pub fn weft_stdin(db: &Path, args: &[&str], stdin: &[u8]) -> Output {
     let mut cmd = weft_command();
@@ -279,47 +289,26 @@ impl SplitMix64 {
     }
 }
 
-/// A `weft serve` process on 127.0.0.1 (a free port), killed when dropped. `url` is the
-/// address it printed (`ws://` or `wss://`).
-pub struct RelayProcess {
-    pub child: Child,
-    pub url: String,
-}
+/// A child process that is killed and reaped when dropped, so a test that fails midway leaves
+/// no process behind (a `--follow` or `--watch` child would otherwise run on).
+pub struct KillOnDrop(pub Child);
 
-impl RelayProcess {
-    /// Starts `weft serve --listen 127.0.0.1:0 --data DATA EXTRA...` and waits for its
-    /// listening line.
-    pub fn start(data: &Path, extra: &[&std::ffi::OsStr]) -> Self {
-        let mut child = weft_command()
-            .env_remove("WEFT_TOKEN")
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn weft serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout pipe"))
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        assert!(
-            url.starts_with("ws://127.0.0.1:") || url.starts_with("wss://127.0.0.1:"),
-            "{line:?}"
-        );
-        RelayProcess { child, url }
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
     }
 }
 
-impl Drop for RelayProcess {
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -4,7 +4,6 @@
 //! on the same relay keeps syncing. Real relay on 127.0.0.1:0; every wait is bounded.
 #![cfg(feature = "net")]
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::sync::{self, SyncDoc};
@@ -12,158 +11,20 @@ use automerge::transaction::Transactable;
 use automerge::{Automerge, ROOT};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft::net::auth::TokenKey;
-use weft::net::{ConnectOptions, RelayConfig, Status};
+use weft::net::{ConnectOptions, Status};
 use weft::protocol::{
     self, CatalogEntry, ErrorCode, Message, Payload, RejectCode, SyncItem, WireScope,
 };
 use weft::{Bundle, BundleEntry, BundleScope, DocumentId, Replica, ReplicaId, Scope};
 
-mod support;
+use crate::support::relay::{LIMIT, Raw, Relay, expect_close, recv, send};
 
-type Raw = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const LIMIT: Duration = Duration::from_secs(10);
 const A: &str = "alpha";
 const B: &str = "beta";
-
-struct Relay {
-    addr: SocketAddr,
-    key: TokenKey,
-    stop: Option<oneshot::Sender<()>>,
-    dir: tempfile::TempDir,
-}
-
-impl Relay {
-    async fn start(tune: impl FnOnce(&mut RelayConfig)) -> Relay {
-        let dir = tempfile::tempdir().unwrap();
-        let key = TokenKey::from_secret(&[7; 32]).unwrap();
-        let mut config = RelayConfig::new(dir.path().join("data"));
-        config.auth = Some(key.clone());
-        tune(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(weft::net::run(listener, config, async {
-            let _ = stopped.await;
-        }));
-        Relay {
-            addr,
-            key,
-            stop: Some(stop),
-            dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}", self.addr)
-    }
-
-    fn token(&self, read: &str, write: &str) -> String {
-        let parse = |l: &str| weft::net::auth::parse_list(l).unwrap();
-        self.key
-            .issue(
-                "test",
-                &parse(read),
-                &parse(write),
-                Duration::from_secs(3600),
-            )
-            .unwrap()
-    }
-
-    /// Connects `replica` with `token` and waits until it is in sync.
-    async fn synced(&self, replica: &Replica, token: String) -> weft::net::Connection {
-        let options = ConnectOptions {
-            token: Some(token),
-            ..ConnectOptions::default()
-        };
-        let connection = replica.connect(&self.url(), options);
-        timeout(LIMIT, connection.wait_synced())
-            .await
-            .unwrap()
-            .unwrap();
-        connection
-    }
-
-    /// The relay's stored version of a document (heads, or the error reading it).
-    fn state(&self, id: &DocumentId) -> String {
-        let replica = Replica::open(self.dir.path().join("data/relay.db")).unwrap();
-        match replica.get(id) {
-            Ok(doc) => format!("heads {:?}", doc.heads),
-            Err(e) => format!("error {e}"),
-        }
-    }
-
-    /// One counter from `/metrics`.
-    async fn metric(&self, name: &str) -> u64 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
-        let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        timeout(LIMIT, stream.read_to_string(&mut response))
-            .await
-            .unwrap()
-            .unwrap();
-        response
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in\n{response}"))
-    }
-
-    /// A raw session: Hello with `token`, and the relay's answer.
-    async fn raw(&self, token: &str) -> (Raw, Message) {
-        let (mut ws, _) = timeout(LIMIT, tokio_tungstenite::connect_async(self.url()))
-            .await
-            .unwrap()
-            .unwrap();
-        let hello = Message::Hello {
-            protocol: protocol::PROTOCOL_VERSION.into(),
-            replica: ReplicaId::from_bytes([42; 16]),
-            token: Some(token.to_owned()),
-            scope: WireScope::All,
-        };
-        send(&mut ws, &hello).await;
-        let answer = recv(&mut ws).await;
-        (ws, answer)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-async fn send(ws: &mut Raw, message: &Message) {
-    timeout(
-        LIMIT,
-        ws.send(WsMessage::Binary(protocol::encode(message).into())),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-}
-
-async fn recv(ws: &mut Raw) -> Message {
-    loop {
-        match timeout(LIMIT, ws.next()).await.expect("recv timed out") {
-            Some(Ok(WsMessage::Binary(bytes))) => {
-                return protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME).unwrap();
-            }
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
-}
 
 /// Reads until an `Error` about `doc`; every frame before it must not carry `forbidden`.
 async fn expect_error(ws: &mut Raw, doc: DocumentId, forbidden: &[DocumentId]) -> ErrorCode {
@@ -178,19 +39,6 @@ async fn expect_error(ws: &mut Raw, doc: DocumentId, forbidden: &[DocumentId]) -
                 }
             }
             _ => {}
-        }
-    }
-}
-
-/// Reads until the relay's close frame: its code and reason.
-async fn expect_close(ws: &mut Raw) -> (CloseCode, String) {
-    loop {
-        match timeout(LIMIT, ws.next()).await.expect("close timed out") {
-            Some(Ok(WsMessage::Close(Some(frame)))) => {
-                return (frame.code, frame.reason.to_string());
-            }
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
         }
     }
 }
@@ -265,7 +113,7 @@ fn new_doc_bytes() -> Vec<u8> {
 
 #[tokio::test]
 async fn raw_frames_cannot_read_or_write_past_the_token() {
-    let relay = Relay::start(|_| {}).await;
+    let relay = Relay::with_tokens(|_| {}).await;
     let [(a, a_doc), (b, b_doc)] = seed(&relay).await;
     let before = (relay.state(&a), relay.state(&b));
 
@@ -399,7 +247,7 @@ async fn expect_ended_for_protocol(ws: &mut Raw) -> String {
 /// every token, and the relay's documents are as they were.
 #[tokio::test]
 async fn frames_out_of_role_end_the_session_and_change_nothing() {
-    let relay = Relay::start(|_| {}).await;
+    let relay = Relay::with_tokens(|_| {}).await;
     let [(a, _), (b, b_doc)] = seed(&relay).await;
     let fresh = DocumentId::from_bytes([9; 16]);
     let before = (relay.state(&a), relay.state(&b));
@@ -470,13 +318,13 @@ async fn frames_out_of_role_end_the_session_and_change_nothing() {
 
 #[tokio::test]
 async fn bad_tokens_are_refused_at_hello_with_the_reason() {
-    let relay = Relay::start(|_| {}).await;
+    let relay = Relay::with_tokens(|_| {}).await;
     let forged = TokenKey::from_secret(&[8; 32])
         .unwrap()
         .issue("x", &Scope::All, &Scope::All, Duration::from_secs(60))
         .unwrap();
     let expired = relay
-        .key
+        .key()
         .issue_until("x", &Scope::All, &Scope::All, unix_now() - 5)
         .unwrap();
     for (token, why) in [
@@ -525,12 +373,12 @@ fn unix_now() -> u64 {
 
 #[tokio::test]
 async fn a_token_that_expires_ends_the_live_session() {
-    let relay = Relay::start(|_| {}).await;
+    let relay = Relay::with_tokens(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let replica = Replica::open(dir.path().join("c.db")).unwrap();
     // Valid for 2 more seconds (JWT expiry has whole-second resolution).
     let token = relay
-        .key
+        .key()
         .issue_until("short", &Scope::All, &Scope::All, unix_now() + 2)
         .unwrap();
     let options = ConnectOptions {
@@ -567,7 +415,7 @@ async fn a_token_that_expires_ends_the_live_session() {
 
 #[tokio::test]
 async fn creates_over_the_per_minute_limit_are_refused_per_document() {
-    let relay = Relay::start(|c| {
+    let relay = Relay::with_tokens(|c| {
         c.creates = Some(weft::CreateLimit {
             per_minute: 3,
             burst: 0,
@@ -609,7 +457,7 @@ async fn creates_over_the_per_minute_limit_are_refused_per_document() {
 /// `sync --once` uses) returns once everything is in — no refusal left, nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creates_over_the_limit_go_through_later_at_the_limits_pace() {
-    let relay = Relay::start(|c| {
+    let relay = Relay::with_tokens(|c| {
         c.creates = Some(weft::CreateLimit {
             per_minute: 240,
             burst: 3,
@@ -654,7 +502,7 @@ async fn creates_over_the_limit_go_through_later_at_the_limits_pace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flooding_clients_are_cut_off_while_a_good_client_keeps_syncing() {
-    let relay = Relay::start(|c| {
+    let relay = Relay::with_tokens(|c| {
         c.max_connections = 6;
         c.rate_limit.per_second = 100.0;
         c.rate_limit.burst = 200.0;
@@ -776,7 +624,7 @@ async fn expect_rate_limited(ws: &mut Raw) -> String {
 #[tokio::test]
 async fn a_relay_without_auth_grants_what_is_asked() {
     // The default for a loopback relay (the CLI refuses a non-loopback one without a secret).
-    let relay = Relay::start(|c| c.auth = None).await;
+    let relay = Relay::start(|_| {}).await;
     let (_ws, welcome) = relay.raw("ignored").await;
     assert!(
         matches!(
@@ -792,7 +640,7 @@ async fn a_relay_without_auth_grants_what_is_asked() {
 
 #[tokio::test]
 async fn a_refused_document_does_not_hold_up_the_others() {
-    let relay = Relay::start(|_| {}).await;
+    let relay = Relay::with_tokens(|_| {}).await;
     let [(a, _), (b, _)] = seed(&relay).await;
     let dir = tempfile::tempdir().unwrap();
     let replica = Replica::open(dir.path().join("c.db")).unwrap();
@@ -850,8 +698,8 @@ async fn a_refused_document_does_not_hold_up_the_others() {
 /// well-behaved writer and reader on the same relay keep syncing meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_documents_are_refused_and_other_sessions_keep_syncing() {
-    use support::hostile;
-    let relay = Relay::start(|_| {}).await;
+    use crate::support::hostile;
+    let relay = Relay::with_tokens(|_| {}).await;
     let [(a, _), _] = seed(&relay).await;
     let before = relay.state(&a);
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@
 //! In half the seeds one replica may not write the "notes" collection: its writes there are
 //! refused and never reach the relay, while everything else still converges.
 //!
-//! `WEFT_SEED=N cargo test --test sim` replays one seed; `WEFT_SIM_SEEDS=N` runs N fresh seeds.
+//! `WEFT_SEED=N cargo test --test it sim::` replays one seed; `WEFT_SIM_SEEDS=N` runs N fresh seeds.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -560,7 +560,7 @@ fn random_sessions_converge() {
             }
             Err(panic) => {
                 eprintln!(
-                    "FAILED seed = {seed}; replay with WEFT_SEED={seed} cargo test --test sim"
+                    "FAILED seed = {seed}; replay with WEFT_SEED={seed} cargo test --test it sim::"
                 );
                 std::panic::resume_unwind(panic);
             }

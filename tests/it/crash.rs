@@ -10,7 +10,7 @@
 //!
 //! Random choices come from `WEFT_SEED` (printed; set it to replay a run).
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -29,8 +29,17 @@ const CHILD_DB_ENV: &str = "WEFT_CRASH_CHILD_DB";
 /// The child's seed and run number.
 const CHILD_SEED_ENV: &str = "WEFT_CRASH_CHILD_SEED";
 const CHILD_RUN_ENV: &str = "WEFT_CRASH_CHILD_RUN";
-/// The name of the test that acts as the child (for `--exact`).
+/// The name of the test that acts as the child, without its module path.
 const CHILD_TEST: &str = "crash_child_writer";
+
+/// The child's full test name for `--exact`: libtest names a test by its module path without
+/// the crate (`crash::crash_child_writer` in `tests/it`).
+fn child_test_name() -> String {
+    match module_path!().split_once("::") {
+        Some((_crate, module)) => format!("{module}::{CHILD_TEST}"),
+        None => CHILD_TEST.to_owned(),
+    }
+}
 /// Prefix of the child's protocol lines, so libtest's own output on the same stdout (which may
 /// even share a line: "test crash_child_writer ... ") is never mistaken for one.
 const MARK: &str = "@@WEFT ";
@@ -434,7 +443,7 @@ fn spawn_child(db: &Path, seed: u64, run: u64) -> Child {
     Command::new(exe)
         .args([
             "--exact",
-            CHILD_TEST,
+            &child_test_name(),
             "--ignored",
             "--nocapture",
             "--test-threads=1",

@@ -3,87 +3,34 @@
 //! graceful shutdown. Real servers on 127.0.0.1:0, real WebSocket clients; every wait is bounded.
 #![cfg(feature = "net")]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message as WsMessage};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use weft::ReplicaId;
-use weft::net::{NetError, RelayConfig};
+use weft::net::RelayConfig;
 use weft::protocol::{self, Message, RejectCode, WireScope};
 
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use crate::support::SplitMix64;
+use crate::support::relay::{
+    self, LIMIT, Raw, Relay, RelayProcess, expect_close, http_get, recv, send,
+};
 
-/// The failure limit for any single wait.
-const LIMIT: Duration = Duration::from_secs(10);
-
-struct Relay {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), NetError>>,
-    dir: tempfile::TempDir,
+/// A client on `/sync` (the relay also upgrades `/`), no handshake sent yet.
+async fn connect(relay: &Relay) -> Raw {
+    relay::connect(&format!("ws://{}/sync", relay.addr)).await
 }
 
-impl Relay {
-    async fn start(tune: impl FnOnce(&mut RelayConfig)) -> Relay {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = RelayConfig::new(dir.path().join("data"));
-        tune(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(weft::net::run(listener, config, async {
-            let _ = stopped.await;
-        }));
-        Relay {
-            addr,
-            stop: Some(stop),
-            task,
-            dir,
-        }
-    }
-
-    async fn connect(&self) -> Client {
-        let url = format!("ws://{}/sync", self.addr);
-        let (ws, _) = timeout(LIMIT, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connect timed out")
-            .expect("connect failed");
-        ws
-    }
-
-    /// A client past the handshake.
-    async fn session(&self) -> Client {
-        let mut ws = self.connect().await;
-        send(&mut ws, &hello(protocol::PROTOCOL_VERSION.into())).await;
-        assert!(matches!(recv(&mut ws).await, Message::Welcome { .. }));
-        ws
-    }
-
-    async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.stop.take().unwrap().send(());
-        timeout(LIMIT, self.task)
-            .await
-            .expect("run did not return after shutdown")
-            .unwrap()
-            .expect("run failed");
-        self.dir
-    }
-
-    async fn metric(&self, name: &str) -> u64 {
-        let (status, body) = http_get(self.addr, "/metrics").await;
-        assert!(status.contains("200"), "{status}");
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
-    }
+/// A client past the handshake.
+async fn session(relay: &Relay) -> Raw {
+    let mut ws = connect(relay).await;
+    send(&mut ws, &hello(protocol::PROTOCOL_VERSION.into())).await;
+    assert!(matches!(recv(&mut ws).await, Message::Welcome { .. }));
+    ws
 }
 
 fn hello(protocol: u16) -> Message {
@@ -95,65 +42,10 @@ fn hello(protocol: u16) -> Message {
     }
 }
 
-async fn send(ws: &mut Client, message: &Message) {
-    send_raw(ws, WsMessage::Binary(protocol::encode(message).into())).await;
-}
-
-async fn send_raw(ws: &mut Client, message: WsMessage) {
-    timeout(LIMIT, ws.send(message))
-        .await
-        .expect("send timed out")
-        .expect("send failed");
-}
-
-/// The next protocol frame from the relay.
-async fn recv(ws: &mut Client) -> Message {
-    loop {
-        let next = timeout(LIMIT, ws.next()).await.expect("recv timed out");
-        match next {
-            Some(Ok(WsMessage::Binary(bytes))) => {
-                return protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME).unwrap();
-            }
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
-}
-
-/// Reads (skipping frames) until the relay's close frame, then until the relay hangs up;
-/// returns the close code and reason.
-async fn expect_close(ws: &mut Client) -> (CloseCode, String) {
-    loop {
-        match timeout(LIMIT, ws.next()).await.expect("close timed out") {
-            Some(Ok(WsMessage::Close(Some(frame)))) => {
-                while let Some(Ok(_)) = timeout(LIMIT, ws.next()).await.expect("no hang-up") {}
-                return (frame.code, frame.reason.to_string());
-            }
-            Some(Ok(WsMessage::Close(None))) => panic!("close without a code"),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    }
-}
-
 /// A well-behaved session still works: the bad one hurt only itself.
-async fn assert_healthy(ws: &mut Client, nonce: u64) {
+async fn assert_healthy(ws: &mut Raw, nonce: u64) {
     send(ws, &Message::Ping { nonce }).await;
     assert_eq!(recv(ws).await, Message::Pong { nonce });
-}
-
-/// One HTTP/1.1 GET on a raw socket: (status line, body).
-async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    timeout(LIMIT, stream.read_to_string(&mut response))
-        .await
-        .expect("HTTP response timed out")
-        .unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("no head end");
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
 }
 
 #[tokio::test]
@@ -195,7 +87,7 @@ async fn healthz_and_metrics_over_plain_http() {
 #[tokio::test]
 async fn hello_gets_welcome_then_ping_pong_and_reconciliation() {
     let relay = Relay::start(|c| c.max_frame = 1 << 20).await;
-    let mut ws = relay.connect().await;
+    let mut ws = connect(&relay).await;
     send(&mut ws, &hello(protocol::PROTOCOL_VERSION.into())).await;
     let Message::Welcome {
         replica,
@@ -245,7 +137,7 @@ async fn hello_gets_welcome_then_ping_pong_and_reconciliation() {
     while let Ok(Some(Ok(_))) = timeout(LIMIT, ws.next()).await {}
     assert_eq!(relay.metric("weft_protocol_errors_total").await, 0);
     // The Welcome carried the id of the relay's stored replica.
-    let dir = relay.stop().await;
+    let dir = relay.stop().await.unwrap();
     let stored = weft::Replica::open(dir.path().join("data/relay.db")).unwrap();
     assert_eq!(stored.replica_id(), replica);
 }
@@ -253,7 +145,7 @@ async fn hello_gets_welcome_then_ping_pong_and_reconciliation() {
 #[tokio::test]
 async fn wrong_protocol_version_is_rejected_and_closed() {
     let relay = Relay::start(|_| {}).await;
-    let mut ws = relay.connect().await;
+    let mut ws = connect(&relay).await;
     send(&mut ws, &hello(99)).await;
     let Message::Reject { code, reason } = recv(&mut ws).await else {
         panic!("expected Reject")
@@ -274,11 +166,11 @@ async fn bad_input_closes_only_that_connection(
     code: CloseCode,
 ) -> String {
     let relay = Relay::start(tune).await;
-    let mut good = relay.session().await;
+    let mut good = session(&relay).await;
     let mut bad_ws = if greet {
-        relay.session().await
+        session(&relay).await
     } else {
-        relay.connect().await
+        connect(&relay).await
     };
     for message in bad {
         // feed, not send: a flood goes out without waiting for each flush.
@@ -296,7 +188,7 @@ async fn bad_input_closes_only_that_connection(
     assert_healthy(&mut good, 2).await;
     assert_eq!(relay.metric("weft_protocol_errors_total").await, 1);
     // A new session is welcome too.
-    let mut again = relay.session().await;
+    let mut again = session(&relay).await;
     assert_healthy(&mut again, 3).await;
     drop((good, bad_ws, again));
     relay.stop().await;
@@ -383,7 +275,7 @@ async fn first_frame_other_than_hello_closes_1002() {
 #[tokio::test]
 async fn no_hello_in_time_closes_1008() {
     let relay = Relay::start(|c| c.hello_timeout = Duration::from_millis(200)).await;
-    let mut ws = relay.connect().await;
+    let mut ws = connect(&relay).await;
     let (code, reason) = expect_close(&mut ws).await;
     assert_eq!(code, CloseCode::Policy);
     assert!(reason.contains("Hello"), "{reason}");
@@ -394,8 +286,8 @@ async fn no_hello_in_time_closes_1008() {
 #[tokio::test]
 async fn connections_beyond_the_cap_are_refused_with_503() {
     let relay = Relay::start(|c| c.max_connections = 2).await;
-    let mut first = relay.session().await;
-    let mut second = relay.session().await;
+    let mut first = session(&relay).await;
+    let mut second = session(&relay).await;
     let url = format!("ws://{}/", relay.addr);
     match timeout(LIMIT, tokio_tungstenite::connect_async(&url))
         .await
@@ -410,7 +302,7 @@ async fn connections_beyond_the_cap_are_refused_with_503() {
     // Closing one session frees its slot by the time the client sees the socket end.
     first.close(None).await.unwrap();
     while let Ok(Some(Ok(_))) = timeout(LIMIT, first.next()).await {}
-    let mut third = relay.session().await;
+    let mut third = session(&relay).await;
     assert_healthy(&mut third, 1).await;
     assert_healthy(&mut second, 2).await;
     assert_eq!(relay.metric("weft_connections").await, 2);
@@ -421,8 +313,8 @@ async fn connections_beyond_the_cap_are_refused_with_503() {
 #[tokio::test]
 async fn shutdown_closes_sessions_with_1001_and_run_returns() {
     let relay = Relay::start(|_| {}).await;
-    let mut welcomed = relay.session().await;
-    let mut fresh = relay.connect().await;
+    let mut welcomed = session(&relay).await;
+    let mut fresh = connect(&relay).await;
     // A client still sending its request head does not hold up the shutdown.
     let mut slow = TcpStream::connect(relay.addr).await.unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
@@ -450,27 +342,17 @@ async fn shutdown_closes_sessions_with_1001_and_run_returns() {
 
 #[test]
 fn weft_serve_process_answers_healthz_and_exits_0_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::process::{Command, Stdio};
+    use std::io::{Read, Write};
+    use std::process::Command;
     use std::time::Instant;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("relay-data");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("weft relay listening on ws://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+    let mut relay = RelayProcess::start(&data, &[]);
+    let addr = relay
+        .url
+        .strip_prefix("ws://")
+        .unwrap_or_else(|| panic!("unexpected address {}", relay.url))
         .to_owned();
     assert!(!addr.ends_with(":0"), "{addr}");
 
@@ -486,17 +368,16 @@ fn weft_serve_process_answers_healthz_and_exits_0_on_sigterm() {
     assert!(data.join("relay.db").exists());
 
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &relay.child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
     let deadline = Instant::now() + LIMIT;
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = relay.child.try_wait().unwrap() {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             panic!("weft serve did not exit after SIGTERM");
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -511,7 +392,7 @@ async fn garbage_automerge_in_a_valid_frame_is_refused_and_nothing_is_stored() {
     use weft::automerge::AutoCommit;
     use weft::protocol::{ErrorCode, Payload, SyncItem};
     let relay = Relay::start(|_| {}).await;
-    let mut ws = relay.session().await;
+    let mut ws = session(&relay).await;
     let mut doc = AutoCommit::new();
     weft::json::create_root(
         &mut doc,
@@ -574,7 +455,7 @@ async fn garbage_automerge_in_a_valid_frame_is_refused_and_nothing_is_stored() {
     );
     assert_healthy(&mut ws, 1).await;
     drop(ws);
-    let dir = relay.stop().await;
+    let dir = relay.stop().await.unwrap();
     let stored = weft::Replica::open(dir.path().join("data/relay.db")).unwrap();
     assert_eq!(
         stored.counts().unwrap(),
@@ -590,8 +471,8 @@ async fn garbage_automerge_in_a_valid_frame_is_refused_and_nothing_is_stored() {
 async fn a_silent_client_is_pinged_then_closed_and_a_listening_one_is_kept() {
     let keepalive = Duration::from_millis(150);
     let relay = Relay::start(|c| c.keepalive = keepalive).await;
-    let mut silent = relay.session().await;
-    let mut listening = relay.session().await;
+    let mut silent = session(&relay).await;
+    let mut listening = session(&relay).await;
     // The listening client reads (tungstenite answers each ping with a pong while reading)
     // for well over two keepalive periods and sees the relay's pings.
     let mut pings = 0;
@@ -630,7 +511,7 @@ async fn an_idle_client_answers_keepalive_pings_and_stays_connected() {
         keepalive: Duration::from_secs(60),
         ..Default::default()
     };
-    let connection = replica.connect(&format!("ws://{}", relay.addr), options);
+    let connection = replica.connect(&relay.url(), options);
     timeout(LIMIT, connection.wait_synced())
         .await
         .expect("sync timed out")
@@ -653,7 +534,7 @@ async fn an_idle_client_answers_keepalive_pings_and_stays_connected() {
 async fn a_client_that_stops_reading_is_cut_off_while_others_keep_syncing() {
     let relay = Relay::start(|c| c.send_timeout = Duration::from_secs(1)).await;
     // A session that reconciles (empty catalog: in sync) and then never reads again.
-    let mut stuck = relay.session().await;
+    let mut stuck = session(&relay).await;
     send(
         &mut stuck,
         &Message::Summary {
@@ -666,21 +547,13 @@ async fn a_client_that_stops_reading_is_cut_off_while_others_keep_syncing() {
     // out to the stuck session (in its scope), which cannot take it.
     let dir = tempfile::tempdir().unwrap();
     let writer = weft::Replica::open(dir.path().join("writer.db")).unwrap();
-    let connection = writer.connect(
-        &format!("ws://{}", relay.addr),
-        weft::net::ConnectOptions::default(),
-    );
+    let connection = writer.connect(&relay.url(), weft::net::ConnectOptions::default());
     // Incompressible (Automerge deflates long values): ~400 KB stored per document.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = SplitMix64::new(0x9e37_79b9_7f4a_7c15);
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     for i in 0..60 {
         let blob: String = (0..512 * 1024)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(alphabet[(x % 64) as usize])
-            })
+            .map(|_| char::from(alphabet[noise.below(64) as usize]))
             .collect();
         writer
             .create("todos", serde_json::json!({ "i": i, "blob": blob }))

@@ -4,38 +4,17 @@
 #![cfg(feature = "net")]
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use weft::net::{ConnectOptions, RelayConfig, Status};
+use weft::net::{ConnectOptions, Status};
 use weft::{Replica, Scope};
 
-mod support;
-
-use support::RelayProcess;
+use crate::support::relay::{Relay, RelayProcess, synced};
+use crate::support::{SplitMix64, ok, weft, weft_command};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn weft(db: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_weft"))
-        .arg("--db")
-        .arg(db)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(db: &Path, args: &[&str]) -> String {
-    let out = weft(db, args);
-    assert!(
-        out.status.success(),
-        "weft {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn sorted_list(db: &Path) -> Vec<Value> {
     let mut docs: Vec<Value> = ok(db, &["doc", "list", "--json"])
@@ -115,13 +94,8 @@ fn three_cli_replicas_converge_through_a_relay_process() {
 
     for _ in 0..2 {
         for db in &dbs {
-            let out = weft(db, &["sync", "--server", &relay.url, "--once"]);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(String::from_utf8_lossy(&out.stderr).contains("in sync with"));
+            let out = weft(db, &["sync", "--server", &relay.url, "--once"]).ok();
+            assert!(out.stderr.contains("in sync with"), "{out:?}");
         }
     }
     let a = sorted_list(&dbs[0]);
@@ -133,9 +107,8 @@ fn three_cli_replicas_converge_through_a_relay_process() {
         merged,
         json!({"title": "shared", "n": 0, "from_a": true, "from_b": true})
     );
-    let gone = weft(&dbs[2], &["doc", "get", &victim]);
-    assert_eq!(gone.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&gone.stderr).contains("deleted"));
+    let gone = weft(&dbs[2], &["doc", "get", &victim]).runtime_error();
+    assert!(gone.stderr.contains("deleted"), "{gone:?}");
     // Same heads everywhere, not just bodies.
     let heads = |db: &Path| -> Value {
         serde_json::from_str::<Value>(&ok(db, &["doc", "get", "--meta", &shared])).unwrap()["heads"]
@@ -162,41 +135,25 @@ fn sync_once_reports_an_unreachable_relay() {
             &format!("ws://127.0.0.1:{port}"),
             "--once",
         ],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    )
+    .runtime_error();
     assert!(
-        stderr.contains("cannot reach") && stderr.contains("refused"),
-        "{stderr}"
+        out.stderr.contains("cannot reach") && out.stderr.contains("refused"),
+        "{out:?}"
     );
-    assert!(out.stdout.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_changes_reach_connected_replicas_without_polling() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(weft::net::run(
-        listener,
-        RelayConfig::new(dir.path().join("relay")),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let relay = Relay::start_in(&dir.path().join("relay"), |_| {}).await;
+    let url = relay.url();
     let a = Replica::open(dir.path().join("a.db")).unwrap();
     let b = Replica::open(dir.path().join("b.db")).unwrap();
     let ca = a.connect(&url, ConnectOptions::default());
     let cb = b.connect(&url, ConnectOptions::default());
-    tokio::time::timeout(LIMIT, ca.wait_synced())
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::timeout(LIMIT, cb.wait_synced())
-        .await
-        .unwrap()
-        .unwrap();
+    synced(&ca).await;
+    synced(&cb).await;
 
     // b waits on its change feed for a's writes: delivered by push, no polling anywhere.
     let mut feed = b.subscribe(Scope::All, b.last_seq());
@@ -240,12 +197,7 @@ async fn live_changes_reach_connected_replicas_without_polling() {
 
     ca.close().await;
     cb.close().await;
-    let _ = stop.send(());
-    tokio::time::timeout(LIMIT, relay)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    relay.stop().await;
 }
 
 /// The relay is killed (SIGKILL) in the middle of a large sync, restarted on the same data, and
@@ -259,15 +211,10 @@ fn kill_9_of_relay_or_client_mid_sync_then_converge() {
     // ~1.5 KB per document: the push spans several frames, so the relay commits it in steps
     // and the kill lands between them.
     // (Incompressible padding: Automerge deflates its columns.)
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rng = SplitMix64::new(0x9e37_79b9_7f4a_7c15);
     let mut noise = |len: usize| -> String {
         (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(b'a' + (x % 26) as u8)
-            })
+            .map(|_| char::from(b'a' + rng.below(26) as u8))
             .collect()
     };
     let lines: String = (0..3000)
@@ -284,7 +231,7 @@ fn kill_9_of_relay_or_client_mid_sync_then_converge() {
 
     // Kill the relay while a pushes its documents.
     let mut relay = RelayProcess::start(&data, &[]);
-    let mut push = Command::new(env!("CARGO_BIN_EXE_weft"))
+    let mut push = weft_command()
         .arg("--db")
         .arg(&a)
         .args(["sync", "--server", &relay.url, "--once"])
@@ -319,7 +266,7 @@ fn kill_9_of_relay_or_client_mid_sync_then_converge() {
     ok(&a, &["sync", "--server", &relay.url, "--once"]);
 
     // Kill a fresh client while it pulls; its file stays intact and the next sync completes.
-    let mut pull = Command::new(env!("CARGO_BIN_EXE_weft"))
+    let mut pull = weft_command()
         .arg("--db")
         .arg(&b)
         .args(["sync", "--server", &relay.url, "--once"])
@@ -387,7 +334,7 @@ fn a_panic_ends_only_the_session_whose_input_caused_it() {
     use weft::{DocumentId, ReplicaId, ReplicaOptions, SessionInput};
 
     let (store, faults) =
-        support::faulty_store::FaultyStore::new(MemStore::new(ReplicaId::from_seed(7)));
+        crate::support::faulty_store::FaultyStore::new(MemStore::new(ReplicaId::from_seed(7)));
     let options = ReplicaOptions {
         seed: Some(1),
         ..ReplicaOptions::default()

@@ -2,9 +2,9 @@
 //! and scopes; after a final full exchange they hold identical documents, heads and tombstones.
 //! Every local edit is also checked against a JSON model of what it should do.
 //!
-//! Replay a failure with `WEFT_SEED=<seed> cargo test --test convergence`.
+//! Replay a failure with `WEFT_SEED=<seed> cargo test --test it convergence::`.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -404,5 +404,5 @@ fn run(seed: u64) {
 
 #[test]
 fn replicas_converge() {
-    common::for_each_seed("convergence", "replicas_converge", SEEDS, run);
+    common::for_each_seed("replicas_converge", SEEDS, run);
 }

@@ -15,15 +15,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::net::TcpListener;
-use weft::net::{ConnectOptions, OfflineError, RelayConfig, Status};
+use weft::net::{ConnectOptions, OfflineError, Status};
 use weft::store::sqlite::{SqliteStore, StoreOptions};
 use weft::{Replica, ReplicaOptions};
 
-mod support;
-
-use support::faulty_store::{FaultHandle, FaultyStore};
-use support::{LineEvent, RelayProcess, weft, weft_command, weft_stdin};
+use crate::support::faulty_store::{FaultHandle, FaultyStore};
+use crate::support::relay::{Relay, RelayProcess, await_status};
+use crate::support::{self, KillOnDrop, LineEvent, weft, weft_command, weft_stdin};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -189,7 +187,7 @@ struct FaultyRelay {
     url: String,
     faults: FaultHandle,
     replica: Replica,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _relay: Relay,
     _dir: tempfile::TempDir,
 }
 
@@ -201,23 +199,12 @@ impl FaultyRelay {
         let (store, faults) = FaultyStore::new(store);
         let replica =
             Replica::with_store(Box::new(store), path, ReplicaOptions::default()).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let config = RelayConfig::new(dir.path());
-        tokio::spawn(weft::net::run_with_replica(
-            listener,
-            config,
-            replica.clone(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let relay = Relay::with_replica(replica.clone(), dir.path(), |_| {}).await;
         FaultyRelay {
-            url,
+            url: relay.url(),
             faults,
             replica,
-            stop: Some(stop),
+            _relay: relay,
             _dir: dir,
         }
     }
@@ -225,24 +212,6 @@ impl FaultyRelay {
     fn fail_commits(&self, n: u32) {
         self.faults.lock().unwrap().failing_commits = n;
     }
-}
-
-impl Drop for FaultyRelay {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// Waits (bounded) for a status that satisfies `f`.
-async fn await_status(connection: &weft::net::Connection, f: impl Fn(&Status) -> bool) -> Status {
-    let mut rx = connection.watch();
-    tokio::time::timeout(LIMIT, rx.wait_for(|s| f(s)))
-        .await
-        .unwrap_or_else(|_| panic!("status never matched; now {:?}", connection.status()))
-        .unwrap()
-        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,23 +323,27 @@ fn sync_watch_sends_what_another_process_writes_to_its_file() {
         &["doc", "create", "-c", "todos", "--json", "{\"first\":true}"],
     )
     .ok();
-    let mut watcher = weft_command()
-        .arg("--db")
-        .arg(&laptop)
-        .args(["sync", "--watch", "--server", &relay.url])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let watcher = KillOnDrop(
+        weft_command()
+            .arg("--db")
+            .arg(&laptop)
+            .args(["sync", "--watch", "--server", &relay.url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // The phone follows the relay live; each change it receives is a line on its stdout.
-    let mut follower = weft_command()
-        .arg("--db")
-        .arg(&phone)
-        .args(["sync", "--watch", "--server", &relay.url])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut follower = KillOnDrop(
+        weft_command()
+            .arg("--db")
+            .arg(&phone)
+            .args(["sync", "--watch", "--server", &relay.url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (lines, _reader) = support::line_reader(follower.stderr.take().unwrap());
     let await_line = |what: &str, pattern: &str| -> Duration {
         let start = Instant::now();
@@ -402,10 +375,7 @@ fn sync_watch_sends_what_another_process_writes_to_its_file() {
             "round {round}: the other process's write reached another replica in {latency:?}"
         );
     }
-    let _ = watcher.kill();
-    let _ = follower.kill();
-    let _ = watcher.wait();
-    let _ = follower.wait();
+    drop((watcher, follower));
     assert_eq!(live_count(&phone), 4);
 }
 
@@ -432,14 +402,16 @@ fn the_mirror_follows_commits_of_another_process() {
         "{} (built by cargo test)",
         mirror.display()
     );
-    let mut child = std::process::Command::new(mirror)
-        .arg(&app)
-        .arg(dir.path().join("mirror.sqlite"))
-        .arg("--follow")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(mirror)
+            .arg(&app)
+            .arg(dir.path().join("mirror.sqlite"))
+            .arg("--follow")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (lines, _reader) = support::line_reader(child.stdout.take().unwrap());
     let next = || match lines.recv_timeout(LIMIT) {
         Ok(LineEvent::Line(line)) => line,
@@ -456,6 +428,4 @@ fn the_mirror_follows_commits_of_another_process() {
     .to_owned();
     let line = next();
     assert!(line.contains(&id) && line.contains("Created"), "{line}");
-    let _ = child.kill();
-    let _ = child.wait();
 }

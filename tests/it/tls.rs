@@ -11,18 +11,13 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 use tokio::time::timeout;
 use weft::Replica;
-use weft::net::{ConnectOptions, Connection, NetError, RelayConfig, Status, TlsConfig};
+use weft::net::{ConnectOptions, NetError, TlsConfig};
 
-mod support;
-
-use support::{RelayProcess, weft};
-
-const LIMIT: Duration = Duration::from_secs(30);
+use crate::support::relay::{Relay, RelayProcess, offline, synced};
+use crate::support::{ok, weft};
 
 /// A self-signed certificate for `localhost` and 127.0.0.1, as PEM files in `dir`.
 fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
@@ -35,71 +30,10 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
-struct Relay {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), NetError>>,
-}
-
-impl Relay {
-    async fn start(data: &Path, tls: Option<TlsConfig>) -> Relay {
-        let mut config = RelayConfig::new(data);
-        config.tls = tls;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(weft::net::run(listener, config, async {
-            let _ = stopped.await;
-        }));
-        Relay {
-            addr,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn wss(&self) -> String {
-        format!("wss://{}", self.addr)
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        timeout(LIMIT, self.task)
-            .await
-            .expect("the relay did not stop")
-            .unwrap()
-            .unwrap();
-    }
-}
-
 fn trusting(ca: &Path) -> ConnectOptions {
     ConnectOptions {
         ca_file: Some(ca.to_owned()),
         ..ConnectOptions::default()
-    }
-}
-
-async fn synced(connection: &Connection) {
-    timeout(LIMIT, connection.wait_synced())
-        .await
-        .expect("sync timed out")
-        .expect("sync failed");
-}
-
-/// Waits for the connection to report itself offline; returns the error.
-async fn offline(connection: &Connection) -> String {
-    let mut status = connection.watch();
-    let status = timeout(
-        LIMIT,
-        status.wait_for(|s| matches!(s, Status::Offline { .. })),
-    )
-    .await
-    .expect("no Offline status in time")
-    .unwrap()
-    .clone();
-    match status {
-        Status::Offline { error } => error.to_string(),
-        other => unreachable!("{other:?}"),
     }
 }
 
@@ -140,15 +74,15 @@ async fn a_document_syncs_between_two_clients_over_wss() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(dir.path());
     let tls = TlsConfig::from_pem_files(&cert, &key).unwrap();
-    let relay = Relay::start(&dir.path().join("relay"), Some(tls)).await;
+    let relay = Relay::start_in(&dir.path().join("relay"), |c| c.tls = Some(tls)).await;
 
     let a = Replica::open(dir.path().join("a.db")).unwrap();
     let b = Replica::open(dir.path().join("b.db")).unwrap();
     let id = a.create("todos", json!({"title": "over TLS"})).unwrap();
     let heads = a.get(&id).unwrap().heads;
-    let ca = a.connect(&relay.wss(), trusting(&cert));
+    let ca = a.connect(&relay.url(), trusting(&cert));
     synced(&ca).await;
-    let cb = b.connect(&relay.wss(), trusting(&cert));
+    let cb = b.connect(&relay.url(), trusting(&cert));
     synced(&cb).await;
     let got = b.get(&id).unwrap();
     assert_eq!(got.body, json!({"title": "over TLS"}));
@@ -170,11 +104,11 @@ async fn an_untrusted_certificate_is_reported_as_such() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(dir.path());
     let tls = TlsConfig::from_pem_files(&cert, &key).unwrap();
-    let relay = Relay::start(&dir.path().join("relay"), Some(tls)).await;
+    let relay = Relay::start_in(&dir.path().join("relay"), |c| c.tls = Some(tls)).await;
     let replica = Replica::open(dir.path().join("a.db")).unwrap();
 
     // Without the CA (retrying, as for any connect error): the status says why.
-    let untrusting = replica.connect(&relay.wss(), ConnectOptions::default());
+    let untrusting = replica.connect(&relay.url(), ConnectOptions::default());
     let error = offline(&untrusting).await;
     assert!(
         error.contains("TLS") && error.contains("certificate") && error.contains("UnknownIssuer"),
@@ -184,7 +118,7 @@ async fn an_untrusted_certificate_is_reported_as_such() {
 
     // A CA file that cannot be read: the status names it.
     let missing = dir.path().join("no-such-ca.pem");
-    let connection = replica.connect(&relay.wss(), trusting(&missing));
+    let connection = replica.connect(&relay.url(), trusting(&missing));
     let error = offline(&connection).await;
     assert!(error.contains("no-such-ca.pem"), "{error}");
     connection.close().await;
@@ -195,19 +129,17 @@ async fn an_untrusted_certificate_is_reported_as_such() {
     let (other_cert, other_key) = (other.path().join("c.pem"), other.path().join("k.pem"));
     std::fs::write(&other_cert, generated.cert.pem()).unwrap();
     std::fs::write(&other_key, generated.signing_key.serialize_pem()).unwrap();
-    let misnamed = Relay::start(
-        &other.path().join("relay"),
-        Some(TlsConfig::from_pem_files(&other_cert, &other_key).unwrap()),
-    )
-    .await;
-    let connection = replica.connect(&misnamed.wss(), trusting(&other_cert));
+    let misnamed_tls = TlsConfig::from_pem_files(&other_cert, &other_key).unwrap();
+    let misnamed =
+        Relay::start_in(&other.path().join("relay"), |c| c.tls = Some(misnamed_tls)).await;
+    let connection = replica.connect(&misnamed.url(), trusting(&other_cert));
     let error = offline(&connection).await;
     assert!(error.contains("certificate"), "{error}");
     connection.close().await;
     misnamed.stop().await;
 
     // The relay is unaffected: a trusting client syncs.
-    let trusted = replica.connect(&relay.wss(), trusting(&cert));
+    let trusted = replica.connect(&relay.url(), trusting(&cert));
     synced(&trusted).await;
     trusted.close().await;
     relay.stop().await;
@@ -218,7 +150,7 @@ async fn plain_ws_on_the_tls_port_fails_and_the_relay_stays_up() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(dir.path());
     let tls = TlsConfig::from_pem_files(&cert, &key).unwrap();
-    let relay = Relay::start(&dir.path().join("relay"), Some(tls)).await;
+    let relay = Relay::start_in(&dir.path().join("relay"), |c| c.tls = Some(tls)).await;
     let a = Replica::open(dir.path().join("a.db")).unwrap();
     let b = Replica::open(dir.path().join("b.db")).unwrap();
 
@@ -239,9 +171,9 @@ async fn plain_ws_on_the_tls_port_fails_and_the_relay_stays_up() {
     let half_open = TcpStream::connect(relay.addr).await.unwrap();
 
     let id = a.create("todos", json!({"n": 1})).unwrap();
-    let ca = a.connect(&relay.wss(), trusting(&cert));
+    let ca = a.connect(&relay.url(), trusting(&cert));
     synced(&ca).await;
-    let cb = b.connect(&relay.wss(), trusting(&cert));
+    let cb = b.connect(&relay.url(), trusting(&cert));
     synced(&cb).await;
     assert_eq!(
         sorted(b.get(&id).unwrap().heads),
@@ -256,10 +188,10 @@ async fn plain_ws_on_the_tls_port_fails_and_the_relay_stays_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_to_a_plain_relay_fails_fast_with_a_tls_error() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(&dir.path().join("relay"), None).await;
+    let relay = Relay::start_in(&dir.path().join("relay"), |_| {}).await;
     let replica = Replica::open(dir.path().join("a.db")).unwrap();
     let connection = replica.connect(
-        &relay.wss(),
+        &format!("wss://{}", relay.addr),
         ConnectOptions {
             reconnect: false,
             ..ConnectOptions::default()
@@ -309,10 +241,6 @@ fn tls_config_errors_say_what_is_wrong() {
     );
     let e = message(TlsConfig::from_pem_files(&cert, &other_key));
     assert!(e.contains("does not belong to the certificate"), "{e}");
-}
-
-fn ok(db: &Path, args: &[&str]) -> String {
-    weft(db, args).ok().stdout
 }
 
 #[test]

@@ -4,46 +4,17 @@
 //! with a clear error and leave the relay's copy of the document exactly as it was.
 #![cfg(feature = "net")]
 
-mod support;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::json;
-use support::{RelayProcess, weft};
 use weft::net::auth::TokenKey;
 use weft::{DocumentId, Replica, Scope};
 
+use crate::support::relay::RelayProcess;
+use crate::support::{self, weft};
+
 const A: &str = "alpha";
 const B: &str = "beta";
-
-struct Relay {
-    /// Kept for its `Drop`, which stops the relay.
-    _process: RelayProcess,
-    url: String,
-    db: PathBuf,
-}
-
-impl Relay {
-    fn start(data: &Path, extra: &[&str]) -> Relay {
-        let extra: Vec<&std::ffi::OsStr> = extra.iter().map(|a| a.as_ref()).collect();
-        let process = RelayProcess::start(data, &extra);
-        Relay {
-            url: process.url.clone(),
-            _process: process,
-            db: data.join("relay.db"),
-        }
-    }
-
-    /// The relay's version of a document, as stored: its heads, or why there are none
-    /// (deleted, absent). Read through the file, next to the running relay.
-    fn state(&self, id: &DocumentId) -> String {
-        let replica = Replica::open(&self.db).expect("open relay.db");
-        match replica.get(id) {
-            Ok(doc) => format!("heads {:?}", doc.heads),
-            Err(e) => format!("error {e}"),
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Token {
@@ -142,7 +113,7 @@ fn every_operation_with_every_token_is_allowed_or_refused_as_the_token_says() {
         "another secret, also long enough to be accepted",
     )
     .unwrap();
-    let relay = Relay::start(
+    let relay = RelayProcess::start_with(
         &dir.path().join("relay"),
         &["--auth-secret-file", secret.to_str().unwrap()],
     );

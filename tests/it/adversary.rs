@@ -32,11 +32,8 @@
 //! `entries_tombstone_attack` sends exactly the frame from the issue.
 #![cfg(feature = "net")]
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::sync::{self, SyncDoc};
@@ -44,13 +41,10 @@ use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ChangeHash, ROOT};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use weft::net::ConnectOptions;
 use weft::net::auth::TokenKey;
-use weft::net::{ConnectOptions, RelayConfig};
 use weft::protocol::{
     self, CatalogEntry, ErrorCode, Message, Payload, RejectCode, SyncItem, WireScope, bucket_of,
     doc_digest,
@@ -59,12 +53,9 @@ use weft::{
     Bundle, BundleEntry, BundleScope, DocumentId, Replica, ReplicaId, ReplicaOptions, Scope,
 };
 
-use support::SplitMix64;
+use crate::support::SplitMix64;
+use crate::support::relay::{self, LIMIT, Raw, connect, recv, send};
 
-type Raw = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Every wait on the relay is bounded by this (a failure bound, not a synchronization device).
-const LIMIT: Duration = Duration::from_secs(10);
 const A: &str = "alpha";
 const B: &str = "beta";
 /// The collection the well-behaved library clients use to show the relay still serves.
@@ -129,50 +120,26 @@ fn row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Stored> {
     })
 }
 
+/// The harness relay (tokens required) and a read-only connection to its file (WAL: it never
+/// blocks the relay).
 struct Relay {
-    addr: SocketAddr,
-    key: TokenKey,
-    stop: Option<oneshot::Sender<()>>,
-    dir: tempfile::TempDir,
-    /// A read-only connection to the relay's file (WAL: it never blocks the relay).
+    relay: relay::Relay,
     db: Option<rusqlite::Connection>,
+}
+
+impl std::ops::Deref for Relay {
+    type Target = relay::Relay;
+    fn deref(&self) -> &relay::Relay {
+        &self.relay
+    }
 }
 
 impl Relay {
     async fn start() -> Relay {
-        let dir = tempfile::tempdir().unwrap();
-        let key = TokenKey::from_secret(&[7; 32]).unwrap();
-        let mut config = RelayConfig::new(dir.path().join("data"));
-        config.auth = Some(key.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(weft::net::run(listener, config, async {
-            let _ = stopped.await;
-        }));
         Relay {
-            addr,
-            key,
-            stop: Some(stop),
-            dir,
+            relay: relay::Relay::with_tokens(|_| {}).await,
             db: None,
         }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}", self.addr)
-    }
-
-    fn token(&self, read: &str, write: &str) -> String {
-        let parse = |l: &str| weft::net::auth::parse_list(l).unwrap();
-        self.key
-            .issue(
-                "adversary",
-                &parse(read),
-                &parse(write),
-                Duration::from_secs(24 * 3600),
-            )
-            .unwrap()
     }
 
     /// Opens the read-only view of the relay's file (once the relay has written it).
@@ -180,8 +147,7 @@ impl Relay {
         let flags =
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let db =
-            rusqlite::Connection::open_with_flags(self.dir.path().join("data/relay.db"), flags)
-                .unwrap();
+            rusqlite::Connection::open_with_flags(self.data().join("relay.db"), flags).unwrap();
         db.busy_timeout(LIMIT).unwrap();
         self.db = Some(db);
     }
@@ -229,20 +195,6 @@ impl Relay {
         ids.iter().map(|id| (*id, self.stored(id))).collect()
     }
 
-    /// A raw session: Hello with `token`, and the relay's answer.
-    async fn raw(&self, token: &str) -> (Raw, Message) {
-        let mut ws = connect(&self.url()).await;
-        let hello = Message::Hello {
-            protocol: protocol::PROTOCOL_VERSION.into(),
-            replica: ReplicaId::from_bytes([42; 16]),
-            token: Some(token.to_owned()),
-            scope: WireScope::All,
-        };
-        send(&mut ws, &hello).await;
-        let answer = recv(&mut ws).await;
-        (ws, answer)
-    }
-
     /// A well-behaved raw session still gets Welcome and a Pong. `Err`: what went wrong.
     async fn serves(&self, token: &str) -> Result<(), String> {
         let (mut ws, answer) = self.raw(token).await;
@@ -259,47 +211,6 @@ impl Relay {
         }
         let _ = ws.close(None).await;
         Ok(())
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// A raw WebSocket to the relay, without Nagle's algorithm: a frame and the Ping behind it
-/// must not wait for a delayed ACK (40 ms per frame on Linux).
-async fn connect(url: &str) -> Raw {
-    let connecting = tokio_tungstenite::connect_async_with_config(url, None, true);
-    timeout(LIMIT, connecting)
-        .await
-        .expect("connect timed out")
-        .expect("connect")
-        .0
-}
-
-async fn send(ws: &mut Raw, message: &Message) {
-    timeout(
-        LIMIT,
-        ws.send(WsMessage::Binary(protocol::encode(message).into())),
-    )
-    .await
-    .expect("send timed out")
-    .expect("send");
-}
-
-async fn recv(ws: &mut Raw) -> Message {
-    loop {
-        match timeout(LIMIT, ws.next()).await.expect("recv timed out") {
-            Some(Ok(WsMessage::Binary(bytes))) => {
-                return protocol::decode(&bytes, protocol::DEFAULT_MAX_FRAME).unwrap();
-            }
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-            other => panic!("expected a frame, got {other:?}"),
-        }
     }
 }
 
@@ -608,7 +519,7 @@ impl Tokens {
                 )
                 .unwrap(),
             expired: relay
-                .key
+                .key()
                 .issue_until("expired", &Scope::All, &Scope::All, unix_now() - 5)
                 .unwrap(),
         }
@@ -1730,7 +1641,7 @@ impl World {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adversary_model() {
-    let seed = support::seed("adversary_model");
+    let seed = crate::support::seed("adversary_model");
     let sequences = env_usize("WEFT_ADVERSARY_SEQUENCES", 500);
     let progress = env_usize("WEFT_ADVERSARY_PROGRESS", 1000).max(1);
     let relay_every = env_usize("WEFT_ADVERSARY_RELAY_EVERY", 5000).max(RESEED_EVERY);
@@ -1744,7 +1655,7 @@ async fn adversary_model() {
     let started = Instant::now();
     let replay = |i: usize| {
         format!(
-            "replay: WEFT_SEED={seed} WEFT_ADVERSARY_SEQUENCES={} cargo test --test adversary adversary_model",
+            "replay: WEFT_SEED={seed} WEFT_ADVERSARY_SEQUENCES={} cargo test --test it adversary::adversary_model",
             i + 1
         )
     };

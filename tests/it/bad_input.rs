@@ -1,6 +1,6 @@
 //! Bad input of every kind: a clear error, and nothing in the database changes.
 
-mod common;
+use crate::common;
 
 use serde_json::json;
 use weft::automerge::transaction::{Transactable, Transaction};

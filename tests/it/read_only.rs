@@ -8,7 +8,7 @@
 //! A mechanism that is not available here is skipped with a note on stderr, never passed
 //! silently: `available_mechanisms` must find at least one.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;

@@ -1,7 +1,7 @@
 //! The CLI says what happened (issue 11, item 5): each scenario, replayed, ends with the truth
 //! on screen and in the exit code.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! The contract under test is the doc comments of `src/bin/weft/main.rs`: results on stdout (ids,
 //! JSON bodies, NDJSON), messages on stderr, exit status 0 ok / 1 runtime error / 2 usage error.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The library API end to end over real SQLite files: CRUD, paths, text, history, queries, the
 //! change feed, hooks and subscriptions.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::mpsc;
@@ -1330,7 +1330,7 @@ mod query_property {
 
     #[test]
     fn sql_query_agrees_with_filter_matches() {
-        common::for_each_seed("api", "sql_query_agrees_with_filter_matches", 8, |seed| {
+        common::for_each_seed("sql_query_agrees_with_filter_matches", 8, |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
             let db = TempDb::new();
             let r = db.open("q.db");

@@ -3,7 +3,7 @@
 //! without overflowing the stack and without the expensive work, and the replica is unchanged.
 //! The hostile documents come from `tests/support/hostile.rs` (shared with the relay tests).
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! Manual sync by bundle files between replicas in separate SQLite files.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

@@ -4,11 +4,11 @@
 //! `cargo test` checks exactly what the fuzzers check, without libFuzzer. BENCHMARKS.md
 //! ("Fuzzing") has the campaigns; `scripts/fuzz.sh TARGET [SECONDS]` runs one.
 //!
-//! `cargo test --test fuzz_replay -- --ignored write_seeds` regenerates the seed inputs
+//! `cargo test --test it -- --ignored fuzz_replay::write_seeds` regenerates the seed inputs
 //! (`fuzz/seeds/<target>/`) from real sessions, frames, bundles and documents.
 
 #[allow(dead_code)]
-#[path = "../fuzz/bodies/mod.rs"]
+#[path = "../../fuzz/bodies/mod.rs"]
 mod bodies;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -312,7 +312,7 @@ fn write_seeds() {
 }
 
 /// Prints what an input holds, decoded the way its target reads it, and runs it:
-/// `FUZZ_INPUT=path/to/<target>/file cargo test --test fuzz_replay -- --ignored describe --nocapture`
+/// `FUZZ_INPUT=path/to/<target>/file cargo test --test it -- --ignored fuzz_replay::describe --nocapture`
 /// (the target is the name of the file's directory, or `FUZZ_TARGET`).
 #[test]
 #[ignore = "a debugging aid: set FUZZ_INPUT"]
