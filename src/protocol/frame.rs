@@ -177,7 +177,7 @@ mod tests {
             decode(b"wf\x09\x00", 100),
             Err(ProtocolError::Version {
                 found: 9,
-                supported: 1
+                supported: PROTOCOL_VERSION
             })
         );
         let mut trailing = frame.clone();

@@ -24,6 +24,7 @@ mod cli_messages;
 mod compact;
 mod convergence;
 mod crash;
+mod ephemeral;
 mod faults;
 mod fuzz_replay;
 mod limits;

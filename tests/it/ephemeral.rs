@@ -3,56 +3,23 @@
 //! stored; a session that may not read the document neither sends nor receives them.
 #![cfg(feature = "net")]
 
-use std::time::Duration;
-
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::time::timeout;
 use weft::Replica;
-use weft::net::auth::TokenKey;
-use weft::net::{ConnectOptions, Connection, RelayConfig};
 
-const LIMIT: Duration = Duration::from_secs(10);
-
-async fn relay(dir: &std::path::Path, key: &TokenKey) -> String {
-    let mut config = RelayConfig::new(dir.join("relay"));
-    config.auth = Some(key.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", listener.local_addr().unwrap());
-    tokio::spawn(weft::net::run(listener, config, std::future::pending()));
-    url
-}
-
-async fn connect(replica: &Replica, url: &str, token: String) -> Connection {
-    let options = ConnectOptions {
-        token: Some(token),
-        ..ConnectOptions::default()
-    };
-    let connection = replica.connect(url, options);
-    timeout(LIMIT, connection.wait_synced())
-        .await
-        .unwrap()
-        .unwrap();
-    connection
-}
+use crate::support::relay::{LIMIT, Relay};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemeral_messages_reach_readers_of_the_document_only() {
     let dir = tempfile::tempdir().unwrap();
-    let key = TokenKey::from_secret(&[9; 32]).unwrap();
-    let token = |read: &str, write: &str| {
-        let parse = |l: &str| weft::net::auth::parse_list(l).unwrap();
-        key.issue("t", &parse(read), &parse(write), Duration::from_secs(600))
-            .unwrap()
-    };
-    let url = relay(dir.path(), &key).await;
+    let relay = Relay::with_tokens(|_| {}).await;
     let a = Replica::open(dir.path().join("a.db")).unwrap();
     let b = Replica::open(dir.path().join("b.db")).unwrap();
     let c = Replica::open(dir.path().join("c.db")).unwrap();
     let doc = a.create("alpha", json!({"title": "shared"})).unwrap();
-    let ca = connect(&a, &url, token("*", "*")).await;
-    let cb = connect(&b, &url, token("alpha", "")).await;
-    let cc = connect(&c, &url, token("beta", "beta")).await;
+    let ca = relay.synced(&a, relay.token("*", "*")).await;
+    let cb = relay.synced(&b, relay.token("alpha", "")).await;
+    let cc = relay.synced(&c, relay.token("beta", "beta")).await;
     let mut at_b = cb.ephemeral();
     let mut at_c = cc.ephemeral();
     let mut at_a = ca.ephemeral();
