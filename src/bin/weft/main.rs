@@ -21,6 +21,7 @@ use weft::{
 
 #[cfg(feature = "net")]
 mod bench;
+mod malloc;
 
 #[derive(Parser)]
 #[command(
@@ -434,6 +435,7 @@ fn io_err<'a>(what: &str, path: &'a std::path::Path) -> impl Fn(io::Error) -> Cl
 }
 
 fn main() -> ExitCode {
+    malloc::tune();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
