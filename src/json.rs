@@ -18,9 +18,9 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use automerge::transaction::Transactable;
+use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
-    ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue, TextEncoding, hydrate,
+    Automerge, ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue, TextEncoding, hydrate,
 };
 use serde_json::{Map, Number, Value};
 
@@ -134,6 +134,173 @@ pub fn create_root<T: Transactable>(
     body: &Map<String, Value>,
 ) -> Result<(), automerge::AutomergeError> {
     tx.init_root_from_hydrate(&hydrate_map(body))
+}
+
+/// Operations per change when [`create_document`] writes a large body.
+///
+/// Writing a body in one change holds the whole body three times over: the JSON value, its
+/// `hydrate` tree (~290 bytes per value) and Automerge's pending transaction (~300 bytes per
+/// operation until the commit). For 11 MB of record-shaped JSON (950,000 operations) that was
+/// 90 + 270 + 320 MB; the committed document is 33 MB. Changes of at most this many operations
+/// keep the last two to ~30 MB whatever the body's size.
+pub const CREATE_CHANGE_OPS: usize = 50_000;
+
+/// Writes `body` into the empty document `doc` and commits it (each commit with `options()`),
+/// consuming the body as it goes.
+///
+/// A body of at most [`CREATE_CHANGE_OPS`] operations (or one without a list of more) is one
+/// change made by one batch operation, as [`create_root`] makes it; an empty body is one empty
+/// change, so that the document has heads. A larger body is written in several changes:
+/// every list of more than `CREATE_CHANGE_OPS` operations is first written empty, then filled
+/// with `splice`s (Automerge's batch insertion) of at most about that many operations, one
+/// change each. Maps are written whole with their parent (Automerge has no batch insertion
+/// into an existing map), so a map of very many keys is still one change. The document has
+/// one head either way (the changes follow each other) and the same content.
+///
+/// Recursive, like [`create_root`]: only for values within [`Limits`] (depth).
+pub fn create_document(
+    doc: &mut Automerge,
+    body: Map<String, Value>,
+    options: impl Fn() -> CommitOptions,
+) -> Result<(), automerge::AutomergeError> {
+    create_in_changes(doc, body, options, CREATE_CHANGE_OPS)
+}
+
+/// [`create_document`] with changes of about `budget` operations.
+fn create_in_changes(
+    doc: &mut Automerge,
+    body: Map<String, Value>,
+    options: impl Fn() -> CommitOptions,
+    budget: usize,
+) -> Result<(), automerge::AutomergeError> {
+    let mut deferred = Vec::new();
+    let root = split_map(body, budget, &mut Vec::new(), &mut deferred);
+    let mut tx = doc.transaction();
+    tx.init_root_from_hydrate(&root)?;
+    drop(root);
+    if tx.pending_ops() == 0 {
+        tx.rollback();
+        doc.empty_commit(options());
+    } else {
+        tx.commit_with(options());
+    }
+    // Lists still to fill: their object, the next index, the items not written yet.
+    let mut stack: Vec<(ObjId, usize, std::vec::IntoIter<Value>)> = Vec::new();
+    push_deferred(doc, &ROOT, deferred, &mut stack)?;
+    while let Some((list, start, mut items)) = stack.pop() {
+        let mut group = Vec::new();
+        let mut group_ops = 0;
+        let mut deferred = Vec::new();
+        while let Some(item) = items.as_slice().first() {
+            let ops = ops_of(item, budget);
+            if !group.is_empty() && group_ops + ops > budget {
+                break;
+            }
+            group_ops += ops;
+            let Some(item) = items.next() else { break };
+            let mut path = vec![Prop::Seq(start + group.len())];
+            group.push(split_value(item, budget, &mut path, &mut deferred));
+        }
+        if group.is_empty() {
+            continue;
+        }
+        let next = start + group.len();
+        let mut tx = doc.transaction();
+        tx.splice(&list, start, 0, group)?;
+        tx.commit_with(options());
+        // The rest of this list after the lists this change created empty.
+        stack.push((list.clone(), next, items));
+        push_deferred(doc, &list, deferred, &mut stack)?;
+    }
+    Ok(())
+}
+
+/// A list of more operations than a change may hold, written empty: where it is below the
+/// object the change wrote into, and its items.
+struct Deferred {
+    path: Vec<Prop>,
+    items: Vec<Value>,
+}
+
+/// Puts the lists set aside by a change on the stack, the first on top.
+fn push_deferred(
+    doc: &Automerge,
+    under: &ObjId,
+    deferred: Vec<Deferred>,
+    stack: &mut Vec<(ObjId, usize, std::vec::IntoIter<Value>)>,
+) -> Result<(), automerge::AutomergeError> {
+    for Deferred { path, items } in deferred.into_iter().rev() {
+        let mut obj = under.clone();
+        for prop in path {
+            obj = match doc.get(&obj, prop)? {
+                Some((automerge::Value::Object(_), id)) => id,
+                _ => return Err(automerge::AutomergeError::NotAnObject),
+            };
+        }
+        stack.push((obj, 0, items.into_iter()));
+    }
+    Ok(())
+}
+
+/// The operations a value becomes (one per scalar and per object), counted up to just past
+/// `cap`.
+fn ops_of(value: &Value, cap: usize) -> usize {
+    let mut stack = vec![value];
+    let mut ops = 0;
+    while let Some(value) = stack.pop() {
+        ops += 1;
+        if ops > cap {
+            break;
+        }
+        match value {
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => stack.extend(map.values()),
+            _ => {}
+        }
+    }
+    ops
+}
+
+/// [`to_hydrate`], consuming the value: a list of more than `budget` operations becomes an
+/// empty list and is set aside in `deferred`, with its path (`path`, then its own place).
+fn split_value(
+    value: Value,
+    budget: usize,
+    path: &mut Vec<Prop>,
+    deferred: &mut Vec<Deferred>,
+) -> hydrate::Value {
+    if ops_of(&value, budget) <= budget {
+        // Within the limits: serde_json's recursive drop is fine here.
+        return to_hydrate(&value);
+    }
+    match value {
+        Value::Array(items) => {
+            deferred.push(Deferred {
+                path: path.clone(),
+                items,
+            });
+            hydrate::Value::List(Vec::<hydrate::Value>::new().into())
+        }
+        Value::Object(map) => hydrate::Value::Map(split_map(map, budget, path, deferred)),
+        scalar => to_hydrate(&scalar),
+    }
+}
+
+fn split_map(
+    map: Map<String, Value>,
+    budget: usize,
+    path: &mut Vec<Prop>,
+    deferred: &mut Vec<Deferred>,
+) -> hydrate::Map {
+    map.into_iter()
+        .map(|(k, v)| {
+            path.push(Prop::Map(k.clone()));
+            let value = split_value(v, budget, path, deferred);
+            path.pop();
+            (k, value)
+        })
+        .collect::<HashMap<String, hydrate::Value>>()
+        .into()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -776,6 +943,54 @@ mod tests {
         let text = serde_json::to_string(&back).unwrap();
         assert!(text.contains("\"whole_float\":2.0"), "{text}");
         assert!(text.contains("\"i\":-3"), "{text}");
+    }
+
+    /// A document made by `create_in_changes` with changes of about `budget` operations: its
+    /// body, its number of changes and of heads.
+    fn created_in_changes(body: &Value, budget: usize) -> (String, usize, usize) {
+        let mut doc = Automerge::new();
+        let map = into_object(body.clone()).unwrap();
+        create_in_changes(&mut doc, map, CommitOptions::default, budget).unwrap();
+        let text = super::body(&doc, None, &Limits::DEFAULT).unwrap();
+        (text, doc.get_changes(&[]).len(), doc.get_heads().len())
+    }
+
+    #[test]
+    fn a_large_body_is_written_in_several_changes_with_the_same_content() {
+        let body = json!({
+            "small": 1, "empty": [], "m": {},
+            "big": (0..40).map(|i| json!({"i": i, "tags": ["a", "b"]})).collect::<Vec<_>>(),
+            "nested": {"inner": {"list": (0..30).collect::<Vec<_>>(), "x": "y"}},
+            "lists": [(0..25).collect::<Vec<_>>(), [], [[(0..12).collect::<Vec<_>>()], 2], {"l": (0..11).collect::<Vec<_>>()}],
+            "text": "héllo", "f": 1.5, "n": null, "t": true
+        });
+        let expected = serde_json::to_string(&body).unwrap();
+        // Within the budget: one change, as `create_root` makes it.
+        let (text, changes, heads) = created_in_changes(&body, 10_000);
+        assert_eq!((text.as_str(), changes, heads), (expected.as_str(), 1, 1));
+        let mut single = Automerge::new();
+        let mut tx = single.transaction();
+        create_root(&mut tx, &into_object(body.clone()).unwrap()).unwrap();
+        tx.commit();
+        assert_eq!(single.stats().num_ops, {
+            let mut doc = Automerge::new();
+            create_document(
+                &mut doc,
+                into_object(body.clone()).unwrap(),
+                CommitOptions::default,
+            )
+            .unwrap();
+            doc.stats().num_ops
+        });
+        // Beyond it: every list longer than the budget in changes of its own, same content.
+        for budget in [1, 2, 3, 5, 10, 20, 50] {
+            let (text, changes, heads) = created_in_changes(&body, budget);
+            assert_eq!(text, expected, "budget {budget}");
+            assert!(changes > 1, "budget {budget}: {changes} changes");
+            assert_eq!(heads, 1, "budget {budget}");
+        }
+        // An empty body is one empty change.
+        assert_eq!(created_in_changes(&json!({}), 1), ("{}".to_owned(), 1, 1));
     }
 
     #[test]

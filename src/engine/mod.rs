@@ -646,15 +646,9 @@ impl Engine {
         }
         let id = DocumentId::from_bytes(self.rng.random());
         let mut doc = self.empty.clone();
-        let mut tx = doc.transaction();
-        json::create_root(&mut tx, &body)?;
-        if tx.pending_ops() == 0 {
-            // An empty body still gets one change, so that every document has heads.
-            tx.rollback();
-            doc.empty_commit(Self::commit_options(now));
-        } else {
-            tx.commit_with(Self::commit_options(now));
-        }
+        // One change for most bodies (an empty one for an empty body, so that every document
+        // has heads); a large body in several, and consumed as it is written.
+        json::create_document(&mut doc, body, || Self::commit_options(now))?;
         let heads = doc.get_heads();
         let snapshot = doc.save();
         let body = body_text;
@@ -662,6 +656,7 @@ impl Engine {
             Ok(&body),
             json::body(&doc, None, &self.config.limits).as_ref()
         );
+        drop(doc);
         self.insert_new(
             now,
             id,

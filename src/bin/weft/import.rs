@@ -6,6 +6,10 @@ use serde_json::Value;
 
 use crate::common::{CliError, CliResult, io_err, open};
 
+/// JSON text per transaction, unless one line is more: a transaction's documents are in memory
+/// together, parsed (~8 times their text) and as stored bodies and snapshots.
+const BATCH_BYTES: usize = 8 << 20;
+
 pub(crate) fn import(
     db: &std::path::Path,
     file: &std::path::Path,
@@ -23,8 +27,9 @@ pub(crate) fn import(
         eprintln!("reading NDJSON from stdin, one JSON object per line; end with Ctrl-D");
     }
     // Parse and check every line first: a bad line aborts the import before anything is
-    // written. Each body keeps its line number, to say where a failed write stopped.
-    let mut bodies = Vec::new();
+    // written. Each line keeps its number, to say where a failed write stopped, and stays text
+    // until its batch (parsed, it takes ~8 times the memory).
+    let mut lines = Vec::new();
     for (n, line) in reader.lines().enumerate() {
         // Invalid UTF-8 surfaces here, so name the line like any other bad line.
         let line = line.map_err(|e| {
@@ -37,18 +42,20 @@ pub(crate) fn import(
         if line.trim().is_empty() {
             continue;
         }
-        let body = weft::json::parse_object(&line).map_err(|e| {
+        let mut line = line;
+        weft::json::parse_object(&line).map_err(|e| {
             CliError::Input(format!(
                 "{} line {}: {e}; nothing was imported",
                 file.display(),
                 n + 1
             ))
         })?;
-        bodies.push((n + 1, Value::Object(body)));
+        line.shrink_to_fit();
+        lines.push((n + 1, line));
     }
     weft::validate_collection(collection)?;
     let replica = open(db)?;
-    let total = bodies.len();
+    let total = lines.len();
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(total as u64),
         indicatif::ProgressDrawTarget::stderr(),
@@ -66,9 +73,22 @@ pub(crate) fn import(
     let started = std::time::Instant::now();
     let mut imported = 0;
     let mut through = 0;
-    let mut bodies = bodies.into_iter().peekable();
-    while let Some(&(first_line, _)) = bodies.peek() {
-        let (lines, chunk): (Vec<usize>, Vec<Value>) = bodies.by_ref().take(batch).unzip();
+    let mut rest = lines.into_iter().peekable();
+    while let Some(&(first_line, _)) = rest.peek() {
+        // Up to `batch` documents, and no more JSON than BATCH_BYTES unless it is one line.
+        let mut lines = Vec::new();
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        while let Some((n, text)) = rest.next_if(|(_, text)| {
+            lines.is_empty() || (lines.len() < batch && bytes + text.len() <= BATCH_BYTES)
+        }) {
+            bytes += text.len();
+            // Checked above already: this cannot fail.
+            let body = weft::json::parse_object(&text).map_err(weft::Error::from)?;
+            drop(text);
+            lines.push(n);
+            chunk.push(Value::Object(body));
+        }
         if let Err(e) = replica.create_many(collection, chunk) {
             bar.finish_and_clear();
             // Earlier batches are committed and stay; this one and the rest are not written.
