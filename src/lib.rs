@@ -64,5 +64,5 @@ pub use replica::{
     Clock, CompactReport, Document, Durability, Replica, ReplicaOptions, SessionFailure,
     SessionInput,
 };
-pub use scope::{Access, CreateLimit, Scope};
+pub use scope::{Access, CreateLimit, Interest, Scope};
 pub use store::{StoreError, StoreMode};

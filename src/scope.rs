@@ -37,6 +37,29 @@ pub struct Access {
     pub write: Scope,
     /// How many documents the peer may create; `None`: no limit.
     pub creates: Option<CreateLimit>,
+    /// Which documents of the read scope the session follows.
+    pub interest: Interest,
+}
+
+/// Which documents of its read scope a session follows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Interest {
+    /// All of them: reconciliation covers the whole scope and every live change in it is
+    /// pushed (weft's own sessions).
+    #[default]
+    Catalog,
+    /// Only those the peer asked about in this session, by a sync message: live changes and
+    /// ephemeral messages of those, no reconciliation, and documents sent as sync messages,
+    /// never whole. A document the peer asks about that is not here for it (absent, deleted,
+    /// another collection, unreadable) is reported as
+    /// [`PeerEvent::Unavailable`](crate::engine::PeerEvent::Unavailable). The sessions of
+    /// automerge-repo clients, which open documents one by one.
+    OnDemand {
+        /// The peer's sync states outlive the session, stored under its replica id (an
+        /// automerge-repo client that names its storage); otherwise they are forgotten at
+        /// its end.
+        durable: bool,
+    },
 }
 
 /// How many documents a session may create: up to `burst` at once (a replica's first sync of
@@ -67,6 +90,7 @@ impl Access {
             read: scope.clone(),
             write: scope,
             creates: None,
+            interest: Interest::Catalog,
         }
     }
 }

@@ -143,6 +143,7 @@ impl Setup {
                 per_minute: u32::from(per_minute),
                 burst: 0,
             }),
+            interest: weft::Interest::Catalog,
         }
     }
 }

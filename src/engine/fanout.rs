@@ -80,11 +80,19 @@ impl Engine {
             .peers
             .iter()
             .filter(|(_, p)| include(p))
-            .filter(|(_, p)| p.scope.contains(collection))
-            .filter(|(_, p)| !matches!(origin, Origin::Peer(r) if p.remote == r))
+            .filter(|(_, p)| p.follows(&id, collection))
+            // An on-demand session's sync state knows what its peer sent (two of them may
+            // share a replica id: browser tabs of one storage).
+            .filter(|(_, p)| p.on_demand() || !matches!(origin, Origin::Peer(r) if p.remote == r))
             .map(|(id, _)| *id)
             .collect();
         for peer in targets {
+            let on_demand = self.peers.get(&peer).is_some_and(Peer::on_demand);
+            // An on-demand peer gets documents as sync messages, never whole.
+            let kind = match kind {
+                ChangeKind::Created if on_demand => ChangeKind::Updated,
+                kind => kind,
+            };
             if let Some(p) = self.peers.get_mut(&peer).filter(|p| p.paused) {
                 let what = match kind {
                     ChangeKind::Deleted => Held::Tombstone,
@@ -121,9 +129,10 @@ impl Engine {
                     let Some(p) = self.peers.get_mut(&peer) else {
                         continue;
                     };
-                    if !p.states.contains_key(&id) {
+                    if on_demand || !p.states.contains_key(&id) {
                         // First change of this document in the session: its stored sync state
-                        // must be read first.
+                        // must be read first. (An on-demand peer's document may not even be
+                        // in memory: the work loads it.)
                         p.busy = true;
                         self.queue
                             .push_back(Work::Peer(peer, PeerWork::SendSync(id)));
@@ -176,7 +185,7 @@ impl Engine {
         let targets: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(peer, p)| Some(**peer) != from && p.scope.contains(&collection))
+            .filter(|(peer, p)| Some(**peer) != from && p.follows(&id, &collection))
             .map(|(peer, _)| *peer)
             .collect();
         for peer in &targets {
@@ -264,16 +273,20 @@ impl Engine {
     /// or reconciliation found the peer lacks it).
     pub(crate) fn send_whole(&mut self, peer: PeerId, id: DocumentId) {
         let Some(collection) = self.readable(peer, id) else {
-            if self.stored_in(id).is_some() {
-                self.peer_error(peer, ErrorCode::Forbidden, OUTSIDE_SCOPE.into(), Some(id));
-            }
-            return;
+            let exists = self.stored_in(id).is_some();
+            return self.not_here(peer, id, exists);
         };
         if matches!(
             self.docs.get(&id).map(|e| &e.state),
             Some(DocState::Deleted { .. })
         ) {
             return self.push_tombstone(peer, id, collection);
+        }
+        if self.peers.get(&peer).is_some_and(Peer::on_demand) {
+            // Never whole to an on-demand peer: a sync message from its state.
+            self.queue
+                .push_back(Work::Peer(peer, PeerWork::SendSync(id)));
+            return;
         }
         if let Some((collection, bytes)) = self.whole(id) {
             self.push(
@@ -336,6 +349,10 @@ impl Engine {
         for (peer, p) in self.peers.iter_mut() {
             for error in p.errors.drain(..) {
                 fx.send.push((*peer, error));
+            }
+            for doc in p.unavailable.drain(..) {
+                fx.peer_events
+                    .push((*peer, super::PeerEvent::Unavailable { doc }));
             }
             if !p.persisted.is_empty() {
                 fx.send.push((

@@ -79,6 +79,9 @@ impl Engine {
                 );
                 continue;
             }
+            if let Some(p) = self.peers.get_mut(&peer).filter(|p| p.on_demand()) {
+                p.followed.insert(item.id);
+            }
             if matches!(item.payload, Payload::Want) && !self.docs.contains_key(&item.id) {
                 fx.whole_reads.push((peer, item.id));
             } else {
@@ -142,9 +145,12 @@ impl Engine {
         // claimed, so a peer learns nothing more about it than that.
         if let Some(stored) = self.stored_in(id) {
             if !self.may_read(peer, stored) {
-                return self.peer_error(peer, ErrorCode::Forbidden, OUTSIDE_SCOPE.into(), Some(id));
+                return self.not_here(peer, id, true);
             }
             if stored != collection {
+                if self.peers.get(&peer).is_some_and(|p| p.on_demand()) {
+                    return self.not_here(peer, id, true);
+                }
                 return self.refuse(peer, id, &Refusal::WrongCollection);
             }
         }
@@ -458,10 +464,14 @@ impl Engine {
         permit: Option<Permit>,
         fx: &mut Effects,
     ) {
-        // A peer that may not write here learns nothing from us about an id we do not have.
+        // A peer that may not write here learns nothing from us about an id we do not have
+        // (an on-demand peer, that it is unavailable).
         if !writable {
-            return;
+            return self.not_here(peer, id, false);
         }
+        // Neither side has any of it: for an on-demand peer (automerge-repo's `request` of a
+        // document nobody has), unavailable rather than an empty sync round.
+        let peer_has_none = message.heads.is_empty() && message.changes.is_empty();
         let mut doc = self.empty.clone();
         let received = {
             let Some(p) = self.peers.get_mut(&peer) else {
@@ -479,6 +489,12 @@ impl Engine {
             );
         }
         if doc.get_heads().is_empty() {
+            if peer_has_none && self.peers.get(&peer).is_some_and(|p| p.on_demand()) {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.states.remove(&id);
+                }
+                return self.not_here(peer, id, false);
+            }
             // Nothing to store yet: ask for what the peer has.
             return self.reply_absent(peer, id, collection, &mut doc);
         }

@@ -32,7 +32,7 @@ use super::receive::PeerWork;
 use super::{Effects, Engine, Work};
 use crate::id::{DocumentId, ReplicaId};
 use crate::protocol::{CatalogEntry, ErrorCode, Message, SyncItem};
-use crate::scope::{Access, CreateLimit, Scope};
+use crate::scope::{Access, CreateLimit, Interest, Scope};
 use crate::store::StoreError;
 
 /// How long an initiator waits after the last sync traffic before checking again that both
@@ -60,6 +60,11 @@ pub enum PeerEvent {
     /// Ephemeral data about a document (presence, cursors) from the peer, already passed on
     /// to the other sessions that may read the document.
     Ephemeral { doc: DocumentId, data: Vec<u8> },
+    /// A session that follows documents on demand ([`Interest::OnDemand`]) asked about a
+    /// document that is not here for it: unknown (and the peer has none of it either),
+    /// deleted, in another collection, or one it may not read — all alike, so the peer
+    /// learns nothing more. (automerge-repo's `doc-unavailable`.)
+    Unavailable { doc: DocumentId },
     /// The engine ended the session: the peer sent a message out of its role. The engine has
     /// forgotten the session (its later messages are ignored) and queued an `Error` frame
     /// saying why; the driver sends that frame, then closes the connection.
@@ -73,6 +78,10 @@ pub(crate) struct Peer {
     pub(crate) scope: Scope,
     /// The collections the peer may write (checked only where it is also readable).
     pub(crate) write: Scope,
+    /// Which documents of its scope the peer follows.
+    pub(crate) interest: Interest,
+    /// On demand: the documents the peer asked about in this session.
+    pub(crate) followed: HashSet<DocumentId>,
     /// Documents the peer may still create in the current minute (see [`CreateBudget`]).
     pub(crate) creates: Option<CreateBudget>,
     /// Initiator: documents the peer refused (a write it forbids, a create over its limit), and
@@ -97,6 +106,8 @@ pub(crate) struct Peer {
     pub(crate) outbox: Vec<SyncItem>,
     pub(crate) persisted: Vec<(DocumentId, Vec<[u8; 32]>)>,
     pub(crate) errors: Vec<Message>,
+    /// On demand: documents to report as [`PeerEvent::Unavailable`].
+    pub(crate) unavailable: Vec<DocumentId>,
     /// Sync traffic since the last announcement (initiator).
     pub(crate) busy: bool,
     /// A Summary is out and its answer not yet in (initiator).
@@ -165,6 +176,24 @@ pub(crate) enum Held {
 }
 
 impl Peer {
+    /// Whether the peer follows document `id` of `collection` (its stored collection): it is
+    /// in the read scope and, for an on-demand session, the peer asked about it.
+    pub(crate) fn follows(&self, id: &DocumentId, collection: &str) -> bool {
+        self.scope.contains(collection)
+            && (self.interest == Interest::Catalog || self.followed.contains(id))
+    }
+
+    /// Whether the peer's sync states are stored beyond the session (and so read from storage
+    /// on first use).
+    pub(crate) fn keeps_states(&self) -> bool {
+        !matches!(self.interest, Interest::OnDemand { durable: false })
+    }
+
+    /// An on-demand session (see [`Interest::OnDemand`]).
+    pub(crate) fn on_demand(&self) -> bool {
+        matches!(self.interest, Interest::OnDemand { .. })
+    }
+
     /// Forgets what [`Engine::recover`] cannot trust after a panic: sync states (a fresh one
     /// costs bytes, not correctness), reads in flight and items not yet sent.
     pub(crate) fn forget_volatile(&mut self) {
@@ -177,6 +206,7 @@ impl Peer {
         self.outbox.clear();
         self.persisted.clear();
         self.errors.clear();
+        self.unavailable.clear();
     }
 
     /// An initiator whose session has been quiet long enough to check again.
@@ -243,6 +273,8 @@ impl Engine {
                 remote,
                 scope: access.read,
                 write: access.write,
+                interest: access.interest,
+                followed: HashSet::new(),
                 creates: access.creates.map(|limit| CreateBudget::new(limit, now)),
                 rejected: HashMap::new(),
                 retry_at: None,
@@ -256,6 +288,7 @@ impl Engine {
                 outbox: Vec::new(),
                 persisted: Vec::new(),
                 errors: Vec::new(),
+                unavailable: Vec::new(),
                 busy: false,
                 announced: false,
                 last_activity: now,
@@ -275,6 +308,9 @@ impl Engine {
         let Some(p) = self.peers.remove(&peer) else {
             return;
         };
+        if !p.keeps_states() {
+            return;
+        }
         for (id, state) in p.states {
             if !state.shared_heads.is_empty()
                 && p.stored_heads.get(&id) != Some(&state.shared_heads)
@@ -311,7 +347,7 @@ impl Engine {
             && self
                 .peers
                 .get(&peer)
-                .is_some_and(|p| !p.states.contains_key(&work.doc()))
+                .is_some_and(|p| p.keeps_states() && !p.states.contains_key(&work.doc()))
     }
 
     /// Whether the sync state `work` waits for is being read.
@@ -330,7 +366,7 @@ impl Engine {
             if !w.needs_state() {
                 continue;
             }
-            let Some(p) = self.peers.get_mut(peer) else {
+            let Some(p) = self.peers.get_mut(peer).filter(|p| p.keeps_states()) else {
                 continue;
             };
             let id = w.doc();
@@ -486,8 +522,29 @@ impl Engine {
     /// keeps no per-client durability record, so acks from the initiator would be a frame
     /// and a relay step per received change for nothing.
     pub(crate) fn ack(&mut self, peer: PeerId, id: DocumentId, heads: &[ChangeHash]) {
-        if let Some(p) = self.peers.get_mut(&peer).filter(|p| !p.initiator) {
+        // An on-demand peer (automerge-repo) has no such message.
+        if let Some(p) = self
+            .peers
+            .get_mut(&peer)
+            .filter(|p| !p.initiator && !p.on_demand())
+        {
             p.persisted.push((id, heads.iter().map(|h| h.0).collect()));
+        }
+    }
+
+    /// A document the peer asked about is not here for it (it exists only if `exists`, and
+    /// then the peer may not read it or asked under another collection). An on-demand peer
+    /// hears [`PeerEvent::Unavailable`] whatever the reason; a catalog peer hears of a
+    /// document that exists as "outside this session's scope".
+    pub(crate) fn not_here(&mut self, peer: PeerId, id: DocumentId, exists: bool) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.on_demand() {
+            p.unavailable.push(id);
+        } else if exists {
+            let outside = super::access::OUTSIDE_SCOPE.to_owned();
+            self.peer_error(peer, ErrorCode::Forbidden, outside, Some(id));
         }
     }
 

@@ -619,7 +619,12 @@ impl Live<'_> {
                 return ControlFlow::Break(Ended::Lost(OfflineError::Protocol(reason)));
             }
             // Refusals and ephemeral messages were handed on by the router (`Report::note`).
-            Some(Outbound::Event(PeerEvent::Persisted(_) | PeerEvent::Ephemeral { .. })) => {}
+            // (A client's sessions follow the catalog: never unavailable.)
+            Some(Outbound::Event(
+                PeerEvent::Persisted(_)
+                | PeerEvent::Ephemeral { .. }
+                | PeerEvent::Unavailable { .. },
+            )) => {}
             None => return ControlFlow::Break(lost("router closed")),
         }
         ControlFlow::Continue(())

@@ -27,17 +27,17 @@ use crate::engine::PeerEvent;
 use crate::protocol::{self, ErrorCode, Message, ProtocolError, RejectCode, WireScope};
 use crate::{Access, Scope, SessionFailure, SessionInput};
 
-/// What a session was granted at `Hello`.
-struct Admitted {
-    access: Access,
+/// What a session was granted at `Hello` (or an automerge-repo `join`).
+pub(crate) struct Admitted {
+    pub(crate) access: Access,
     /// When the token expires: the session ends then.
-    expires: Option<tokio::time::Instant>,
-    subject: Option<String>,
+    pub(crate) expires: Option<tokio::time::Instant>,
+    pub(crate) subject: Option<String>,
 }
 
 /// Checks a `Hello`'s token against the relay's secret and narrows the requested scope to
 /// what the token allows. `Err`: the `Reject` to send.
-fn admit(
+pub(crate) fn admit(
     shared: &Shared,
     token: Option<String>,
     requested: WireScope,
@@ -90,11 +90,12 @@ fn admit(
             read,
             write,
             creates: shared.config.creates,
+            interest: crate::Interest::Catalog,
         },
     })
 }
 
-type Ws = WebSocketStream<Rewind>;
+pub(crate) type Ws = WebSocketStream<Rewind>;
 
 /// How long closing may take: sending the close frame, then waiting for the peer to hang up.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -102,13 +103,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REASON: usize = 120;
 
 /// Why the session ends from our side.
-struct Close {
-    code: CloseCode,
-    reason: String,
+pub(crate) struct Close {
+    pub(crate) code: CloseCode,
+    pub(crate) reason: String,
 }
 
 impl Close {
-    fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(code: CloseCode, reason: impl Into<String>) -> Self {
         Close {
             code,
             reason: reason.into(),
@@ -123,15 +124,15 @@ enum Phase {
 
 /// What handling one event decided: go on, or end the session with a close frame to send
 /// (`None`: the connection is gone, there is nobody to tell).
-type Next = ControlFlow<Option<Close>>;
+pub(crate) type Next = ControlFlow<Option<Close>>;
 
 /// The end of the session, with a close frame for the peer.
-fn close(code: CloseCode, reason: impl Into<String>) -> Next {
+pub(crate) fn close(code: CloseCode, reason: impl Into<String>) -> Next {
     ControlFlow::Break(Some(Close::new(code, reason)))
 }
 
 /// The connection is gone: end without a close frame.
-const GONE: Next = ControlFlow::Break(None);
+pub(crate) const GONE: Next = ControlFlow::Break(None);
 
 /// What woke the session up.
 enum Event {
@@ -183,27 +184,56 @@ pub(crate) async fn session(
         last_ping: Instant::now(),
     };
     let outcome = conn.run(&mut stop).await;
-    if let Some(Session { peer: peer_id, .. }) = conn.sync.take() {
-        conn.router.unregister(peer_id);
-        let _ = shared
-            .applier
-            .apply(SessionInput::Disconnected { peer: peer_id }, 0)
-            .await;
-    }
-    // Free the slot before the socket closes: a peer that saw the close may reconnect at once.
-    drop(permit);
-    drop(gauge);
-    if let Some(close) = outcome {
-        if close.code != CloseCode::Away {
-            shared
-                .metrics
-                .protocol_errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ending = Ending {
+        sync: conn.sync.take(),
+        permit,
+        gauge,
+        peer,
+    };
+    ending.finish(conn.ws, shared, &conn.router, outcome).await;
+}
+
+/// What a relay session (of either protocol) holds until it ends.
+pub(crate) struct Ending<'a> {
+    pub(crate) sync: Option<Session>,
+    pub(crate) permit: OwnedSemaphorePermit,
+    pub(crate) gauge: ConnectionGauge<'a>,
+    pub(crate) peer: SocketAddr,
+}
+
+impl Ending<'_> {
+    /// Ends the replication session, frees the connection slot, and closes the socket with
+    /// `outcome`'s code (`None`: the peer is gone or closed first).
+    pub(crate) async fn finish(
+        self,
+        ws: Ws,
+        shared: &Shared,
+        router: &Router,
+        outcome: Option<Close>,
+    ) {
+        if let Some(Session { peer: peer_id, .. }) = self.sync {
+            router.unregister(peer_id);
+            let _ = shared
+                .applier
+                .apply(SessionInput::Disconnected { peer: peer_id }, 0)
+                .await;
         }
-        tracing::info!(code = u16::from(close.code), reason = %close.reason, %peer, "closing");
-        close_with(conn.ws, close).await;
-    } else {
-        tracing::debug!("session closed by peer");
+        // Free the slot before the socket closes: a peer that saw the close may reconnect at
+        // once.
+        drop(self.permit);
+        drop(self.gauge);
+        if let Some(close) = outcome {
+            if close.code != CloseCode::Away && close.code != CloseCode::Normal {
+                shared
+                    .metrics
+                    .protocol_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::info!(code = u16::from(close.code), reason = %close.reason, peer = %self.peer, "closing");
+            close_with(ws, close).await;
+        } else {
+            tracing::debug!("session closed by peer");
+        }
     }
 }
 
@@ -263,37 +293,16 @@ impl Conn<'_> {
         }
     }
 
-    /// Liveness: a client that stopped reading, or went silent, is closed; a quiet one is
-    /// pinged.
     async fn keepalive(&mut self) -> Next {
-        let config = &self.shared.config;
-        // A client that has not read its queue down for the send timeout: its frames fit the
-        // socket buffers, so no single write timed out, but it is not reading.
-        if let Some(paused) = self
-            .sync
-            .as_ref()
-            .and_then(|s| s.flow.paused_for())
-            .filter(|p| *p >= config.send_timeout)
-        {
-            return close(
-                CloseCode::Policy,
-                format!("the client did not read for {} s", paused.as_secs()),
-            );
-        }
-        let silent = self.last_heard.elapsed();
-        if silent >= config.keepalive * 2 {
-            return close(
-                CloseCode::Away,
-                format!("no traffic for {} s", silent.as_secs()),
-            );
-        }
-        if silent >= config.keepalive && self.last_ping.elapsed() >= config.keepalive {
-            self.last_ping = Instant::now();
-            if self.ws.send(WsMessage::Ping(Bytes::new())).await.is_err() {
-                return GONE;
-            }
-        }
-        ControlFlow::Continue(())
+        let (last_heard, session) = (self.last_heard, self.sync.as_ref());
+        keepalive(
+            &mut self.ws,
+            self.shared,
+            session,
+            last_heard,
+            &mut self.last_ping,
+        )
+        .await
     }
 
     /// What the replica queued for this session: a frame to write, or an event.
@@ -389,22 +398,9 @@ impl Conn<'_> {
 
     /// The frame and byte rate limits: a flooding client is told, then closed.
     async fn rate_limit(&mut self, len: usize) -> Next {
-        self.shared.metrics.frame_in(len);
-        let now = Instant::now();
-        let limited = if !self.frames.take(now) {
-            Some("frame rate limit exceeded")
-        } else if !self.bytes.take_n(len as f64, now) {
-            Some("byte rate limit exceeded")
-        } else {
-            None
-        };
-        let Some(what) = limited else {
+        let Some(what) = over_rate(self.shared, &mut self.frames, &mut self.bytes, len) else {
             return ControlFlow::Continue(());
         };
-        self.shared
-            .metrics
-            .rate_limited
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Say why in the protocol too (a close reason is easy to lose), then close: a
         // flooding client costs the relay until it is gone.
         let error = Message::Error {
@@ -508,6 +504,68 @@ impl Conn<'_> {
     }
 }
 
+/// Liveness: a client that stopped reading, or went silent, is closed; a quiet one is pinged.
+pub(crate) async fn keepalive(
+    ws: &mut Ws,
+    shared: &Shared,
+    session: Option<&Session>,
+    last_heard: Instant,
+    last_ping: &mut Instant,
+) -> Next {
+    let config = &shared.config;
+    // A client that has not read its queue down for the send timeout: its frames fit the
+    // socket buffers, so no single write timed out, but it is not reading.
+    if let Some(paused) = session
+        .and_then(|s| s.flow.paused_for())
+        .filter(|p| *p >= config.send_timeout)
+    {
+        return close(
+            CloseCode::Policy,
+            format!("the client did not read for {} s", paused.as_secs()),
+        );
+    }
+    let silent = last_heard.elapsed();
+    if silent >= config.keepalive * 2 {
+        return close(
+            CloseCode::Away,
+            format!("no traffic for {} s", silent.as_secs()),
+        );
+    }
+    if silent >= config.keepalive && last_ping.elapsed() >= config.keepalive {
+        *last_ping = Instant::now();
+        if ws.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+            return GONE;
+        }
+    }
+    ControlFlow::Continue(())
+}
+
+/// Counts a frame of `len` bytes against a session's frame and byte rate limits; `Some`: the
+/// limit it went over (the session is told, then closed).
+pub(crate) fn over_rate(
+    shared: &Shared,
+    frames: &mut TokenBucket,
+    bytes: &mut TokenBucket,
+    len: usize,
+) -> Option<&'static str> {
+    shared.metrics.frame_in(len);
+    let now = Instant::now();
+    let limited = if !frames.take(now) {
+        Some("frame rate limit exceeded")
+    } else if !bytes.take_n(len as f64, now) {
+        Some("byte rate limit exceeded")
+    } else {
+        None
+    };
+    if limited.is_some() {
+        shared
+            .metrics
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    limited
+}
+
 /// A frame the relay could not apply ends the session, saying why: a failed store (a full
 /// disk) as a typed `Error { Storage }` first, so the client reports the cause and retries
 /// later; nothing of the frame was stored or acknowledged.
@@ -535,12 +593,12 @@ async fn not_applied(ws: &mut Ws, shared: &Shared, e: NotApplied) -> Option<Clos
 }
 
 /// Frames that count for metrics and the rate limit: everything the peer sends but its close.
-fn message_counts(message: &WsMessage) -> bool {
+pub(crate) fn message_counts(message: &WsMessage) -> bool {
     !matches!(message, WsMessage::Close(_) | WsMessage::Frame(_))
 }
 
 /// A WebSocket-level read failure: a close code when the peer can still hear one.
-fn close_for_ws_error(e: WsError) -> Option<Close> {
+pub(crate) fn close_for_ws_error(e: WsError) -> Option<Close> {
     match e {
         WsError::Capacity(e) => Some(Close::new(CloseCode::Size, e.to_string())),
         WsError::Utf8(e) => Some(Close::new(CloseCode::Invalid, e)),
@@ -580,7 +638,7 @@ async fn close_for_decode_error(
 
 /// Writes a frame the replica queued for this session, within the send timeout, and resumes
 /// the session if this drained its queue (see `router`). `Err(None)`: the connection is gone.
-async fn send_queued(
+pub(crate) async fn send_queued(
     ws: &mut Ws,
     shared: &Shared,
     session: Option<&Session>,
@@ -627,7 +685,7 @@ async fn send(ws: &mut Ws, shared: &Shared, message: &Message) -> Result<(), WsE
 /// it hangs up (bounded). Dropping a socket with unread bytes would make the kernel send a reset,
 /// which can destroy the close frame before the peer reads it — typical after an oversized frame,
 /// whose payload we never read.
-async fn close_with(mut ws: Ws, close: Close) {
+pub(crate) async fn close_with(mut ws: Ws, close: Close) {
     let mut reason = close.reason;
     if reason.len() > MAX_REASON {
         let mut end = MAX_REASON;
@@ -655,6 +713,6 @@ async fn close_with(mut ws: Ws, close: Close) {
 }
 
 /// Resolves once `stop` turns true (or its sender is gone), without holding the watch guard.
-async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }

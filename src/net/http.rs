@@ -21,11 +21,55 @@ pub(crate) enum Route {
     Metrics,
     /// A WebSocket upgrade on the sync endpoint.
     Upgrade,
+    /// A WebSocket upgrade on automerge-repo's endpoint (`/automerge`), with the token from
+    /// the query (`?token=`: browsers cannot set headers on a WebSocket).
+    UpgradeAutomerge(QueryToken),
     /// The sync endpoint without an upgrade.
     UpgradeRequired,
     MethodNotAllowed,
     NotFound,
     BadRequest,
+}
+
+/// A token from a URL's query. Its `Debug` never shows it: routes are logged.
+#[derive(PartialEq, Eq)]
+pub(crate) struct QueryToken(pub(crate) Option<String>);
+
+impl std::fmt::Debug for QueryToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "token"
+        } else {
+            "no token"
+        })
+    }
+}
+
+/// The `token` parameter of a query string (`a=1&token=...`), percent-decoded.
+fn query_token(query: &str) -> Option<String> {
+    let value = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="))?;
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok().filter(|t| !t.is_empty())
 }
 
 /// The first byte of a TLS handshake record: what a `wss://` client sends first.
@@ -71,8 +115,8 @@ pub(crate) fn route(head: &[u8]) -> Route {
         Ok(httparse::Status::Complete(_)) => {}
         _ => return Route::BadRequest,
     }
-    let path = req.path.unwrap_or("/");
-    let path = path.split('?').next().unwrap_or(path);
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let is_get = req.method == Some("GET");
     let wants_upgrade = req.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("upgrade")
@@ -81,7 +125,11 @@ pub(crate) fn route(head: &[u8]) -> Route {
                 .eq_ignore_ascii_case("websocket")
     });
     match (path, is_get) {
-        ("/healthz" | "/metrics" | "/" | "/sync", false) => Route::MethodNotAllowed,
+        ("/healthz" | "/metrics" | "/" | "/sync" | "/automerge", false) => Route::MethodNotAllowed,
+        ("/automerge", true) if wants_upgrade => {
+            Route::UpgradeAutomerge(QueryToken(query_token(query)))
+        }
+        ("/automerge", true) => Route::UpgradeRequired,
         ("/healthz", true) => Route::Healthz,
         ("/metrics", true) => Route::Metrics,
         ("/" | "/sync", true) if wants_upgrade => Route::Upgrade,
@@ -253,6 +301,21 @@ mod tests {
         assert_eq!(get("/", "Upgrade: WebSocket\r\n"), Route::Upgrade);
         assert_eq!(get("/sync", "upgrade: websocket\r\n"), Route::Upgrade);
         assert_eq!(get("/sync", ""), Route::UpgradeRequired);
+        let ws = "Upgrade: websocket\r\n";
+        assert_eq!(
+            get("/automerge", ws),
+            Route::UpgradeAutomerge(QueryToken(None))
+        );
+        assert_eq!(
+            get("/automerge?x=1&token=a.b%2Dc", ws),
+            Route::UpgradeAutomerge(QueryToken(Some("a.b-c".into())))
+        );
+        assert_eq!(
+            get("/automerge?token=bad%zz%", ws),
+            Route::UpgradeAutomerge(QueryToken(Some("bad%zz%".into())))
+        );
+        assert_eq!(get("/automerge", ""), Route::UpgradeRequired);
+        assert_eq!(format!("{:?}", QueryToken(Some("secret".into()))), "token");
         assert_eq!(get("/nope", ""), Route::NotFound);
         assert_eq!(
             route(b"POST /healthz HTTP/1.1\r\n\r\n"),

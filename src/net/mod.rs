@@ -21,6 +21,7 @@
 //!
 //! The entry point is [`run`], which takes a bound listener, so tests run it on `127.0.0.1:0`.
 
+mod amrepo;
 mod applier;
 pub mod auth;
 mod client;
@@ -100,6 +101,9 @@ pub struct RelayConfig {
     /// How deep, how many operations and how large a document may be; a document received
     /// beyond them is refused with a `BadDocument` error naming the limit.
     pub limits: crate::Limits,
+    /// The collection that automerge-repo clients (`/automerge`) read and write: the
+    /// documents they create live there, and they can open only documents stored there.
+    pub automerge_collection: String,
 }
 
 impl RelayConfig {
@@ -131,6 +135,7 @@ impl RelayConfig {
             }),
             max_db_size: None,
             limits: crate::Limits::default(),
+            automerge_collection: "automerge".to_owned(),
         }
     }
 }

@@ -102,8 +102,30 @@ pub(crate) struct Session {
 struct Slot {
     tx: mpsc::UnboundedSender<Outbound>,
     flow: Arc<Flow>,
+    /// How the session's frames are encoded.
+    codec: Codec,
     /// A client session's status and report, kept here so that they follow commits in order.
     client: Option<ClientState>,
+}
+
+/// The wire a session speaks.
+pub(crate) enum Codec {
+    /// weft's protocol: one frame per message.
+    Weft,
+    /// automerge-repo's (`/automerge`): a frame per document.
+    AutomergeRepo(super::amrepo::Codec),
+}
+
+impl Codec {
+    fn frames(&self, message: Message) -> Vec<Frame> {
+        match self {
+            Codec::Weft => vec![Frame {
+                sync: matches!(message, Message::Sync { .. }),
+                bytes: Bytes::from(protocol::encode(&message)),
+            }],
+            Codec::AutomergeRepo(codec) => codec.frames(message),
+        }
+    }
 }
 
 /// What the router keeps for a client session.
@@ -139,6 +161,11 @@ impl Router {
     /// as soon as a step sends changes, `Synced` when the relay confirmed (and that step sent
     /// none).
     pub(crate) fn register(&self, client: Option<ClientState>) -> Session {
+        self.register_with(client, Codec::Weft)
+    }
+
+    /// A new session whose frames `codec` encodes.
+    pub(crate) fn register_with(&self, client: Option<ClientState>, codec: Codec) -> Session {
         let peer = PeerId(self.next.fetch_add(1, Ordering::Relaxed) + 1);
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = Arc::new(Flow::default());
@@ -147,6 +174,7 @@ impl Router {
             Slot {
                 tx,
                 flow: flow.clone(),
+                codec,
                 client,
             },
         );
@@ -173,21 +201,19 @@ impl Router {
         let mut sending = Vec::new();
         for (peer, message) in frames {
             if let Some(slot) = peers.get(&peer) {
-                let frame = Frame {
-                    sync: matches!(message, Message::Sync { .. }),
-                    bytes: Bytes::from(protocol::encode(&message)),
-                };
-                if frame.sync {
-                    // Changes on their way out: not in sync until the relay confirms again.
-                    sending.push(peer);
-                    set_status(slot, Status::Connected);
+                for frame in slot.codec.frames(message) {
+                    if frame.sync {
+                        // Changes on their way out: not in sync until the relay confirms again.
+                        sending.push(peer);
+                        set_status(slot, Status::Connected);
+                    }
+                    if slot.flow.queue(frame.bytes.len()) {
+                        tracing::debug!(?peer, "outgoing queue over the high-water mark");
+                        paused.push(peer);
+                    }
+                    // A closed channel means the session is ending; its pause dies with it.
+                    let _ = slot.tx.send(Outbound::Frame(frame));
                 }
-                if slot.flow.queue(frame.bytes.len()) {
-                    tracing::debug!(?peer, "outgoing queue over the high-water mark");
-                    paused.push(peer);
-                }
-                // A closed channel means the session is ending; its pause dies with it.
-                let _ = slot.tx.send(Outbound::Frame(frame));
             }
         }
         for (peer, event) in events {

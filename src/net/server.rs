@@ -14,8 +14,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument;
 
 use super::applier::Applier;
-use super::http::{self, Rewind, Route, Stream};
-use super::{Metrics, NetError, RelayConfig, connection};
+use super::http::{self, QueryToken, Rewind, Route, Stream};
+use super::{Metrics, NetError, RelayConfig, amrepo, connection};
 use crate::{Replica, ReplicaId};
 
 /// The pause after a failed accept (typically out of file descriptors), so the loop does not spin.
@@ -319,7 +319,7 @@ async fn serve_stream(
             )
             .await
         }
-        Route::Upgrade => {
+        Route::Upgrade | Route::UpgradeAutomerge(_) => {
             let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
                 shared.metrics.connections_refused.fetch_add(1, Relaxed);
                 tracing::info!("refused: at the connection limit");
@@ -345,9 +345,12 @@ async fn serve_stream(
                 Some(ws_config),
             );
             match timeout(shared.config.request_timeout, handshake).await {
-                Ok(Ok(ws)) => {
-                    connection::session(ws, peer, &shared, stop, permit).await;
-                }
+                Ok(Ok(ws)) => match route {
+                    Route::UpgradeAutomerge(QueryToken(token)) => {
+                        amrepo::session(ws, peer, &shared, stop, permit, token).await;
+                    }
+                    _ => connection::session(ws, peer, &shared, stop, permit).await,
+                },
                 Ok(Err(e)) => tracing::debug!("WebSocket handshake failed: {e}"),
                 Err(_) => tracing::debug!("WebSocket handshake timed out"),
             }

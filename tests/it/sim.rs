@@ -183,7 +183,7 @@ impl Sim {
             Access {
                 read: Scope::All,
                 write: Scope::collection("todos"),
-                creates: None,
+                ..Access::full(Scope::All)
             }
         } else {
             Access::full(Scope::All)

@@ -162,6 +162,11 @@ pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
                 "doc": doc.to_string(),
                 "data": data,
             }),
+            PeerEvent::Unavailable { doc } => serde_json::json!({
+                "peer": peer.0,
+                "kind": "unavailable",
+                "doc": doc.to_string(),
+            }),
             PeerEvent::Closed { reason } => serde_json::json!({
                 "peer": peer.0,
                 "kind": "closed",

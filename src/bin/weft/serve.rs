@@ -44,6 +44,15 @@ pub(crate) struct ServeArgs {
     /// operation.
     #[arg(long, default_value_t = weft::Limits::DEFAULT.max_ops)]
     max_document_ops: u64,
+    /// The collection that automerge-repo clients (ws://HOST:PORT/automerge) read and write.
+    #[arg(long, default_value = "automerge", value_parser = parse_collection)]
+    automerge_collection: String,
+}
+
+fn parse_collection(name: &str) -> Result<String, String> {
+    weft::validate_collection(name)
+        .map(|()| name.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// `weft serve`: binds, prints `weft relay listening on ws://ADDR` (wss:// with TLS), runs until
@@ -85,6 +94,7 @@ pub(crate) fn serve(args: ServeArgs) -> CliResult {
             burst: args.create_burst,
         });
         config.limits.max_ops = args.max_document_ops;
+        config.automerge_collection = args.automerge_collection.clone();
         // Say "listening" only once the store is open too: a relay that cannot open its
         // database never claims to serve.
         let data = args.data.clone();
