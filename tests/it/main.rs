@@ -14,6 +14,7 @@ mod common;
 mod support;
 
 mod adversary;
+mod amrepo;
 mod api;
 mod auth;
 mod bad_input;

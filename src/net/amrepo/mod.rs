@@ -26,7 +26,7 @@
 //! peers do; an ephemeral client's are forgotten when it leaves.
 
 mod session;
-pub(crate) mod wire;
+pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
