@@ -21,7 +21,7 @@
 //!
 //! The entry point is [`run`], which takes a bound listener, so tests run it on `127.0.0.1:0`.
 
-pub mod amrepo;
+mod amrepo;
 mod applier;
 pub mod auth;
 mod client;

@@ -20,6 +20,7 @@
 //! (count + 256 bucket digests, about 2 KiB whatever the catalog size); when nothing differs the
 //! exchange ends there. Otherwise only the differing buckets' entries are exchanged.
 
+pub mod amrepo;
 mod frame;
 mod sync_guard;
 

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use weft::net::amrepo::wire::{self, Outgoing};
+use weft::protocol::amrepo::{self as wire, Outgoing};
 use weft::{DocumentId, Replica};
 
 use crate::support::relay::{LIMIT, Raw, Relay, connect, expect_close, send_raw};

@@ -14,7 +14,7 @@ mod bodies;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
-use bodies::{bundle_decode, engine_messages, frame_decode, json_automerge};
+use bodies::{amrepo_decode, bundle_decode, engine_messages, frame_decode, json_automerge};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -72,6 +72,11 @@ fn replay(target: &str, check: impl Fn(&[u8])) -> usize {
 #[test]
 fn frame_decode() {
     assert!(replay("frame_decode", frame_decode::check) > 0);
+}
+
+#[test]
+fn amrepo_decode() {
+    assert!(replay("amrepo_decode", amrepo_decode::check) > 0);
 }
 
 #[test]
@@ -309,6 +314,53 @@ fn write_seeds() {
             );
         }
     }
+
+    // amrepo_decode: every message the relay encodes, and join/request as clients write them.
+    {
+        use weft::protocol::amrepo::{self, Outgoing};
+        let doc = weft::DocumentId::from_bytes([9; 16]);
+        let frames: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "peer",
+                amrepo::encode(&Outgoing::Peer { storage_id: "s" }, "relay", "c"),
+            ),
+            (
+                "sync",
+                amrepo::encode(
+                    &Outgoing::Sync {
+                        doc: &doc,
+                        data: b"\x42\x01\x00",
+                    },
+                    "c",
+                    "relay",
+                ),
+            ),
+            (
+                "unavailable",
+                amrepo::encode(&Outgoing::DocUnavailable { doc: &doc }, "relay", "c"),
+            ),
+            (
+                "ephemeral",
+                amrepo::encode(
+                    &Outgoing::Ephemeral {
+                        doc: &doc,
+                        data: b"\xa1dnamecbob",
+                        session_id: "x",
+                        count: 7,
+                    },
+                    "c",
+                    "relay",
+                ),
+            ),
+            (
+                "error",
+                amrepo::encode(&Outgoing::Error { message: "no" }, "relay", "c"),
+            ),
+        ];
+        for (name, frame) in frames {
+            write("amrepo_decode", name, &frame);
+        }
+    }
 }
 
 /// Prints what an input holds, decoded the way its target reads it, and runs it:
@@ -331,6 +383,10 @@ fn describe() {
     let data = std::fs::read(&path).expect("FUZZ_INPUT reads");
     println!("{target}: {} bytes", data.len());
     match target.as_str() {
+        "amrepo_decode" => {
+            println!("{:#?}", weft::protocol::amrepo::decode(&data));
+            amrepo_decode::check(&data);
+        }
         "frame_decode" => {
             if let Some((&selector, frame)) = data.split_first() {
                 let limit = frame_decode::limit_of(selector);

@@ -26,14 +26,13 @@
 //! peers do; an ephemeral client's are forgotten when it leaves.
 
 mod session;
-pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio_tungstenite::tungstenite::Bytes;
 
+use crate::protocol::amrepo::{self as wire, Outgoing};
 pub(crate) use session::session;
-use wire::Outgoing;
 
 use super::router::Frame;
 use crate::ReplicaId;

@@ -11,7 +11,6 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message as WsMessage};
 
-use super::wire::{self, Incoming, Outgoing};
 use super::{Codec, storage_replica};
 use crate::engine::PeerEvent;
 use crate::net::applier::NotApplied;
@@ -22,6 +21,7 @@ use crate::net::metrics::ConnectionGauge;
 use crate::net::rate::TokenBucket;
 use crate::net::router::{Codec as RouterCodec, Outbound, Router, Session};
 use crate::net::server::Shared;
+use crate::protocol::amrepo::{self as wire, Incoming, Outgoing};
 use crate::protocol::{Message, Payload, SyncItem, WireScope};
 use crate::{DocumentId, Interest, ReplicaId, SessionFailure, SessionInput};
 

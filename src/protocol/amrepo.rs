@@ -5,8 +5,9 @@
 //! strings and byte strings may be indefinite-length, a tag is looked through, the peer's
 //! metadata may be called `peerMetadata` or `metadata`, and a `documentId` may carry the
 //! `automerge:` URL prefix. Every byte string either decodes to an [`Incoming`] or gives a
-//! [`WireError`]: never a panic, never an allocation beyond the frame's size (nothing is
-//! preallocated from a length the peer claims), never unbounded recursion ([`MAX_DEPTH`]).
+//! [`WireError`]: never a panic, nothing preallocated from a length the peer claims, at most
+//! [`MAX_ITEMS`] values (so memory stays a small multiple of the frame), never unbounded
+//! recursion ([`MAX_DEPTH`]).
 //!
 //! Message types that weft does not act on (`remote-subscription-change`,
 //! `remote-heads-changed`, and types of later versions) decode to [`Incoming::Ignored`].
@@ -25,6 +26,10 @@ pub const PROTOCOL_VERSION: &str = "1";
 /// Nesting deeper than this is refused (automerge-repo's messages nest three levels at most:
 /// `remote-heads-changed`'s `newHeads`).
 pub const MAX_DEPTH: usize = 16;
+
+/// A frame holding more CBOR values than this is refused (automerge-repo's messages hold a few
+/// dozen; `remote-heads-changed` a few per storage id it reports).
+pub const MAX_ITEMS: usize = 10_000;
 
 /// A frame from an automerge-repo peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +83,8 @@ pub enum WireError {
     NotAMessage,
     #[error("CBOR nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    #[error("more than {MAX_ITEMS} CBOR values")]
+    TooMany,
     #[error("bytes after the message")]
     Trailing,
     #[error("{kind} message without {field:?}")]
@@ -121,11 +128,16 @@ fn cbor_err(e: minicbor::decode::Error) -> WireError {
     WireError::NotCbor(e.to_string())
 }
 
-/// Decodes one value, at most `depth` levels deep.
-fn value<'b>(d: &mut Decoder<'b>, depth: usize) -> Result<Value<'b>, WireError> {
+/// Decodes one value, at most `depth` levels deep, counting it against `budget` values.
+fn value<'b>(
+    d: &mut Decoder<'b>,
+    depth: usize,
+    budget: &mut usize,
+) -> Result<Value<'b>, WireError> {
     if depth == 0 {
         return Err(WireError::TooDeep);
     }
+    *budget = budget.checked_sub(1).ok_or(WireError::TooMany)?;
     let v = match d.datatype().map_err(cbor_err)? {
         Type::Bool => Value::Bool(d.bool().map_err(cbor_err)?),
         Type::Null => {
@@ -169,7 +181,7 @@ fn value<'b>(d: &mut Decoder<'b>, depth: usize) -> Result<Value<'b>, WireError> 
             let len = d.array().map_err(cbor_err)?;
             let mut items = Vec::new();
             each(d, len, |d| {
-                items.push(value(d, depth - 1)?);
+                items.push(value(d, depth - 1, budget)?);
                 Ok(())
             })?;
             Value::Array(items)
@@ -178,8 +190,8 @@ fn value<'b>(d: &mut Decoder<'b>, depth: usize) -> Result<Value<'b>, WireError> 
             let len = d.map().map_err(cbor_err)?;
             let mut entries = Vec::new();
             each(d, len, |d| {
-                let k = value(d, depth - 1)?;
-                let v = value(d, depth - 1)?;
+                let k = value(d, depth - 1, budget)?;
+                let v = value(d, depth - 1, budget)?;
                 entries.push((k, v));
                 Ok(())
             })?;
@@ -188,7 +200,7 @@ fn value<'b>(d: &mut Decoder<'b>, depth: usize) -> Result<Value<'b>, WireError> 
         Type::Tag => {
             // Tags (cbor-x's typed arrays, dates) are looked through.
             d.tag().map_err(cbor_err)?;
-            value(d, depth - 1)?
+            value(d, depth - 1, budget)?
         }
         Type::Break | Type::Unknown(_) => {
             return Err(WireError::NotCbor(format!(
@@ -307,7 +319,8 @@ impl<'b> Fields<'b> {
 /// Decodes one frame.
 pub fn decode(frame: &[u8]) -> Result<Incoming, WireError> {
     let mut d = Decoder::new(frame);
-    let top = value(&mut d, MAX_DEPTH)?;
+    let mut budget = MAX_ITEMS;
+    let top = value(&mut d, MAX_DEPTH, &mut budget)?;
     if d.position() != frame.len() {
         return Err(WireError::Trailing);
     }
@@ -600,6 +613,11 @@ mod tests {
         ));
         // 10,000 nested arrays: refused at MAX_DEPTH, no deep recursion.
         assert!(matches!(decode(&[0x81; 10_000]), Err(WireError::TooDeep)));
+        // A million empty arrays in one: refused at MAX_ITEMS, not a million values in memory.
+        let mut wide = vec![0x9f];
+        wide.extend(std::iter::repeat_n(0x80, 1_000_000));
+        wide.push(0xff);
+        assert!(matches!(decode(&wide), Err(WireError::TooMany)));
         // A sync without its document id, and with a bad one.
         let mut e = Encoder::new(Vec::new());
         e.map(2).unwrap();
