@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One fuzzing campaign: scripts/fuzz.sh TARGET [SECONDS]   (SECONDS defaults to 600)
-# TARGET: frame_decode | bundle_decode | engine_messages | json_automerge (fuzz/Cargo.toml).
+# TARGET: frame_decode | bundle_decode | engine_messages | json_automerge | amrepo_decode
+# (fuzz/Cargo.toml).
 #
 # How (BENCHMARKS.md "Fuzzing" has the numbers): cargo-fuzz on the stable toolchain with
 # RUSTC_BOOTSTRAP=1 (it passes -Z flags to rustc), one job, debug assertions and overflow checks
