@@ -554,3 +554,70 @@ async fn bad_frames_close_only_that_client() {
     let (status, _) = crate::support::relay::http_get(relay.addr, "/healthz").await;
     assert!(status.contains("200"), "{status}");
 }
+
+/// The rows of the relay's `sync_states` table, per peer.
+fn sync_state_peers(relay: &Relay) -> Vec<Vec<u8>> {
+    let db = rusqlite::Connection::open(relay.data().join("relay.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut stmt = db
+        .prepare("SELECT peer FROM sync_states ORDER BY peer")
+        .unwrap();
+    stmt.query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A client with durable storage gets its sync states kept (under an id derived from its
+/// storage id); an ephemeral client's are not written at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_states_are_kept_for_storage_ids_only() {
+    use sha2::Digest as _;
+    let relay = Relay::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let weft = Replica::open(dir.path().join("a.db")).unwrap();
+    let id = weft.create("automerge", json!({"title": "kept"})).unwrap();
+    drop(relay.synced(&weft, None).await);
+    let before = sync_state_peers(&relay);
+
+    for storage in [None, Some("browser-storage-1")] {
+        let mut client = Client::join(&relay, None, storage).await;
+        let mut doc = Automerge::new();
+        let mut state = sync::State::new();
+        client.offer(&id, &mut doc, &mut state, true).await;
+        client
+            .sync_until(&id, &mut doc, &mut state, |d| title(d).is_some())
+            .await;
+        let leave = {
+            let mut e = Encoder::new(Vec::new());
+            e.map(2).unwrap();
+            e.str("type").unwrap().str("leave").unwrap();
+            e.str("senderId").unwrap().str(&client.id).unwrap();
+            e.into_writer()
+        };
+        send_raw(&mut client.ws, WsMessage::Binary(leave.into())).await;
+        let (code, _) = expect_close(&mut client.ws).await;
+        assert_eq!(code, CloseCode::Normal);
+    }
+    // The session's end is applied after the close: wait for the durable client's row.
+    let expected: Vec<u8> = sha2::Sha256::new()
+        .chain_update(b"weft automerge-repo storage\0")
+        .chain_update(b"browser-storage-1")
+        .finalize()[..16]
+        .to_vec();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let now = sync_state_peers(&relay);
+        if now.contains(&expected) {
+            let mut without = now.clone();
+            without.retain(|p| *p != expected);
+            assert_eq!(without, before, "an ephemeral client's state was stored");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no state for the storage id: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
