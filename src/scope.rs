@@ -39,6 +39,9 @@ pub struct Access {
     pub creates: Option<CreateLimit>,
     /// Which documents of the read scope the session follows.
     pub interest: Interest,
+    /// How other sessions see this peer as the sender of ephemeral messages (automerge-repo's
+    /// `senderId`); `None`: its replica id.
+    pub label: Option<String>,
 }
 
 /// Which documents of its read scope a session follows.
@@ -91,6 +94,7 @@ impl Access {
             write: scope,
             creates: None,
             interest: Interest::Catalog,
+            label: None,
         }
     }
 }

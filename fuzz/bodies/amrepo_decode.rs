@@ -18,12 +18,31 @@ pub fn check(data: &[u8]) {
     let expected = match &message {
         Incoming::Sync { doc, data } => again(&Outgoing::Sync { doc, data }),
         Incoming::DocUnavailable { doc } => again(&Outgoing::DocUnavailable { doc }),
-        Incoming::Ephemeral { doc, data } => again(&Outgoing::Ephemeral {
+        Incoming::Ephemeral {
             doc,
             data,
-            session_id: "s",
-            count: 1,
-        }),
+            sender_id,
+        } => {
+            let frame = amrepo::encode(
+                &Outgoing::Ephemeral {
+                    doc,
+                    data,
+                    session_id: "s",
+                    count: 1,
+                },
+                sender_id.as_deref().unwrap_or(""),
+                "target",
+            );
+            let mut again = amrepo::decode(&frame)
+                .unwrap_or_else(|e| panic!("a re-encoded frame does not decode: {e}"));
+            if sender_id.is_none() {
+                // Encoded with an empty sender: the same message but for that.
+                if let Incoming::Ephemeral { sender_id: s, .. } = &mut again {
+                    *s = None;
+                }
+            }
+            again
+        }
         Incoming::Error { message } => again(&Outgoing::Error { message }),
         _ => return,
     };

@@ -144,6 +144,7 @@ impl Setup {
                 burst: 0,
             }),
             interest: weft::Interest::Catalog,
+            label: None,
         }
     }
 }

@@ -156,16 +156,23 @@ impl Engine {
         Ok(super::Output::Broadcast { sessions })
     }
 
-    /// Passes ephemeral data on to every session (but `from`, the peer it came from) that may
-    /// read the document's stored collection; the sender, if a peer, must be able to read it
-    /// too, and hears of it as a [`PeerEvent::Ephemeral`](super::PeerEvent::Ephemeral).
+    /// Passes ephemeral data on to every session (but `from`, the peer it came from, with the
+    /// sender it named) that may read the document's stored collection; the sender, if a
+    /// peer, must be able to read it too, and hears of it as a
+    /// [`PeerEvent::Ephemeral`](super::PeerEvent::Ephemeral). The relay names the sender (its
+    /// session's label: nobody speaks for another session); a client keeps its relay's name
+    /// for it; our own are named by our replica id.
     pub(crate) fn send_ephemeral(
         &mut self,
         id: DocumentId,
         data: Vec<u8>,
-        from: Option<PeerId>,
+        from: Option<(PeerId, String)>,
         fx: &mut Effects,
     ) -> Result<usize, crate::Error> {
+        let (from, named) = match from {
+            Some((peer, named)) => (Some(peer), Some(named)),
+            None => (None, None),
+        };
         if data.len() > MAX_EPHEMERAL_BYTES {
             return Err(crate::Error::TooLarge {
                 what: "ephemeral data",
@@ -182,6 +189,11 @@ impl Engine {
         if from.is_some_and(|peer| !self.may_read(peer, &collection)) {
             return Err(crate::Error::NotFound(id));
         }
+        let sender = match (from.and_then(|peer| self.peers.get(&peer)), named) {
+            (Some(p), Some(named)) if p.initiator => named,
+            (Some(p), _) => p.label.clone(),
+            (None, _) => self.replica_id().to_string(),
+        };
         let targets: Vec<PeerId> = self
             .peers
             .iter()
@@ -194,12 +206,19 @@ impl Engine {
                 Message::Ephemeral {
                     doc: id,
                     data: data.clone(),
+                    sender: sender.clone(),
                 },
             ));
         }
         if let Some(peer) = from {
-            fx.peer_events
-                .push((peer, super::PeerEvent::Ephemeral { doc: id, data }));
+            fx.peer_events.push((
+                peer,
+                super::PeerEvent::Ephemeral {
+                    doc: id,
+                    data,
+                    sender,
+                },
+            ));
         }
         Ok(targets.len())
     }

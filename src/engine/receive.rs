@@ -24,10 +24,12 @@ pub(crate) enum PeerWork {
     Receive(SyncItem),
     SendWhole(DocumentId),
     SendSync(DocumentId),
-    /// Ephemeral data from the peer, to pass on once the document's collection is known.
+    /// Ephemeral data from the peer, to pass on once the document's collection is known
+    /// (`sender`: as the peer named it; only a relay's naming is kept).
     Ephemeral {
         doc: DocumentId,
         data: Vec<u8>,
+        sender: String,
     },
 }
 
@@ -105,8 +107,8 @@ impl Engine {
                 }
             }
             PeerWork::Receive(item) => self.receive(now, peer, item, fx),
-            PeerWork::Ephemeral { doc, data } => {
-                if let Err(e) = self.send_ephemeral(doc, data, Some(peer), fx) {
+            PeerWork::Ephemeral { doc, data, sender } => {
+                if let Err(e) = self.send_ephemeral(doc, data, Some((peer, sender)), fx) {
                     // A document of another collection, unknown, deleted or unreadable: all
                     // "outside this session's scope", so the answer says no more than that.
                     let (code, message) = match e {
@@ -126,10 +128,11 @@ impl Engine {
         peer: PeerId,
         doc: DocumentId,
         data: Vec<u8>,
+        sender: String,
         _fx: &mut Effects,
     ) {
         self.queue
-            .push_back(Work::Peer(peer, PeerWork::Ephemeral { doc, data }));
+            .push_back(Work::Peer(peer, PeerWork::Ephemeral { doc, data, sender }));
     }
 
     fn receive(&mut self, now: i64, peer: PeerId, item: SyncItem, fx: &mut Effects) {

@@ -59,7 +59,11 @@ pub enum PeerEvent {
     },
     /// Ephemeral data about a document (presence, cursors) from the peer, already passed on
     /// to the other sessions that may read the document.
-    Ephemeral { doc: DocumentId, data: Vec<u8> },
+    Ephemeral {
+        doc: DocumentId,
+        data: Vec<u8>,
+        sender: String,
+    },
     /// A session that follows documents on demand ([`Interest::OnDemand`]) asked about a
     /// document that is not here for it: unknown (and the peer has none of it either),
     /// deleted, in another collection, or one it may not read — all alike, so the peer
@@ -80,6 +84,8 @@ pub(crate) struct Peer {
     pub(crate) write: Scope,
     /// Which documents of its scope the peer follows.
     pub(crate) interest: Interest,
+    /// How other sessions see the peer as the sender of ephemeral messages.
+    pub(crate) label: String,
     /// On demand: the documents the peer asked about in this session.
     pub(crate) followed: HashSet<DocumentId>,
     /// Documents the peer may still create in the current minute (see [`CreateBudget`]).
@@ -274,6 +280,7 @@ impl Engine {
                 scope: access.read,
                 write: access.write,
                 interest: access.interest,
+                label: access.label.unwrap_or_else(|| remote.to_string()),
                 followed: HashSet::new(),
                 creates: access.creates.map(|limit| CreateBudget::new(limit, now)),
                 rejected: HashMap::new(),
@@ -508,7 +515,9 @@ impl Engine {
                 fx.peer_events
                     .push((peer, PeerEvent::Error { code, message, doc }))
             }
-            Message::Ephemeral { doc, data } => self.on_ephemeral(peer, doc, data, fx),
+            Message::Ephemeral { doc, data, sender } => {
+                self.on_ephemeral(peer, doc, data, sender, fx)
+            }
             Message::Ping { .. } | Message::Pong { .. } => {
                 tracing::debug!(?peer, "keepalive reached the engine; the driver answers it")
             }

@@ -161,17 +161,21 @@ const EPHEMERAL_BUFFER: usize = 256;
 pub struct Ephemeral {
     pub doc: DocumentId,
     pub data: Vec<u8>,
+    /// Who sent it (a weft replica's id, an automerge-repo client's peer id), as the relay
+    /// names it.
+    pub sender: String,
 }
 
 impl Report {
     /// Keeps the refused documents current with a session event, and hands ephemeral
     /// messages to the connection's receivers.
     pub(crate) fn note(&self, event: &PeerEvent) {
-        if let PeerEvent::Ephemeral { doc, data } = event {
+        if let PeerEvent::Ephemeral { doc, data, sender } = event {
             // No receiver is fine: nobody listens.
             let _ = self.ephemeral.send(Ephemeral {
                 doc: *doc,
                 data: data.clone(),
+                sender: sender.clone(),
             });
             return;
         }

@@ -91,6 +91,7 @@ pub(crate) fn admit(
             write,
             creates: shared.config.creates,
             interest: crate::Interest::Catalog,
+            label: None,
         },
     })
 }

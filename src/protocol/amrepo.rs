@@ -48,8 +48,13 @@ pub enum Incoming {
     Sync { doc: DocumentId, data: Vec<u8> },
     /// The peer does not have a document we asked about (we never ask; ignored).
     DocUnavailable { doc: DocumentId },
-    /// Ephemeral data about one document; `data` is opaque (CBOR in practice).
-    Ephemeral { doc: DocumentId, data: Vec<u8> },
+    /// Ephemeral data about one document; `data` is opaque (CBOR in practice). `sender_id`:
+    /// who sent it first (automerge-repo clients pass on what they receive, keeping it).
+    Ephemeral {
+        doc: DocumentId,
+        data: Vec<u8>,
+        sender_id: Option<String>,
+    },
     /// The peer is leaving.
     Leave,
     /// The peer reports an error (and will close).
@@ -399,6 +404,7 @@ pub fn decode(frame: &[u8]) -> Result<Incoming, WireError> {
         "ephemeral" => Incoming::Ephemeral {
             doc: f.doc()?,
             data: f.bytes("data")?,
+            sender_id: f.text("senderId").ok(),
         },
         "leave" => Incoming::Leave,
         _ => Incoming::Error {
@@ -536,7 +542,8 @@ mod tests {
             decode(&encode(&eph, "s", "c")),
             Ok(Incoming::Ephemeral {
                 doc: id,
-                data: vec![0xa0]
+                data: vec![0xa0],
+                sender_id: Some("s".into()),
             })
         );
         assert_eq!(

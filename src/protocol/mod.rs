@@ -251,6 +251,10 @@ pub enum Message {
         doc: DocumentId,
         #[serde(with = "serde_bytes_compat")]
         data: Vec<u8>,
+        /// Who sent it first, as the relay names its sessions: a weft replica's id, an
+        /// automerge-repo client's peer id. The relay fills it in; what a client sends here is
+        /// ignored (nobody can speak for another session).
+        sender: String,
     },
 }
 

@@ -39,6 +39,7 @@ enum FromRelay {
         doc: DocumentId,
         data: Vec<u8>,
         count: u64,
+        sender: String,
     },
     Error {
         message: String,
@@ -81,6 +82,7 @@ fn from_relay(bytes: &[u8]) -> FromRelay {
             doc: doc(),
             data: fields["data"].clone(),
             count: text("count").parse().unwrap(),
+            sender: text("senderId"),
         },
         "error" => FromRelay::Error {
             message: text("message"),
@@ -458,7 +460,20 @@ async fn ephemeral_messages_cross_between_the_protocols() {
         .sync_until(&id, &mut doc, &mut state, |d| title(d).is_some())
         .await;
 
-    // automerge-repo -> weft: the bytes as they were (CBOR {"name": "bob"}).
+    // An echo (a message the client received, passed back on with its first sender, as
+    // automerge-repo clients do) is dropped; the client's own goes through, named by the
+    // client's peer id: the bytes as they were (CBOR {"name": "bob"}).
+    let echo = wire::encode(
+        &Outgoing::Ephemeral {
+            doc: &id,
+            data: b"echo",
+            session_id: "other",
+            count: 9,
+        },
+        "another-peer",
+        "relay",
+    );
+    send_raw(&mut client.ws, WsMessage::Binary(echo.into())).await;
     let presence = b"\xa1dnamecbob".to_vec();
     client
         .send(&Outgoing::Ephemeral {
@@ -470,6 +485,7 @@ async fn ephemeral_messages_cross_between_the_protocols() {
         .await;
     let got = timeout(LIMIT, heard.recv()).await.unwrap().unwrap();
     assert_eq!((got.doc, got.data), (id, presence));
+    assert_eq!(got.sender, client.id);
 
     // weft -> automerge-repo: counted from 1 in the session's stream.
     let mut counts = Vec::new();
@@ -481,8 +497,11 @@ async fn ephemeral_messages_cross_between_the_protocols() {
                     doc,
                     data: got,
                     count,
+                    sender,
                 } => {
                     assert_eq!((doc, got), (id, data));
+                    // Named as the relay names the weft replica's session: its replica id.
+                    assert_eq!(sender, weft.replica_id().to_string());
                     counts.push(count);
                     break;
                 }

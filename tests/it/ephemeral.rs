@@ -29,6 +29,7 @@ async fn ephemeral_messages_reach_readers_of_the_document_only() {
     assert_eq!(ca.broadcast(&doc, presence.clone()).unwrap(), 1);
     let got = timeout(LIMIT, at_b.recv()).await.unwrap().unwrap();
     assert_eq!((got.doc, got.data), (doc, presence.clone()));
+    assert_eq!(got.sender, a.replica_id().to_string(), "named by the relay");
 
     // A read-only session may send presence too (it is not a write), and A hears it.
     assert_eq!(b.broadcast(&doc, b"\xa0".to_vec()).unwrap(), 1);

@@ -156,11 +156,12 @@ pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
                 "message": message,
                 "doc": doc.map(|d| d.to_string()),
             }),
-            PeerEvent::Ephemeral { doc, data } => serde_json::json!({
+            PeerEvent::Ephemeral { doc, data, sender } => serde_json::json!({
                 "peer": peer.0,
                 "kind": "ephemeral",
                 "doc": doc.to_string(),
                 "data": data,
+                "sender": sender,
             }),
             PeerEvent::Unavailable { doc } => serde_json::json!({
                 "peer": peer.0,

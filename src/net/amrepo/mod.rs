@@ -91,17 +91,22 @@ impl Codec {
                     }
                 })
                 .collect(),
-            Message::Ephemeral { doc, data } => {
+            Message::Ephemeral { doc, data, sender } => {
+                // The original sender's name, so automerge-repo's presence tells peers apart;
+                // the stream (session id, count) is this connection's, counted from 1, so its
+                // counts rise for every sender (automerge-repo drops a count it has seen for a
+                // sender and session).
                 let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
-                vec![self.frame(
-                    &Outgoing::Ephemeral {
-                        doc: &doc,
-                        data: &data,
-                        session_id: &self.session_id,
-                        count,
-                    },
-                    false,
-                )]
+                let message = Outgoing::Ephemeral {
+                    doc: &doc,
+                    data: &data,
+                    session_id: &self.session_id,
+                    count,
+                };
+                vec![Frame {
+                    bytes: Bytes::from(wire::encode(&message, &sender, &self.target)),
+                    sync: false,
+                }]
             }
             Message::Error { code, message, doc } => {
                 let message = match doc {

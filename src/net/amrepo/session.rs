@@ -25,6 +25,9 @@ use crate::protocol::amrepo::{self as wire, Incoming, Outgoing};
 use crate::protocol::{Message, Payload, SyncItem, WireScope};
 use crate::{DocumentId, Interest, ReplicaId, SessionFailure, SessionInput};
 
+/// The longest peer id accepted (automerge-repo's are UUIDs or short random strings).
+const MAX_PEER_ID: usize = 256;
+
 /// What woke the session up.
 enum Event {
     Stop,
@@ -271,9 +274,23 @@ impl AmConn<'_> {
                 self.apply(Message::Sync { batch: vec![item] }, bytes.len())
                     .await
             }
-            (true, Incoming::Ephemeral { doc, data }) => {
-                self.apply(Message::Ephemeral { doc, data }, bytes.len())
-                    .await
+            // automerge-repo clients pass every ephemeral message they receive on to their
+            // other peers, the relay included, keeping its sender: that echo is dropped here
+            // (the relay passed the message on already), as automerge-repo's own server does.
+            (
+                true,
+                Incoming::Ephemeral {
+                    sender_id: Some(s), ..
+                },
+            ) if Some(&s) != self.their_id.as_ref() => ControlFlow::Continue(()),
+            (true, Incoming::Ephemeral { doc, data, .. }) => {
+                // The engine names the sender (the client's peer id, from its join).
+                let message = Message::Ephemeral {
+                    doc,
+                    data,
+                    sender: String::new(),
+                };
+                self.apply(message, bytes.len()).await
             }
             (true, Incoming::Leave) => close(CloseCode::Normal, "the client left"),
             (true, Incoming::Error { message }) => {
@@ -296,12 +313,17 @@ impl AmConn<'_> {
         ephemeral: bool,
     ) -> Next {
         let shared = self.shared;
-        if !versions.iter().any(|v| v == wire::PROTOCOL_VERSION) {
+        // A join without versions is automerge-repo 1.x's: version "1".
+        if !versions.is_empty() && !versions.iter().any(|v| v == wire::PROTOCOL_VERSION) {
             let reason = format!(
                 "unsupported protocol version(s) {versions:?}: this relay speaks {:?}",
                 wire::PROTOCOL_VERSION
             );
             return self.error_close(CloseCode::Protocol, &reason).await;
+        }
+        if sender_id.is_empty() || sender_id.len() > MAX_PEER_ID {
+            let reason = format!("a peer id must be 1 to {MAX_PEER_ID} bytes");
+            return self.error_close(CloseCode::Policy, &reason).await;
         }
         let collection = shared.config.automerge_collection.clone();
         let requested = WireScope::Collections(vec![collection]);
@@ -352,9 +374,10 @@ impl AmConn<'_> {
                 session_id,
             )),
         );
-        self.their_id = Some(sender_id);
         let mut access = admitted.access;
         access.interest = Interest::OnDemand { durable };
+        access.label = Some(sender_id.clone());
+        self.their_id = Some(sender_id);
         let connected = SessionInput::Connected {
             peer: session.peer,
             remote,
