@@ -133,7 +133,7 @@ step "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 ROWS=()
 for kind in $KINDS; do
     if [[ $kind == weft ]] && ! weft_ok; then
-        ROWS+=("| weft | $NS | skipped | | | | |")
+        ROWS+=("| weft | $NS | skipped | | | | | |")
         continue
     fi
     for n in $NS; do
@@ -148,7 +148,7 @@ for kind in $KINDS; do
             stored=$(find "$seeded" -mindepth 2 -maxdepth 2 -type d | wc -l)
             ((stored >= n)) || die "the reference server stored $stored of $n documents"
         fi
-        walls=() rss=() cpu=() ccpu=() unav=()
+        walls=() rss=() cpu=() ccpu=() unav=() lastok=()
         for run in $(seq "$RUNS"); do
             step "$kind N=$n: cold find, run $run/$RUNS"
             rm -rf "$T/run"
@@ -165,13 +165,14 @@ for kind in $KINDS; do
             echo "find: $res; server peak RSS $hwm MB, CPU $cpu0 -> $cpu1 s" >&2
             walls+=("$wall") rss+=("$hwm") cpu+=("$(python3 -c "print($cpu1 - $cpu0)")")
             ccpu+=("$(json_field "$res" clientCpuS)") unav+=("$(json_field "$res" unavailable)")
+            lastok+=("$(json_field "$res" lastReadyS)")
         done
-        ROWS+=("| $kind | $n | $(stats "${walls[@]}") | $(stats "${rss[@]}") | $(stats "${cpu[@]}") | $(stats "${ccpu[@]}") | ${unav[*]} |")
+        ROWS+=("| $kind | $n | $(stats "${walls[@]}") | $(stats "${rss[@]}") | $(stats "${cpu[@]}") | $(stats "${ccpu[@]}") | ${unav[*]} | $(stats "${lastok[@]}") |")
     done
 done
 
 echo
 echo "find() concurrency: ${CONCURRENCY/#0/all at once}"
-echo "| server | N | cold find() wall, s | server peak RSS, MB | server CPU during find, s | client CPU, s | unavailable per run |"
-echo "|---|---:|---:|---:|---:|---:|---|"
+echo "| server | N | cold find() wall, s | server peak RSS, MB | server CPU during find, s | client CPU, s | unavailable per run | last ready find(), s |"
+echo "|---|---:|---:|---:|---:|---:|---|---:|"
 printf '%s\n' "${ROWS[@]}"

@@ -12,7 +12,8 @@
 //     (default, K = 0: Promise.all over the list, as an app that opens a list of documents does),
 //     or with at most K find()s in flight, and waits until each is ready or unavailable. Wall
 //     time from the Repo's construction (socket connect and join included) to the last settled
-//     find(); checks the content; reports how many were unavailable, and the client's CPU.
+//     find() (and to the last ready one: lastReadyS); checks the content; reports how many were
+//     unavailable, and the client's CPU.
 import { readFileSync, writeFileSync } from "node:fs";
 
 import { next as A } from "@automerge/automerge";
@@ -76,9 +77,13 @@ if (command === "seed") {
   // ready 60 s after its find() began is marked unavailable by automerge-repo (DocHandle's
   // timeoutDelay), so all-at-once fails for documents that arrive later than that.
   const results = [];
+  let lastReady = t0;
   const findOne = u =>
     repo.find(u).then(
-      h => results.push(h),
+      h => {
+        lastReady = performance.now();
+        results.push(h);
+      },
       () => results.push(null),
     );
   if (concurrency > 0) {
@@ -110,6 +115,7 @@ if (command === "seed") {
     n: urls.length,
     concurrency,
     wallS,
+    lastReadyS: (lastReady - t0) / 1000,
     unavailable,
     clientCpuS: (userCPUTime + systemCPUTime) / 1e6,
     clientPeakRssMB: maxRSS / 1024,
