@@ -640,3 +640,60 @@ async fn sync_states_are_kept_for_storage_ids_only() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Every frame captured from automerge-repo 2.5.6 clients and its reference server
+/// (`tests/fixtures/amrepo/`, README there) decodes, to the message its file is named after.
+#[test]
+fn frames_of_the_real_client_and_server_decode() {
+    use weft::protocol::amrepo::Incoming;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/amrepo");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cbor") {
+            continue;
+        }
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        // NN-FROM-TO-TYPE
+        let kind = name.splitn(4, '-').nth(3).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let message = wire::decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(message.kind(), kind, "{name}: {message:?}");
+        match (name.as_str(), &message) {
+            // A with storage, B without (its storageId is CBOR undefined), x without metadata.
+            (
+                "01-a-s-join",
+                Incoming::Join {
+                    storage_id,
+                    ephemeral,
+                    versions,
+                    ..
+                },
+            ) => {
+                assert!(storage_id.is_some() && !ephemeral, "{message:?}");
+                assert_eq!(versions, &["1"]);
+            }
+            (
+                "09-b-s-join",
+                Incoming::Join {
+                    storage_id,
+                    ephemeral,
+                    ..
+                },
+            ) => {
+                assert!(storage_id.is_none() && *ephemeral, "{message:?}");
+            }
+            ("43-y-s-join", Incoming::Join { versions, .. }) => assert_eq!(versions, &["2"]),
+            // B's echo of A's message keeps A as the sender (the relay drops it).
+            ("20-b-s-ephemeral", Incoming::Ephemeral { sender_id, .. }) => {
+                assert_eq!(sender_id.as_deref(), Some("client-a"));
+            }
+            ("11-b-s-request", Incoming::Request { data, .. }) => {
+                weft::automerge::sync::Message::decode(data).expect("an Automerge sync message");
+            }
+            _ => {}
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 44, "the fixtures are all there");
+}
