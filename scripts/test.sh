@@ -7,10 +7,14 @@ cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 # Each step prints the seconds so far and the CPU seconds the finished commands used so far:
 # on 2 cores, CPU close to twice the wall time means both cores were busy.
-step() { printf '\n==> %s  (%ss so far, %s CPU s)\n' "$*" "$SECONDS" "$(cpu_so_far)"; }
+step() {
+    # `times` (a builtin) reports this shell's children: it must run here, not in a $(...)
+    # subshell, which has no children of its own.
+    times >"$bg_dir/times"
+    printf '\n==> %s  (%ss so far, %s CPU s)\n' "$*" "$SECONDS" "$(cpu_so_far)"
+}
 cpu_so_far() {
     local shell children
-    times >"$bg_dir/times" # a builtin: the children's user and system time, no subshell
     { read -r shell; read -r children; } <"$bg_dir/times"
     awk '{ s = 0; for (i = 1; i <= NF; i++) { split($i, t, /[ms]/); s += t[1] * 60 + t[2] } printf "%d", s }' <<<"$children"
 }
