@@ -47,7 +47,10 @@ command -v curl >/dev/null || die "curl is needed"
 
 if [[ ! -d $BENCH/node_modules/@automerge/automerge-repo ]]; then
     step "npm ci in bench/amrepo"
-    (cd "$BENCH" && timeout 600 npm ci --no-audit --no-fund >&2)
+    # npm ci refuses this lock on some npm versions (cbor-x's optional native packages for other
+    # platforms "missing"); npm install with the same lock installs the same versions.
+    (cd "$BENCH" && { timeout 600 npm ci --no-audit --no-fund >&2 ||
+        timeout 600 npm install --no-audit --no-fund >&2; })
 fi
 
 T=$(mktemp -d -t weft-amrepo-XXXXXX)
