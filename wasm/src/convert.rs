@@ -40,6 +40,7 @@ pub fn error_of(e: &weft::Error) -> JsValue {
         weft::Error::Automerge(_) => "Automerge",
         weft::Error::ChangeFn(_) => "ChangeFn",
         weft::Error::Limit { .. } => "Limit",
+        weft::Error::TooLarge { .. } => "TooLarge",
         _ => "Internal",
     };
     error(code, e)
@@ -140,9 +141,9 @@ pub fn events(events: &[ChangeEvent]) -> JsResult<JsValue> {
 }
 
 pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
-    let list: Vec<serde_json::Value> = events
-        .into_iter()
-        .map(|(peer, event)| match event {
+    let out = js_sys::Array::new();
+    for (peer, event) in events {
+        let value = match event {
             PeerEvent::InSync => serde_json::json!({"peer": peer.0, "kind": "insync"}),
             PeerEvent::Persisted(docs) => serde_json::json!({
                 "peer": peer.0,
@@ -156,20 +157,33 @@ pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
                 "message": message,
                 "doc": doc.map(|d| d.to_string()),
             }),
-            PeerEvent::Ephemeral { doc, data } => serde_json::json!({
-                "peer": peer.0,
-                "kind": "ephemeral",
-                "doc": doc.to_string(),
-                "data": data,
-            }),
+            PeerEvent::Ephemeral { doc, data } => {
+                // The bytes as sent, and what they decode to (or why they do not).
+                let object = to_js(&serde_json::json!({
+                    "peer": peer.0,
+                    "kind": "ephemeral",
+                    "doc": doc.to_string(),
+                }))?;
+                let set = |k: &str, v: &JsValue| {
+                    let _ = js_sys::Reflect::set(&object, &k.into(), v);
+                };
+                set("bytes", &js_sys::Uint8Array::from(data.as_slice()).into());
+                match crate::cbor::decode(&data) {
+                    Ok(value) => set("data", &value),
+                    Err(e) => set("error", &e),
+                }
+                out.push(&object);
+                continue;
+            }
             PeerEvent::Closed { reason } => serde_json::json!({
                 "peer": peer.0,
                 "kind": "closed",
                 "reason": reason,
             }),
-        })
-        .collect();
-    to_js(&list)
+        };
+        out.push(&to_js(&value)?);
+    }
+    Ok(out.into())
 }
 
 /// Journal records as `{op: "put", table, key, value}` / `{op: "deletePrefix", table, prefix}`.
