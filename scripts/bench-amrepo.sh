@@ -64,6 +64,7 @@ cleanup() {
         done
         kill -KILL "$SERVER_PID" 2>/dev/null || true
     fi
+    [[ -f $T/last-find.json ]] && cp "$T/last-find.json" /tmp/bench-amrepo-last-find.json
     rm -rf "$T"
 }
 trap cleanup EXIT
@@ -105,7 +106,8 @@ stop_server() {
 
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 hwm_mb() { awk '/^VmHWM:/{printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
-json_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
+# The JSON comes on stdin: a result with every id is too long for an argument.
+json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$2" <<<"$1"; }
 stats() {
     python3 -c '
 import sys, statistics
@@ -164,6 +166,7 @@ for kind in $KINDS; do
             cpu1=$(cpu_s "$SERVER_PID")
             hwm=$(hwm_mb "$SERVER_PID")
             stop_server
+            printf "%s" "$res" >"$T/last-find.json"
             wall=$(json_field "$res" wallS)
             echo "find: $res; server peak RSS $hwm MB, CPU $cpu0 -> $cpu1 s" >&2
             walls+=("$wall") rss+=("$hwm") cpu+=("$(python3 -c "print($cpu1 - $cpu0)")")

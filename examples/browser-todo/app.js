@@ -2,7 +2,12 @@
 // (`weft serve`), and an indicator that says whether this page is synced, online or offline.
 //
 // Query parameters: ?relay=ws://HOST:PORT (default ws://127.0.0.1:7420), &token=JWT for a
-// relay with --auth-secret-file, &name=REPLICA (the IndexedDB database, default "browser-todo").
+// relay with --auth-secret-file, &name=REPLICA (the IndexedDB database, default "browser-todo"),
+// &user=NAME (who this tab is in the "online" line; default a random guest name).
+//
+// Presence: every tab broadcasts `{ name, at }` about the list document every few seconds
+// (ephemeral messages: passed on by the relay, never stored) and shows the names it heard
+// from in the last 10 s.
 
 import { Replica } from "weft";
 
@@ -10,6 +15,9 @@ const params = new URLSearchParams(location.search);
 const relayUrl = params.get("relay") ?? "ws://127.0.0.1:7420";
 const token = params.get("token") ?? undefined;
 const name = params.get("name") ?? "browser-todo";
+const user = params.get("user") ?? `guest-${Math.random().toString(36).slice(2, 6)}`;
+const PRESENCE_EVERY_MS = 3_000;
+const PRESENCE_TTL_MS = 10_000;
 
 const $ = (id) => document.getElementById(id);
 const LABELS = {
@@ -64,6 +72,42 @@ function render(replica) {
   $("empty").hidden = todos.length > 0;
 }
 
+/**
+ * The list document presence is about: the "lists" document with the smallest id. Two tabs
+ * that each created one while offline agree on the same one once they have synced.
+ */
+function listDocument(replica) {
+  return replica.list("lists").map((d) => d.id).sort()[0];
+}
+
+/** Broadcasts this tab's presence and shows who else was heard from in the last 10 s. */
+function startPresence(replica, connection) {
+  const seen = new Map(); // name -> when last heard (local clock)
+  const announce = () => {
+    const id = listDocument(replica);
+    if (id) replica.broadcast(id, { name: user, at: Date.now() });
+  };
+  const renderPresence = () => {
+    const now = Date.now();
+    for (const [who, at] of seen) if (now - at > PRESENCE_TTL_MS) seen.delete(who);
+    const others = [...seen.keys()].sort();
+    $("presence").textContent = `you are ${user}` + (others.length ? ` · also here: ${others.join(", ")}` : " · nobody else here");
+  };
+  replica.on("ephemeral", ({ id, data }) => {
+    if (id !== listDocument(replica) || typeof data?.name !== "string" || data.name === user) return;
+    const isNew = !seen.has(data.name);
+    seen.set(data.name, Date.now());
+    renderPresence();
+    if (isNew) announce(); // a newcomer hears of us at once, not after up to 3 s
+  });
+  connection.on("synced", announce);
+  setInterval(() => {
+    announce();
+    renderPresence();
+  }, PRESENCE_EVERY_MS);
+  renderPresence();
+}
+
 function report(error) {
   console.error(error);
   $("status-detail").textContent = `${error.code ?? "Error"}: ${error.message}`;
@@ -99,7 +143,15 @@ async function main() {
   showStatus({ status: connection.status });
   connection.on("status", showStatus);
   connection.on("error", (e) => report(Object.assign(new Error(e.message), { code: e.code })));
-  window.todo = { replica, connection };
+  window.todo = { replica, connection, user };
+
+  // The list document for presence: once the first sync had its chance to bring one, make
+  // one if there is none.
+  if (!listDocument(replica)) {
+    await connection.whenSynced({ timeout: 5_000 }).catch(() => {});
+    if (!listDocument(replica)) await replica.create("lists", { title: "todos" });
+  }
+  startPresence(replica, connection);
 }
 
 main().catch((error) => {

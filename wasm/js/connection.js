@@ -14,7 +14,7 @@
 // only the documented members.
 
 import { Emitter } from "./emitter.js";
-import { abortError, checkSignal, weftError } from "./errors.js";
+import { abortError, asWeftError, checkSignal, weftError } from "./errors.js";
 
 /** The postcard variant index of `Message::Sync` in a frame (after the 3-byte header). */
 const SYNC_TAG = 5;
@@ -114,7 +114,8 @@ export class Connection {
    * status by name ("connecting", "connected", "synced", "offline", "rejected", "failed",
    * "closed"), or "error" (`{code, message, doc}`: an error the relay reported, e.g. code
    * "Forbidden" for a document this replica may not write; such documents are also listed in
-   * `refused`). Returns a function that removes the listener; so does aborting
+   * `refused`), or "ephemeral" (`{id, data, bytes, sender, connection, error?}`, see
+   * `replica.on("ephemeral")`). Returns a function that removes the listener; so does aborting
    * `options.signal`.
    */
   on(type, listener, options) {
@@ -494,6 +495,21 @@ export class Connection {
           this.#refused.set(refusal.doc, refusal);
         }
         this.#events.emit("error", refusal);
+        break;
+      }
+      case "ephemeral": {
+        // Presence or cursors from another session: the data decoded from CBOR, the bytes as
+        // they came; bytes that are not CBOR give `data: undefined` and the `error`.
+        const detail = {
+          id: event.doc,
+          data: event.data,
+          bytes: event.bytes,
+          sender: event.sender,
+          connection: this,
+        };
+        if (event.error !== undefined) detail.error = asWeftError(event.error, "BadCbor");
+        this.#events.emit("ephemeral", detail);
+        this.#driver.ephemeral?.(detail);
         break;
       }
       case "closed":

@@ -9,7 +9,8 @@ export type JsonObject = { [key: string]: Json };
  * What went wrong. From the engine: "NotFound", "Deleted", "InvalidId", "InvalidCollection",
  * "InvalidJson", "BadPath", "NotText", "BadFilter", "BadBundle", "UnknownHeads", "Corrupt",
  * "Protocol", "Limit" (a document or value nested deeper than 100 levels, or beyond the other
- * structure limits; the message names the limit), ...; from the JS layer: "InvalidArgument", "Storage" (IndexedDB failed: reopen
+ * structure limits; the message names the limit), "TooLarge" (ephemeral data over 64 KiB),
+ * "BadCbor" (ephemeral data from a peer that is not CBOR), ...; from the JS layer: "InvalidArgument", "Storage" (IndexedDB failed: reopen
  * the replica), "Unsupported", "Locked", "Closed", "BadUrl", "Offline", "Rejected", "Timeout",
  * "Aborted", "Internal". Codes are stable; new ones may be added.
  */
@@ -27,6 +28,8 @@ export type WeftErrorCode =
   | "Corrupt"
   | "Protocol"
   | "Limit"
+  | "TooLarge"
+  | "BadCbor"
   | "InvalidArgument"
   | "Storage"
   | "Unsupported"
@@ -166,6 +169,39 @@ export interface RelayError {
   doc: string | null;
 }
 
+/**
+ * Ephemeral data: any JSON-compatible value, or bytes. CBOR on the wire, as automerge-repo's
+ * `handle.broadcast` writes it (cbor-x, `useRecords: false`, `tagUint8Array: false`): integers
+ * that fit 32 bits as CBOR integers, other numbers as floats, a Uint8Array as a byte string,
+ * objects as maps with text keys (`undefined` properties left out). Received maps become plain
+ * objects, byte strings Uint8Arrays, tags their content.
+ */
+export type EphemeralData = Json | Uint8Array | EphemeralData[] | { [key: string]: EphemeralData | undefined };
+
+/** Ephemeral data (presence, cursors) another session broadcast about a document. */
+export interface EphemeralEvent {
+  /** The document it is about. */
+  id: string;
+  /** The data, decoded from CBOR; undefined when the bytes were not CBOR (see `error`). */
+  data: EphemeralData | undefined;
+  /** The bytes as they came (CBOR). */
+  bytes: Uint8Array;
+  /**
+   * Who sent it, as the relay names its sessions: a weft replica's id, an automerge-repo
+   * client's peer id. The relay fills it in; nobody can send in another session's name.
+   */
+  sender: string;
+  /** The connection it came through. */
+  connection: Connection;
+  /** Why `data` is undefined: code "BadCbor". Never thrown: the event is still delivered. */
+  error?: WeftError;
+}
+
+export interface ReplicaEvents {
+  ephemeral: EphemeralEvent;
+  change: ChangeEvent;
+}
+
 export interface ConnectionEvents {
   status: StatusEvent;
   connecting: StatusEvent;
@@ -176,6 +212,7 @@ export interface ConnectionEvents {
   failed: StatusEvent;
   closed: StatusEvent;
   error: RelayError;
+  ephemeral: EphemeralEvent;
 }
 
 /** A live connection to a relay, from `replica.connect(url)`. */
@@ -251,6 +288,25 @@ export declare class Replica {
    * (so does aborting `options.signal`).
    */
   subscribe(callback: (event: ChangeEvent) => void, options?: ListenerOptions): () => void;
+  /**
+   * Listens to "ephemeral" (data other sessions broadcast about documents this replica holds)
+   * or "change" (like `subscribe`); returns a function that removes the listener (so does
+   * aborting `options.signal`).
+   */
+  on<K extends keyof ReplicaEvents>(
+    type: K,
+    listener: (event: ReplicaEvents[K]) => void,
+    options?: ListenerOptions,
+  ): () => void;
+  off<K extends keyof ReplicaEvents>(type: K, listener: (event: ReplicaEvents[K]) => void): void;
+  /**
+   * Sends ephemeral data (presence, cursors; never stored) about a document this replica holds
+   * to every other session that may read it, through the connected relays; CBOR-encoded (see
+   * `EphemeralData`), at most 64 KiB encoded (else code "TooLarge"). Returns how many relay
+   * sessions it went to (0 when offline: nothing is queued).
+   */
+  broadcast(id: string, data: EphemeralData): number;
+
   /** The durable change feed after `since`. */
   changes(since?: number, options?: ChangesOptions): ChangeEvent[];
   /** The newest change's sequence number (0 when none). */

@@ -200,6 +200,39 @@ export function makeReplicaClass(platform) {
       return this.#subscribers.on("change", callback, options);
     }
 
+    /**
+     * Listens to `type`: "ephemeral" (`{id, data, bytes, sender, connection, error?}`: ephemeral data
+     * another session broadcast about document `id`, see `broadcast`) or "change" (like
+     * `subscribe`). Returns a function that removes the listener; so does aborting
+     * `options.signal`.
+     */
+    on(type, listener, options) {
+      this.#use();
+      if (type !== "ephemeral" && type !== "change") {
+        throw weftError("InvalidArgument", `unknown event ${JSON.stringify(type)} (use "ephemeral" or "change")`);
+      }
+      return this.#subscribers.on(type, listener, options);
+    }
+
+    off(type, listener) {
+      this.#subscribers.off(type, listener);
+    }
+
+    // ----- ephemeral messages ------------------------------------------------------------
+
+    /**
+     * Sends ephemeral data about document `id` (presence, cursors: anything not worth
+     * storing) to every other session that may read it, through the connected relays. `data`
+     * is any JSON-compatible value or a Uint8Array, CBOR-encoded on the wire as automerge-repo's
+     * `handle.broadcast` does it (with cbor-x; see README), at most 64 KiB encoded
+     * (else code "TooLarge"). Nothing is stored, nothing is queued: with no connection up it
+     * goes nowhere. Returns how many sessions it was sent to (after pending writes commit).
+     * Throws "NotFound"/"Deleted" for a document this replica does not hold.
+     */
+    broadcast(id, data) {
+      return this.#call((core) => core.broadcast(id, data));
+    }
+
     /** The durable change feed after `since` (exclusive), oldest first. */
     changes(since = 0, options = {}) {
       return this.#call((core) => core.changes(since, options.limit ?? null));
@@ -424,6 +457,7 @@ export function makeReplicaClass(platform) {
           replica.#pump(false);
         },
         forget: (connection) => replica.#connections.delete(connection),
+        ephemeral: (event) => replica.#subscribers.emit("ephemeral", event),
       };
     }
   }

@@ -40,6 +40,7 @@ pub fn error_of(e: &weft::Error) -> JsValue {
         weft::Error::Automerge(_) => "Automerge",
         weft::Error::ChangeFn(_) => "ChangeFn",
         weft::Error::Limit { .. } => "Limit",
+        weft::Error::TooLarge { .. } => "TooLarge",
         _ => "Internal",
     };
     error(code, e)
@@ -140,9 +141,9 @@ pub fn events(events: &[ChangeEvent]) -> JsResult<JsValue> {
 }
 
 pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
-    let list: Vec<serde_json::Value> = events
-        .into_iter()
-        .map(|(peer, event)| match event {
+    let out = js_sys::Array::new();
+    for (peer, event) in events {
+        let value = match event {
             PeerEvent::InSync => serde_json::json!({"peer": peer.0, "kind": "insync"}),
             PeerEvent::Persisted(docs) => serde_json::json!({
                 "peer": peer.0,
@@ -156,13 +157,25 @@ pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
                 "message": message,
                 "doc": doc.map(|d| d.to_string()),
             }),
-            PeerEvent::Ephemeral { doc, data, sender } => serde_json::json!({
-                "peer": peer.0,
-                "kind": "ephemeral",
-                "doc": doc.to_string(),
-                "data": data,
-                "sender": sender,
-            }),
+            PeerEvent::Ephemeral { doc, data, sender } => {
+                // The bytes as sent, and what they decode to (or why they do not).
+                let object = to_js(&serde_json::json!({
+                    "peer": peer.0,
+                    "kind": "ephemeral",
+                    "doc": doc.to_string(),
+                    "sender": sender,
+                }))?;
+                let set = |k: &str, v: &JsValue| {
+                    let _ = js_sys::Reflect::set(&object, &k.into(), v);
+                };
+                set("bytes", &js_sys::Uint8Array::from(data.as_slice()).into());
+                match crate::cbor::decode(&data) {
+                    Ok(value) => set("data", &value),
+                    Err(e) => set("error", &e),
+                }
+                out.push(&object);
+                continue;
+            }
             PeerEvent::Unavailable { doc } => serde_json::json!({
                 "peer": peer.0,
                 "kind": "unavailable",
@@ -173,9 +186,10 @@ pub fn session_events(events: Vec<(PeerId, PeerEvent)>) -> JsResult<JsValue> {
                 "kind": "closed",
                 "reason": reason,
             }),
-        })
-        .collect();
-    to_js(&list)
+        };
+        out.push(&to_js(&value)?);
+    }
+    Ok(out.into())
 }
 
 /// Journal records as `{op: "put", table, key, value}` / `{op: "deletePrefix", table, prefix}`.

@@ -7,6 +7,7 @@
 //! synchronous; the only IO is the JS side's. This module is the one place that converts
 //! between Rust and JS values.
 
+mod cbor;
 mod convert;
 
 use std::path::PathBuf;
@@ -22,6 +23,18 @@ use weft::{
 };
 
 use convert::{JsResult, error, error_of, ids_to_js, to_js};
+
+/// The JS value of CBOR bytes, as ephemeral data is decoded (tests; throws code "BadCbor").
+#[wasm_bindgen(js_name = decodeCbor)]
+pub fn decode_cbor(bytes: &[u8]) -> JsResult<JsValue> {
+    cbor::decode(bytes)
+}
+
+/// The CBOR bytes of a JS value, as `broadcast` encodes ephemeral data (tests).
+#[wasm_bindgen(js_name = encodeCbor)]
+pub fn encode_cbor(value: JsValue) -> JsResult<Vec<u8>> {
+    cbor::encode(&value)
+}
 
 /// The weft version this package was built from.
 #[wasm_bindgen]
@@ -418,11 +431,37 @@ impl Core {
         out.into()
     }
 
-    /// Session events since the last call: `{peer, kind: "insync" | "persisted" | "error",
-    /// code?, message?, doc?}`.
+    /// Session events since the last call: `{peer, kind: "insync" | "persisted" | "error" |
+    /// "ephemeral" | "closed", code?, message?, doc?}`; "ephemeral" has `bytes` (the CBOR as
+    /// sent) and `data` (decoded), or `error` (why the bytes did not decode) instead of `data`.
     #[wasm_bindgen(js_name = takeSessionEvents)]
     pub fn take_session_events(&self) -> JsResult<JsValue> {
         convert::session_events(take(&self.session_events))
+    }
+
+    /// Sends ephemeral data (presence, cursors) about document `id` to every session that may
+    /// read it: `data` (JSON-compatible, or a `Uint8Array`) CBOR-encoded as automerge-repo's
+    /// `handle.broadcast` does with cbor-x (see `cbor.rs`), at most 64 KiB encoded
+    /// ("TooLarge"). Nothing is stored.
+    /// Returns how many sessions it went to.
+    pub fn broadcast(&self, id: &str, data: JsValue) -> JsResult<f64> {
+        let id = parse_id(id)?;
+        let bytes = cbor::encode(&data)?;
+        if bytes.len() > protocol::MAX_EPHEMERAL_BYTES {
+            return Err(error(
+                "TooLarge",
+                &format!(
+                    "ephemeral data is {} bytes as CBOR; the limit is {}",
+                    bytes.len(),
+                    protocol::MAX_EPHEMERAL_BYTES
+                ),
+            ));
+        }
+        let sessions = self
+            .replica
+            .broadcast(&id, bytes)
+            .map_err(|e| error_of(&e))?;
+        Ok(sessions as f64)
     }
 
     /// The session's socket closed.

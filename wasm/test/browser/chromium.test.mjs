@@ -481,4 +481,28 @@ describe("in Chromium", { timeout: 300_000 }, () => {
       rmSync(dataDir, { recursive: true, force: true });
     }
   });
+
+  it("two example pages see each other online (presence through ephemeral messages)", async () => {
+    const own = await startRelay();
+    const contexts = [await browser.newContext(), await browser.newContext()];
+    try {
+      const [ann, bob] = await Promise.all(
+        ["ann", "bob"].map((user, i) =>
+          openPage(contexts[i], `${server.url}/?${new URLSearchParams({ relay: own.url, name: `presence-${user}`, user })}`),
+        ),
+      );
+      await ann.waitForSelector('#presence:has-text("also here: bob")', { timeout: TIMEOUT });
+      await bob.waitForSelector('#presence:has-text("also here: ann")', { timeout: TIMEOUT });
+      assert.match(await ann.locator("#presence").textContent(), /^you are ann/);
+      // Both settled on the same list document; presence stored nothing in it.
+      const lists = await Promise.all(
+        [ann, bob].map((p) => p.evaluate(() => window.todo.replica.list("lists").map((d) => d.id).sort()[0])),
+      );
+      assert.equal(lists[0], lists[1]);
+      assertNoProblems(ann, bob);
+    } finally {
+      await Promise.all(contexts.map((c) => c.close()));
+      await own.stop();
+    }
+  });
 });
