@@ -73,6 +73,11 @@ pub struct RelayConfig {
     pub max_frame: usize,
     /// Frames per second per connection (WebSocket pings included).
     pub rate_limit: RateLimit,
+    /// Frames per connection for automerge-repo clients (`/automerge`): they send a frame per
+    /// document and sync round where weft batches up to 1 MiB of documents in one, so an app
+    /// opening or creating thousands of documents at once sends thousands of frames. The byte
+    /// limit is the same for both.
+    pub automerge_rate_limit: RateLimit,
     /// How long a new session may take to send its `Hello`.
     pub hello_timeout: Duration,
     /// How long a client may take to send its HTTP request head.
@@ -115,6 +120,10 @@ impl RelayConfig {
             max_connections: 10_000,
             max_frame: crate::protocol::DEFAULT_MAX_FRAME,
             rate_limit: RateLimit::default(),
+            automerge_rate_limit: RateLimit {
+                per_second: 5_000.0,
+                burst: 30_000.0,
+            },
             hello_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),

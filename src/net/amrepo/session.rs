@@ -76,7 +76,7 @@ pub(crate) async fn session(
         their_id: None,
         sync: None,
         expires: None,
-        frames: TokenBucket::new(shared.config.rate_limit, Instant::now()),
+        frames: TokenBucket::new(shared.config.automerge_rate_limit, Instant::now()),
         bytes: TokenBucket::new(shared.config.byte_limit, Instant::now()),
         last_heard: Instant::now(),
         last_ping: Instant::now(),
