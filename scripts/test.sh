@@ -71,7 +71,10 @@ if [ ! -x /usr/bin/chromium ]; then
         sh -c 'apt-get update -q && apt-get install -y -q chromium'
 fi
 if [ ! -f wasm/node_modules/.package-lock.json ] || [ wasm/package-lock.json -nt wasm/node_modules/.package-lock.json ]; then
-    start_bg npm sh -c 'cd wasm && npm ci --no-audit --no-fund'
+    # npm ci refuses the lock when a registry lacks the optional native packages of cbor-x's
+    # cbor-extract (npm 11: "Missing: @cbor-extract/... from lock file"; this machine kind's
+    # registry has none of them); npm install then installs the same locked versions.
+    start_bg npm sh -c 'cd wasm && { npm ci --no-audit --no-fund || npm install --no-audit --no-fund; }'
 fi
 
 step "toolchain: wasm32 target, clippy, rustfmt"
