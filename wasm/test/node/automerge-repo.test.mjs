@@ -6,8 +6,8 @@
 //   does; that package still depends on automerge-repo 1.x, so it is rebuilt here). It proves the
 //   tests themselves right.
 // - "weft": `weft serve`, clients at ws://ADDR/automerge (`?token=...` with --auth-secret-file).
-//   These tests are skipped, saying so, only while the relay answers /automerge with HTTP 404
-//   (before the endpoint exists); once it is there they run.
+//   A relay that answers /automerge with HTTP 404 fails them (they were written, and proved
+//   against the reference relay, before the endpoint existed).
 //
 // Every wait is bounded; conditions are awaited (events, or a condition polled every 10 ms),
 // never a fixed sleep.
@@ -94,7 +94,12 @@ async function startAutomergeRelay(kind, options = {}) {
   }
   const relay = await startRelay({ secret: options.secret, data: options.data });
   const base = relay.url.replace(/\/$/, "");
+  // The endpoint exists: a relay without it (HTTP 404) fails these tests, it does not skip them.
   const missing = await probeAutomergePath(base);
+  if (missing) {
+    await relay.stop?.();
+    throw new Error(`weft serve has no /automerge endpoint: ${missing}`);
+  }
   // An observer on the weft side of the relay: what the relay holds in collection "automerge".
   let observer = null;
   let observerConnection = null;
