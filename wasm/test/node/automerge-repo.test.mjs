@@ -168,6 +168,11 @@ async function client(url) {
 
 async function shutdown(repo) {
   clients.delete(repo);
+  // automerge-repo's client adapter schedules a reconnect (5 s later) whenever the relay closes
+  // its socket, and shutdown() does not cancel that timer: it would dial again, fail, and
+  // schedule another, keeping this test process alive forever. A late reconnect finds nothing
+  // to do.
+  for (const adapter of repo.networkSubsystem.adapters) adapter.connect = () => {};
   await repo.shutdown();
 }
 
