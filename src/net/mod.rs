@@ -153,6 +153,9 @@ impl RelayConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetError {
+    /// A `RelayConfig` field that cannot work (say which and why).
+    #[error("relay configuration: {0}")]
+    Config(String),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -56,6 +56,8 @@ pub async fn run_with_replica(
     replica: Replica,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NetError> {
+    crate::validate_collection(&config.automerge_collection)
+        .map_err(|e| NetError::Config(format!("automerge_collection: {e}")))?;
     let relay_id = replica.replica_id();
     let local = listener.local_addr().ok();
     tracing::info!(?local, relay = %relay_id, data = %config.data_dir.display(), tls = ?config.tls, "relay started");
