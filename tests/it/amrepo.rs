@@ -705,9 +705,12 @@ async fn an_invalid_automerge_collection_is_refused_at_start() {
     let mut config = weft::net::RelayConfig::new(dir.path().join("data"));
     config.automerge_collection = String::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let result = timeout(LIMIT, weft::net::run(listener, config, std::future::pending()))
-        .await
-        .expect("run returns at once");
+    let result = timeout(
+        LIMIT,
+        weft::net::run(listener, config, std::future::pending()),
+    )
+    .await
+    .expect("run returns at once");
     let err = result.expect_err("an empty collection name is refused");
     assert!(
         matches!(err, weft::net::NetError::Config(ref m) if m.contains("automerge_collection")),
