@@ -136,13 +136,76 @@ pub(crate) fn close(code: CloseCode, reason: impl Into<String>) -> Next {
 pub(crate) const GONE: Next = ControlFlow::Break(None);
 
 /// What woke the session up.
-enum Event {
+pub(crate) enum Event {
     Stop,
     TokenExpired,
     Keepalive,
     Outbound(Option<Outbound>),
-    /// A WebSocket message (or its end, or an error); `Err`: no `Hello` in time.
+    /// A WebSocket message (or its end, or an error); `Err`: no handshake in time.
     Incoming(Result<Option<Result<WsMessage, WsError>>, ()>),
+}
+
+/// The keepalive check of a relay session: four times per period, so a session is pinged at
+/// most 1.25 periods after it went quiet, well before the two periods after which it is closed
+/// (and often enough to notice a client paused for longer than the send timeout).
+pub(crate) fn keepalive_timer(shared: &Shared) -> tokio::time::Interval {
+    let check = (shared.config.keepalive / 4).min(shared.config.send_timeout / 4);
+    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + check, check);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
+}
+
+/// Waits for what wakes a relay session (of either protocol) next. `handshake_by`: until the
+/// handshake is done, when it must have come; `expires`: the token's expiry.
+pub(crate) async fn next_event(
+    ws: &mut Ws,
+    sync: &mut Option<Session>,
+    handshake_by: Option<tokio::time::Instant>,
+    expires: Option<tokio::time::Instant>,
+    keepalive: &mut tokio::time::Interval,
+    stop: &mut watch::Receiver<bool>,
+) -> Event {
+    let next = async {
+        match handshake_by {
+            Some(by) => tokio::time::timeout_at(by, ws.next()).await.map_err(|_| ()),
+            None => Ok(ws.next().await),
+        }
+    };
+    let outbound = async {
+        match sync.as_mut() {
+            Some(session) => session.rx.recv().await,
+            None => std::future::pending().await,
+        }
+    };
+    let expiry = async {
+        match expires {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = stopped(stop) => Event::Stop,
+        () = expiry => Event::TokenExpired,
+        _ = keepalive.tick() => Event::Keepalive,
+        out = outbound => Event::Outbound(out),
+        incoming = next => Event::Incoming(incoming),
+    }
+}
+
+/// A WebSocket message as a session receives it: counts as traffic heard; its end or a read
+/// error ends the session (`Err`: how).
+pub(crate) fn heard(
+    incoming: Option<Result<WsMessage, WsError>>,
+    last_heard: &mut Instant,
+) -> Result<WsMessage, Next> {
+    match incoming {
+        None => Err(GONE),
+        Some(Ok(message)) => {
+            *last_heard = Instant::now();
+            Ok(message)
+        }
+        Some(Err(e)) => Err(ControlFlow::Break(close_for_ws_error(e))),
+    }
 }
 
 /// One relay session's connection and state.
@@ -242,44 +305,18 @@ impl Conn<'_> {
     /// The session's loop: waits for the next event and hands it to its handler.
     async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> Option<Close> {
         let hello_deadline = tokio::time::Instant::now() + self.shared.config.hello_timeout;
-        // Checked four times per period: a session is pinged at most 1.25 periods after it
-        // went quiet, well before the two periods after which it is closed. (And often enough
-        // to notice a client paused for longer than the send timeout.)
-        let check = (self.shared.config.keepalive / 4).min(self.shared.config.send_timeout / 4);
-        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + check, check);
-        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut keepalive = keepalive_timer(self.shared);
         loop {
-            let event = {
-                let (ws, sync, phase, expires) =
-                    (&mut self.ws, &mut self.sync, &self.phase, self.expires);
-                let next = async {
-                    match phase {
-                        Phase::AwaitingHello => tokio::time::timeout_at(hello_deadline, ws.next())
-                            .await
-                            .map_err(|_| ()),
-                        Phase::Ready => Ok(ws.next().await),
-                    }
-                };
-                let outbound = async {
-                    match sync.as_mut() {
-                        Some(session) => session.rx.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let expiry = async {
-                    match expires {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    () = stopped(stop) => Event::Stop,
-                    () = expiry => Event::TokenExpired,
-                    _ = keepalive.tick() => Event::Keepalive,
-                    out = outbound => Event::Outbound(out),
-                    incoming = next => Event::Incoming(incoming),
-                }
-            };
+            let handshake_by = matches!(self.phase, Phase::AwaitingHello).then_some(hello_deadline);
+            let event = next_event(
+                &mut self.ws,
+                &mut self.sync,
+                handshake_by,
+                self.expires,
+                &mut keepalive,
+                stop,
+            )
+            .await;
             let next = match event {
                 Event::Stop => close(CloseCode::Away, "relay shutting down"),
                 Event::TokenExpired => close(CloseCode::Policy, "the token expired"),
@@ -331,13 +368,9 @@ impl Conn<'_> {
     /// A WebSocket message from the client: counted against the rate limits, decoded, and
     /// handled by the phase of the session.
     async fn incoming(&mut self, incoming: Option<Result<WsMessage, WsError>>) -> Next {
-        let message = match incoming {
-            None => return GONE,
-            Some(Ok(message)) => {
-                self.last_heard = Instant::now();
-                message
-            }
-            Some(Err(e)) => return ControlFlow::Break(close_for_ws_error(e)),
+        let message = match heard(incoming, &mut self.last_heard) {
+            Ok(message) => message,
+            Err(end) => return end,
         };
         if message_counts(&message) {
             self.rate_limit(message.len()).await?;

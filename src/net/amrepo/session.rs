@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message as WsMessage};
@@ -14,9 +14,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message as WsMessa
 use super::{Codec, storage_replica};
 use crate::engine::PeerEvent;
 use crate::net::applier::NotApplied;
-use crate::net::connection::{
-    self, Close, Ending, GONE, Next, Ws, close, close_for_ws_error, message_counts,
-};
+use crate::net::connection::{self, Close, Ending, Event, GONE, Next, Ws, close, message_counts};
 use crate::net::metrics::ConnectionGauge;
 use crate::net::rate::TokenBucket;
 use crate::net::router::{Codec as RouterCodec, Outbound, Router, Session};
@@ -27,16 +25,6 @@ use crate::{DocumentId, Interest, ReplicaId, SessionFailure, SessionInput};
 
 /// The longest peer id accepted (automerge-repo's are UUIDs or short random strings).
 const MAX_PEER_ID: usize = 256;
-
-/// What woke the session up.
-enum Event {
-    Stop,
-    TokenExpired,
-    Keepalive,
-    Outbound(Option<Outbound>),
-    /// A WebSocket message (or its end, or an error); `Err`: no `join` in time.
-    Incoming(Result<Option<Result<WsMessage, WsError>>, ()>),
-}
 
 struct AmConn<'a> {
     ws: Ws,
@@ -94,46 +82,18 @@ pub(crate) async fn session(
 impl AmConn<'_> {
     async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> Option<Close> {
         let join_deadline = tokio::time::Instant::now() + self.shared.config.hello_timeout;
-        let check = (self.shared.config.keepalive / 4).min(self.shared.config.send_timeout / 4);
-        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + check, check);
-        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut keepalive = connection::keepalive_timer(self.shared);
         loop {
-            let event = {
-                let (ws, sync, joined, expires) = (
-                    &mut self.ws,
-                    &mut self.sync,
-                    self.their_id.is_some(),
-                    self.expires,
-                );
-                let next = async {
-                    if joined {
-                        Ok(ws.next().await)
-                    } else {
-                        tokio::time::timeout_at(join_deadline, ws.next())
-                            .await
-                            .map_err(|_| ())
-                    }
-                };
-                let outbound = async {
-                    match sync.as_mut() {
-                        Some(session) => session.rx.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let expiry = async {
-                    match expires {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    () = connection::stopped(stop) => Event::Stop,
-                    () = expiry => Event::TokenExpired,
-                    _ = keepalive.tick() => Event::Keepalive,
-                    out = outbound => Event::Outbound(out),
-                    incoming = next => Event::Incoming(incoming),
-                }
-            };
+            let handshake_by = self.their_id.is_none().then_some(join_deadline);
+            let event = connection::next_event(
+                &mut self.ws,
+                &mut self.sync,
+                handshake_by,
+                self.expires,
+                &mut keepalive,
+                stop,
+            )
+            .await;
             let next = match event {
                 Event::Stop => close(CloseCode::Away, "relay shutting down"),
                 Event::TokenExpired => {
@@ -212,13 +172,9 @@ impl AmConn<'_> {
     }
 
     async fn incoming(&mut self, incoming: Option<Result<WsMessage, WsError>>) -> Next {
-        let message = match incoming {
-            None => return GONE,
-            Some(Ok(message)) => {
-                self.last_heard = Instant::now();
-                message
-            }
-            Some(Err(e)) => return ControlFlow::Break(close_for_ws_error(e)),
+        let message = match connection::heard(incoming, &mut self.last_heard) {
+            Ok(message) => message,
+            Err(end) => return end,
         };
         if message_counts(&message) {
             let len = message.len();
