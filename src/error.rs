@@ -41,6 +41,17 @@ pub enum Error {
         "invalid collection name {0:?}: use 1 to 64 characters from A-Z, a-z, 0-9, '_', '-', '.', ':'"
     )]
     InvalidCollection(String),
+    /// Tracking an app's table failed or was refused.
+    #[cfg(feature = "sqlite")]
+    #[error(transparent)]
+    Track(crate::track::TrackError),
+    /// The document exists in another collection than the one asked for.
+    #[error("document {id} is in collection {found:?}, not {expected:?}")]
+    WrongCollection {
+        id: DocumentId,
+        expected: String,
+        found: String,
+    },
     /// Invalid JSON, a non-object body, or a path that does not fit the document.
     #[error(transparent)]
     Json(#[from] JsonError),

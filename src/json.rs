@@ -798,6 +798,18 @@ fn strip_nulls(map: &Map<String, Value>) -> Value {
     )
 }
 
+/// Sets each top-level field of the document to the given value, `null` included (stored as
+/// null, not removed as a merge patch would).
+pub fn set_fields<T: Transactable>(
+    tx: &mut T,
+    fields: &Map<String, Value>,
+) -> Result<(), automerge::AutomergeError> {
+    for (key, value) in fields {
+        assign(tx, &ROOT, Prop::Map(key.clone()), value, false)?;
+    }
+    Ok(())
+}
+
 /// Applies an RFC 7386 merge patch to the document root.
 pub fn merge_patch<T: Transactable>(
     tx: &mut T,

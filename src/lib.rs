@@ -49,6 +49,8 @@ pub mod query;
 mod replica;
 pub mod scope;
 pub mod store;
+#[cfg(feature = "sqlite")]
+pub mod track;
 
 pub use automerge;
 pub use automerge::ChangeHash;

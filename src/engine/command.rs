@@ -24,6 +24,20 @@ pub enum Command {
         collection: String,
         body: Map<String, Value>,
     },
+    /// Create the document `id` in `collection` with `fields` as its body, or, when it
+    /// exists, set each of these top-level fields (a `null` is stored as null). For documents
+    /// whose id is derived from their content (tracked tables: one document per row key), so
+    /// that two replicas creating "the same" document meet in one. Fails with `Deleted` on a
+    /// tombstone and with `WrongCollection` when the document lives in another collection.
+    Upsert {
+        id: DocumentId,
+        collection: String,
+        fields: Map<String, Value>,
+    },
+    /// Remember `value` under `key` in the replica's own metadata (never replicated), in the
+    /// same transaction as the other commands of the step: how a driver records how far it
+    /// got together with the writes that got it there.
+    PutMeta { key: String, value: Vec<u8> },
     /// Apply an RFC 7386 merge patch.
     Update {
         id: DocumentId,
@@ -73,8 +87,9 @@ impl Command {
     /// Documents that must be in memory before the command can run.
     pub(crate) fn needs(&self) -> Vec<DocumentId> {
         match self {
-            Command::Create { .. } => Vec::new(),
-            Command::Update { id, .. }
+            Command::Create { .. } | Command::PutMeta { .. } => Vec::new(),
+            Command::Upsert { id, .. }
+            | Command::Update { id, .. }
             | Command::Set { id, .. }
             | Command::DeletePath { id, .. }
             | Command::SetText { id, .. }
@@ -93,6 +108,8 @@ impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Command::Create { collection, .. } => write!(f, "Create({collection})"),
+            Command::Upsert { id, collection, .. } => write!(f, "Upsert({collection}, {id})"),
+            Command::PutMeta { key, .. } => write!(f, "PutMeta({key})"),
             Command::Update { id, .. } => write!(f, "Update({id})"),
             Command::Set { id, path, .. } => write!(f, "Set({id}, {path})"),
             Command::DeletePath { id, path } => write!(f, "DeletePath({id}, {path})"),
@@ -155,4 +172,6 @@ pub enum Output {
     Compacted { bytes: usize },
     /// An ephemeral message went to this many sessions.
     Broadcast { sessions: usize },
+    /// Metadata was staged for the step's transaction.
+    MetaStaged,
 }

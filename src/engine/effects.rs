@@ -100,7 +100,7 @@ impl Effects {
 
     /// The documents touched by `writes`.
     pub fn written_docs(&self) -> Vec<DocumentId> {
-        let mut ids: Vec<DocumentId> = self.writes.iter().map(StorageOp::doc).collect();
+        let mut ids: Vec<DocumentId> = self.writes.iter().filter_map(StorageOp::doc).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -176,6 +176,8 @@ pub enum StorageOp {
     PurgeChunks { id: DocumentId },
     /// Append an entry to the durable change feed.
     AppendChange(ChangeEvent),
+    /// Insert or replace a key of the replica's own metadata (see `Command::PutMeta`).
+    PutMeta { key: String, value: Vec<u8> },
     /// Remember the Automerge sync state (`automerge::sync::State::encode`: the shared heads)
     /// of a stored document with a peer replica. Ignored for a document not stored.
     PutSyncState {
@@ -186,9 +188,9 @@ pub enum StorageOp {
 }
 
 impl StorageOp {
-    /// The document this write is about.
-    pub fn doc(&self) -> DocumentId {
-        match self {
+    /// The document this write is about (`None` for metadata).
+    pub fn doc(&self) -> Option<DocumentId> {
+        Some(match self {
             StorageOp::InsertDocument { id, .. }
             | StorageOp::PutDocument { id, .. }
             | StorageOp::AppendChunk { id, .. }
@@ -196,7 +198,8 @@ impl StorageOp {
             | StorageOp::PurgeChunks { id }
             | StorageOp::PutSyncState { id, .. } => *id,
             StorageOp::AppendChange(event) => event.id,
-        }
+            StorageOp::PutMeta { .. } => return None,
+        })
     }
 }
 

@@ -470,6 +470,32 @@ impl Engine {
                 let body = self.within_limits(Value::Object(body))?;
                 self.create(now, collection, json::into_object(body)?, fx)
             }
+            Command::Upsert {
+                id,
+                collection,
+                fields,
+            } => {
+                let fields = json::into_object(self.within_limits(Value::Object(fields))?)?;
+                match self.touch(&id) {
+                    Touched::Absent => self.create_as(now, id, collection, fields, fx),
+                    Touched::Live(live) if live.collection != collection => {
+                        Err(Error::WrongCollection {
+                            id,
+                            expected: collection,
+                            found: live.collection.clone(),
+                        })
+                    }
+                    Touched::Live(_) => {
+                        self.edit(now, id, fx, |tx| Ok(json::set_fields(tx, &fields)?))
+                    }
+                    Touched::Deleted => Err(Error::Deleted(id)),
+                    Touched::Broken(reason) => Err(Error::Corrupt { id, reason }),
+                }
+            }
+            Command::PutMeta { key, value } => {
+                fx.writes.push(StorageOp::PutMeta { key, value });
+                Ok(Output::MetaStaged)
+            }
             Command::Update { id, patch } => {
                 let patch = json::into_object(self.within_limits(Value::Object(patch))?)?;
                 self.edit(now, id, fx, |tx| Ok(json::merge_patch(tx, &patch)?))
@@ -635,6 +661,19 @@ impl Engine {
         body: Map<String, Value>,
         fx: &mut Effects,
     ) -> Result<Output, Error> {
+        let id = DocumentId::from_bytes(self.rng.random());
+        self.create_as(now, id, collection, body, fx)
+    }
+
+    /// Creates the document `id`, which must be absent.
+    fn create_as(
+        &mut self,
+        now: i64,
+        id: DocumentId,
+        collection: String,
+        body: Map<String, Value>,
+        fx: &mut Effects,
+    ) -> Result<Output, Error> {
         validate_collection(&collection)?;
         // The body we were given is exactly what materializing the new document yields
         // (same key order, same number kinds), so skip the round trip. Its depth and number of
@@ -644,7 +683,6 @@ impl Engine {
         if body_text.len() > self.config.limits.max_json_bytes {
             return Err(LimitError::JsonBytes(self.config.limits.max_json_bytes).into());
         }
-        let id = DocumentId::from_bytes(self.rng.random());
         let mut doc = self.empty.clone();
         // One change for most bodies (an empty one for an empty body, so that every document
         // has heads); a large body in several, and consumed as it is written.

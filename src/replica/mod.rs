@@ -274,6 +274,21 @@ impl Replica {
         self.step(inner, inputs, first, count).results
     }
 
+    /// Runs commands in one step (one transaction), for drivers inside the crate.
+    pub(crate) fn execute_commands(&self, commands: Vec<Command>) -> Vec<Result<Output>> {
+        self.execute(commands)
+    }
+
+    /// A key of this replica's own metadata (`Command::PutMeta`).
+    pub(crate) fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().store.meta(key)?)
+    }
+
+    /// The catalog row of a document, live or tombstone; `None` when unknown here.
+    pub(crate) fn record(&self, id: &DocumentId) -> Result<Option<DocRecord>> {
+        Ok(self.lock().store.get(id)?)
+    }
+
     fn execute_one(&self, command: Command) -> Result<Output> {
         self.execute(vec![command])
             .pop()

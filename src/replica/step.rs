@@ -173,7 +173,7 @@ impl Replica {
                 inner.store.rollback();
                 // The caller hears of it (a command's error, a session ended with the cause).
                 tracing::debug!(error = %e, writes = writes.len(), "commit failed; nothing was applied");
-                let mut docs: Vec<DocumentId> = writes.iter().map(|w| w.doc()).collect();
+                let mut docs: Vec<DocumentId> = writes.iter().filter_map(|w| w.doc()).collect();
                 docs.sort_unstable();
                 docs.dedup();
                 let _ = inner.engine.handle(now, Input::StorageFailed { docs });

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use automerge::ChangeHash;
 
-use super::{DocRecord, Store, StoreError, decode_heads, encode_heads};
+use super::{DocRecord, Store, StoreError, USER_META, decode_heads, encode_heads};
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::ChunkKind;
 use crate::engine::{ChangeEvent, ChangeKind, StorageOp, StoredChunk, StoredDoc};
@@ -144,6 +144,8 @@ pub struct MemStore {
     docs: BTreeMap<u64, Doc>,
     changes: BTreeMap<u64, ChangeEvent>,
     sync_states: HashMap<(ReplicaId, DocumentId), Vec<u8>>,
+    /// Metadata written with `StorageOp::PutMeta`.
+    meta: BTreeMap<String, Vec<u8>>,
     staged: Vec<StorageOp>,
     journal: Journal,
 }
@@ -166,6 +168,7 @@ impl MemStore {
             docs: BTreeMap::new(),
             changes: BTreeMap::new(),
             sync_states: HashMap::new(),
+            meta: BTreeMap::new(),
             staged: Vec::new(),
             journal: Journal::default(),
         };
@@ -187,6 +190,7 @@ impl MemStore {
         let mut chunks = Vec::new();
         let mut changes = Vec::new();
         let mut states = Vec::new();
+        let mut metas = Vec::new();
         for (table, key, value) in records {
             match table {
                 Table::Meta if key == "replica" => {
@@ -196,7 +200,11 @@ impl MemStore {
                         .map_err(|_| corrupt("replica id is not 16 bytes"))?;
                     replica = Some(ReplicaId::from_bytes(bytes));
                 }
-                Table::Meta => {}
+                Table::Meta => {
+                    if let Some(key) = key.strip_prefix(USER_META) {
+                        metas.push((key.to_owned(), value));
+                    }
+                }
                 Table::Documents => rows.push((key, value)),
                 Table::Chunks => chunks.push((key, value)),
                 Table::Changes => changes.push((key, value)),
@@ -212,6 +220,7 @@ impl MemStore {
         };
         let mut store = MemStore::new(replica_id);
         store.journal.drain();
+        store.meta.extend(metas);
         for (key, value) in rows {
             let id: DocumentId = key
                 .parse()
@@ -348,6 +357,14 @@ impl MemStore {
             StorageOp::PurgeChunks { id } => self.purge_chunks(id)?,
             StorageOp::PutSyncState { peer, id, state } => self.put_sync_state(peer, id, state),
             StorageOp::AppendChange(event) => self.append_change(event)?,
+            StorageOp::PutMeta { key, value } => {
+                self.journal.push(Record::Put {
+                    table: Table::Meta,
+                    key: format!("{USER_META}{key}"),
+                    value: value.clone(),
+                });
+                self.meta.insert(key, value);
+            }
         }
         Ok(())
     }
@@ -530,9 +547,9 @@ impl MemStore {
                 StorageOp::PutDocument { id, .. } => {
                     known.insert(*id);
                 }
-                StorageOp::PutSyncState { .. } => {}
+                StorageOp::PutSyncState { .. } | StorageOp::PutMeta { .. } => {}
                 other => {
-                    let id = other.doc();
+                    let Some(id) = other.doc() else { continue };
                     if !known.contains(&id) && !self.ids.contains_key(&id) {
                         return Some(format!("write for {id}, which has no catalog row"));
                     }
@@ -557,6 +574,10 @@ impl MemStore {
 impl Store for MemStore {
     fn replica_id(&self) -> ReplicaId {
         self.replica_id
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(key).cloned())
     }
 
     fn max_seq(&self) -> Result<u64, StoreError> {

@@ -53,6 +53,9 @@ pub enum StoreMode {
 /// What a replica needs from its storage: [`sqlite::SqliteStore`] natively, [`mem::MemStore`]
 /// (whose journal IndexedDB makes durable) in the browser. One driver step runs in one
 /// transaction: `begin`, reads, `write`, then `commit` (or `rollback`).
+/// The prefix of metadata keys written with `StorageOp::PutMeta`, apart from the store's own.
+pub(crate) const USER_META: &str = "user:";
+
 pub trait Store: Send {
     fn replica_id(&self) -> ReplicaId;
     /// The highest change-feed sequence number stored (0 when empty).
@@ -67,6 +70,8 @@ pub trait Store: Send {
     fn rollback(&mut self);
     /// Applies engine writes inside the step's transaction.
     fn write(&mut self, ops: &[StorageOp]) -> Result<(), StoreError>;
+    /// A key of the replica's own metadata, as last committed (see `Command::PutMeta`).
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// What the engine needs to bring a document into memory.
     fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError>;
     /// The persisted sync state of `id` with `peer`.

@@ -10,7 +10,7 @@ use rusqlite::{
 };
 use serde_json::Value;
 
-use super::{DocRecord, Durability, Store, StoreError, StoreMode, decode_heads, encode_heads};
+use super::{DocRecord, USER_META, Durability, Store, StoreError, StoreMode, decode_heads, encode_heads};
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::{ChangeEvent, ChangeKind, ChunkKind, StorageOp, StoredChunk, StoredDoc};
 use crate::id::{DocumentId, ReplicaId};
@@ -688,6 +688,14 @@ impl Store for SqliteStore {
     }
 
     /// The highest change-feed sequence number stored (0 when empty).
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row([format!("{USER_META}{key}")], |r| r.get(0))
+            .optional()?)
+    }
+
     fn max_seq(&self) -> Result<u64, StoreError> {
         let max: i64 =
             self.conn
@@ -793,6 +801,13 @@ impl Store for SqliteStore {
                     batch.put_sync_state(peer, id, state)?
                 }
                 StorageOp::AppendChange(event) => batch.append_change(event)?,
+                StorageOp::PutMeta { key, value } => {
+                    self.conn
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![format!("{USER_META}{key}"), value])?;
+                }
             }
         }
         Ok(())

@@ -62,6 +62,9 @@ impl<S: Store> Store for FaultyStore<S> {
     fn max_seq(&self) -> Result<u64, StoreError> {
         self.inner.max_seq()
     }
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.meta(key)
+    }
     fn begin(&mut self) -> Result<bool, StoreError> {
         self.inner.begin()
     }

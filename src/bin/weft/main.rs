@@ -24,6 +24,7 @@ mod malloc;
 mod serve;
 mod sync;
 mod token;
+mod track;
 
 use bench_cmd::BenchCmd;
 use common::{CliError, CliResult, MAX_DB_SIZE, parse_size};
@@ -31,6 +32,7 @@ use doc::DocCmd;
 use serve::ServeArgs;
 use sync::SyncArgs;
 use token::TokenCmd;
+use track::TrackCmd;
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +96,10 @@ enum Cmd {
     /// Load generators for replication against a running relay (benchmarks, not tests).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Tracked tables: an app's own SQLite tables, written with plain SQL, replicated row by
+    /// row (captured by triggers, applied back without echo).
+    #[command(subcommand)]
+    Track(TrackCmd),
     /// Signed access tokens for a relay started with `--auth-secret-file`.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -161,6 +167,7 @@ fn run(cli: Cli) -> CliResult {
         Cmd::Sync(args) => sync::sync(&cli.db, args),
         Cmd::Bench(cmd) => bench_cmd::bench_cmd(cmd),
         Cmd::Token(cmd) => token::token_cmd(cmd),
+        Cmd::Track(cmd) => track::track(&cli.db, cmd),
         Cmd::Compact => files::compact(&cli.db),
     }
 }

@@ -87,7 +87,20 @@ pub(crate) fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
         ca_file: args.ca_file.clone(),
         ..ConnectOptions::default()
     };
-    runtime.block_on(async {
+    // Tracked tables: what the app wrote while weft was not running goes out now.
+    let tracking = !replica.tracked()?.is_empty();
+    if tracking && args.mode.once {
+        let report = replica.sync_tracked()?;
+        if report.folded > 0 {
+            eprintln!("tracked tables: {} captured row changes folded in", report.folded);
+        }
+    }
+    let tracker = if tracking && args.mode.watch {
+        Some(weft::track::Tracker::spawn(&replica)?)
+    } else {
+        None
+    };
+    let result = runtime.block_on(async {
         let started = std::time::Instant::now();
         let before = replica.last_seq();
         let connection = replica.connect(&args.server, options);
@@ -184,7 +197,18 @@ pub(crate) fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
                 }
             }
         }
-    })
+    });
+    if let Some(tracker) = tracker {
+        tracker.stop();
+    }
+    if tracking && args.mode.once && result.is_ok() {
+        let report = replica.sync_tracked()?;
+        eprintln!(
+            "tracked tables: {} rows written from the relay's changes",
+            report.applied
+        );
+    }
+    result
 }
 
 /// "collections a, b" or "every collection".
