@@ -10,7 +10,9 @@ use rusqlite::{
 };
 use serde_json::Value;
 
-use super::{DocRecord, USER_META, Durability, Store, StoreError, StoreMode, decode_heads, encode_heads};
+use super::{
+    DocRecord, Durability, Store, StoreError, StoreMode, USER_META, decode_heads, encode_heads,
+};
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::{ChangeEvent, ChangeKind, ChunkKind, StorageOp, StoredChunk, StoredDoc};
 use crate::id::{DocumentId, ReplicaId};
@@ -803,9 +805,7 @@ impl Store for SqliteStore {
                 StorageOp::AppendChange(event) => batch.append_change(event)?,
                 StorageOp::PutMeta { key, value } => {
                     self.conn
-                        .prepare_cached(
-                            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-                        )?
+                        .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
                         .execute(params![format!("{USER_META}{key}"), value])?;
                 }
             }

@@ -155,7 +155,11 @@ fn apply_doc(
         return Ok(()); // an older generation of a key inserted again
     }
     tx.prepare_cached("INSERT OR IGNORE INTO _weft_rows (doc, tbl, pk) VALUES (?1, ?2, ?3)")?
-        .execute(rusqlite::params![id.as_bytes().as_slice(), table.table, key])?;
+        .execute(rusqlite::params![
+            id.as_bytes().as_slice(),
+            table.table,
+            key
+        ])?;
     write_row(tx, &table.table, shape, &key_values, &body, report)
 }
 
@@ -282,7 +286,11 @@ fn delete_row(
     key: &[Value],
     report: &mut TrackReport,
 ) -> Result<(), TrackError> {
-    let sql = format!("DELETE FROM {} WHERE {}", ident(table), key_clause(shape, 1));
+    let sql = format!(
+        "DELETE FROM {} WHERE {}",
+        ident(table),
+        key_clause(shape, 1)
+    );
     let args: Vec<SqlValue> = key.iter().map(to_sql).collect();
     if tx
         .prepare_cached(&sql)?

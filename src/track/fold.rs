@@ -160,11 +160,13 @@ fn plan(
                 match &mut docs.live {
                     Some((id, body)) => {
                         let names: Vec<String> = match (&c.op[..], c.changed.as_deref()) {
-                            ("U", Some(changed)) => serde_json::from_str::<Vec<Option<String>>>(changed)
-                                .unwrap_or_default()
-                                .into_iter()
-                                .flatten()
-                                .collect(),
+                            ("U", Some(changed)) => {
+                                serde_json::from_str::<Vec<Option<String>>>(changed)
+                                    .unwrap_or_default()
+                                    .into_iter()
+                                    .flatten()
+                                    .collect()
+                            }
                             _ => row.keys().cloned().collect(),
                         };
                         let mut fields = Map::new();

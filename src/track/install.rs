@@ -25,7 +25,8 @@ const TABLES: &str = "
         replica     TEXT NOT NULL,
         collection  TEXT NOT NULL,
         applying    INTEGER NOT NULL DEFAULT 0,
-        applied_seq INTEGER NOT NULL DEFAULT 0
+        applied_seq INTEGER NOT NULL DEFAULT 0,
+        columns     TEXT NOT NULL DEFAULT '[]'
     );
     CREATE TABLE IF NOT EXISTS _weft_capture (
         id      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -217,6 +218,11 @@ pub(crate) fn install(
             )?;
         }
     }
+    let columns = serde_json::to_string(&shape.columns).unwrap_or_default();
+    tx.execute(
+        "UPDATE _weft_state SET columns = ?2 WHERE tbl = ?1",
+        [table, columns.as_str()],
+    )?;
     drop_triggers(&tx, table)?;
     tx.execute_batch(&triggers(table, shape))?;
     let captured = capture_all(&tx, table, shape)?;
@@ -258,6 +264,16 @@ pub(crate) fn uninstall(
     Ok(true)
 }
 
+/// The columns the installed triggers of `table` capture.
+pub(crate) fn installed_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let text: String = conn.query_row(
+        "SELECT columns FROM _weft_state WHERE tbl = ?1",
+        [table],
+        |r| r.get(0),
+    )?;
+    Ok(serde_json::from_str(&text).unwrap_or_default())
+}
+
 /// Whether the app's file has tracking's tables.
 pub(crate) fn has_tables(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row(
@@ -280,7 +296,10 @@ mod tests {
         )
         .unwrap();
         let shape = super::super::schema::inspect(&conn, "to\"dos", false).unwrap();
-        assert_eq!(install(&mut conn, "to\"dos", &shape, "R1", "todos").unwrap(), 1);
+        assert_eq!(
+            install(&mut conn, "to\"dos", &shape, "R1", "todos").unwrap(),
+            1
+        );
         (conn, shape)
     }
 
@@ -313,7 +332,10 @@ mod tests {
             c[0].2.as_deref(),
             Some(r#"{"id":"b","title":"it's","done":null,"score":2.0}"#)
         );
-        assert_eq!((c[1].0.as_str(), c[1].3.as_deref()), ("U", Some(r#"[null,null,"done",null]"#)));
+        assert_eq!(
+            (c[1].0.as_str(), c[1].3.as_deref()),
+            ("U", Some(r#"[null,null,"done",null]"#))
+        );
         // The no-op update was not captured; the key change is a delete and an insert.
         assert_eq!((c[2].0.as_str(), c[2].1.as_str()), ("D", r#"["b"]"#));
         assert_eq!((c[3].0.as_str(), c[3].1.as_str()), ("I", r#"["c"]"#));
@@ -350,10 +372,16 @@ mod tests {
         let last: i64 = conn
             .query_row("SELECT max(id) FROM _weft_capture", [], |r| r.get(0))
             .unwrap();
-        assert!(!uninstall(&mut conn, "to\"dos", 0).unwrap(), "captures pending");
+        assert!(
+            !uninstall(&mut conn, "to\"dos", 0).unwrap(),
+            "captures pending"
+        );
         assert!(uninstall(&mut conn, "to\"dos", last).unwrap());
         assert!(!has_tables(&conn).unwrap());
-        conn.execute("INSERT INTO \"to\"\"dos\" VALUES ('z', 'untracked', 0, 0)", [])
-            .unwrap();
+        conn.execute(
+            "INSERT INTO \"to\"\"dos\" VALUES ('z', 'untracked', 0, 0)",
+            [],
+        )
+        .unwrap();
     }
 }

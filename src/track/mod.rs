@@ -205,16 +205,15 @@ impl AppFile {
         )
         .map_err(|e| app_err(e.to_string()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        let mut app = AppFile {
+        // The shapes are read (and checked against the installed triggers) by the first pass.
+        Ok(AppFile {
             path: path.to_owned(),
             conn,
             tables,
             shapes: HashMap::new(),
             schema_version: -1,
             data_version: -1,
-        };
-        app.refresh_shapes()?;
-        Ok(app)
+        })
     }
 
     /// Re-reads the tables' shapes when the schema changed.
@@ -247,9 +246,8 @@ impl AppFile {
     /// the replica has.
     fn pass(&mut self, replica: &Replica) -> Result<TrackReport, TrackError> {
         let mut report = TrackReport::default();
-        let before = self.shapes.clone();
         if self.refresh_shapes()? {
-            self.reinstall_changed(replica, &before)?;
+            self.reinstall_changed(replica)?;
         }
         // A bounded number of rounds: the app may keep writing while we apply.
         for _ in 0..16 {
@@ -274,21 +272,16 @@ impl AppFile {
     /// A tracked table whose columns changed (ALTER TABLE ADD/RENAME COLUMN) gets triggers for
     /// its new columns, and every row is captured again so that what was written in between
     /// reaches its document (unchanged fields are no-ops in the fold).
-    fn reinstall_changed(
-        &mut self,
-        replica: &Replica,
-        before: &HashMap<String, TableShape>,
-    ) -> Result<(), TrackError> {
+    fn reinstall_changed(&mut self, replica: &Replica) -> Result<(), TrackError> {
         let replica_id = replica.replica_id().to_string();
         for table in self.tables.clone() {
-            let (Some(old), Some(new)) = (before.get(&table.table), self.shapes.get(&table.table))
-            else {
+            let Some(new) = self.shapes.get(&table.table).cloned() else {
                 continue;
             };
-            if old == new {
+            self.check_installed(&table)?;
+            if install::installed_columns(&self.conn, &table.table)? == new.columns {
                 continue;
             }
-            let new = new.clone();
             tracing::info!(table = %table.table, columns = ?new.columns, "a tracked table's columns changed; triggers re-installed");
             install::install(
                 &mut self.conn,
@@ -317,6 +310,17 @@ impl AppFile {
             })
         }
     }
+}
+
+/// The document id of generation `generation` of the row with key `key` (the key columns'
+/// values, in key order) of a table tracked into `collection`. Generation 0 is a key's first
+/// document; each delete and insert again of the key makes the next.
+pub fn row_document_id(
+    collection: &str,
+    key: &[serde_json::Value],
+    generation: u32,
+) -> crate::DocumentId {
+    rows::row_id(collection, &rows::key_text(key), generation)
 }
 
 /// The registry, grouped by app file.
@@ -417,11 +421,7 @@ impl Replica {
             }
             .into());
         };
-        let tables: Vec<Tracked> = registry
-            .iter()
-            .filter(|t| t.app == app)
-            .cloned()
-            .collect();
+        let tables: Vec<Tracked> = registry.iter().filter(|t| t.app == app).cloned().collect();
         let mut file = AppFile::open(&app, tables)?;
         loop {
             let mut report = TrackReport::default();

@@ -137,15 +137,24 @@ mod tests {
         assert_ne!(a, row_id("todos", r#"["a"]"#, 1));
         assert_ne!(a, row_id("todo", r#"s["a"]"#, 0));
         assert_ne!(a, row_id("notes", r#"["a"]"#, 0));
-        assert_eq!(generation_of("todos", r#"["a"]"#, &row_id("todos", r#"["a"]"#, 5), 8), Some(5));
+        assert_eq!(
+            generation_of("todos", r#"["a"]"#, &row_id("todos", r#"["a"]"#, 5), 8),
+            Some(5)
+        );
         // A pinned value: ids must never change between versions, or replicas stop meeting.
         assert_eq!(a.to_string(), "4JiTTkrEHjVTyqKfqWdxtfcjd4gQ");
     }
 
     #[test]
     fn keys_and_values() {
-        let body = json!({"id": "a", "n": 2, "x": null}).as_object().unwrap().clone();
-        assert_eq!(key_of(&body, &["id".into(), "n".into()]), Some(vec![json!("a"), json!(2)]));
+        let body = json!({"id": "a", "n": 2, "x": null})
+            .as_object()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            key_of(&body, &["id".into(), "n".into()]),
+            Some(vec![json!("a"), json!(2)])
+        );
         assert_eq!(key_of(&body, &["x".into()]), None);
         assert_eq!(key_text(&[json!("a"), json!(2)]), r#"["a",2]"#);
         assert!(same(&SqlValue::Integer(2), &json!(2)));
@@ -154,6 +163,9 @@ mod tests {
         assert!(!same(&SqlValue::Text("2".into()), &json!(2)));
         assert!(same(&SqlValue::Null, &json!(null)));
         assert_eq!(to_sql(&json!(true)), SqlValue::Integer(1));
-        assert_eq!(to_sql(&json!({"a": 1})), SqlValue::Text(r#"{"a":1}"#.into()));
+        assert_eq!(
+            to_sql(&json!({"a": 1})),
+            SqlValue::Text(r#"{"a":1}"#.into())
+        );
     }
 }

@@ -116,12 +116,23 @@ mod tests {
 
     #[test]
     fn accepts_text_and_composite_keys() {
-        let s = shape("CREATE TABLE t (id TEXT PRIMARY KEY, title TEXT, n INTEGER)", false).unwrap();
+        let s = shape(
+            "CREATE TABLE t (id TEXT PRIMARY KEY, title TEXT, n INTEGER)",
+            false,
+        )
+        .unwrap();
         assert_eq!(s.columns, ["id", "title", "n"]);
         assert_eq!(s.key, ["id"]);
-        let s = shape("CREATE TABLE t (b TEXT, a INTEGER, v, PRIMARY KEY (a, b))", false).unwrap();
+        let s = shape(
+            "CREATE TABLE t (b TEXT, a INTEGER, v, PRIMARY KEY (a, b))",
+            false,
+        )
+        .unwrap();
         assert_eq!(s.key, ["a", "b"]);
-        let s = shape("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT) WITHOUT ROWID", false);
+        let s = shape(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT) WITHOUT ROWID",
+            false,
+        );
         assert_eq!(s.unwrap().key, ["id"]);
     }
 

@@ -37,6 +37,7 @@ mod relay_sync;
 mod shared_file;
 mod sim;
 mod tls;
+mod track;
 
 /// Every file in `tests/it/` is a module of this binary: a file without its `mod` line above
 /// would be compiled by nobody and its tests silently never run.

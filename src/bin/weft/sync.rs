@@ -92,7 +92,10 @@ pub(crate) fn sync(db: &std::path::Path, args: SyncArgs) -> CliResult {
     if tracking && args.mode.once {
         let report = replica.sync_tracked()?;
         if report.folded > 0 {
-            eprintln!("tracked tables: {} captured row changes folded in", report.folded);
+            eprintln!(
+                "tracked tables: {} captured row changes folded in",
+                report.folded
+            );
         }
     }
     let tracker = if tracking && args.mode.watch {
