@@ -553,3 +553,140 @@ fn added_columns_keep_replicating() {
         .unwrap();
     assert_eq!(doc.body["tag"], "only in a");
 }
+
+/// `weft track sync` on `db`, as a child process.
+fn track_sync(db: &Path) -> std::process::Child {
+    support::weft_command()
+        .args(["--db"])
+        .arg(db)
+        .args(["track", "sync"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGKILLs `weft track sync` runs at random moments until one finishes by itself (at most
+/// `kills` kills), then runs one to the end. Returns how many were killed.
+fn kill_until_done(
+    db: &Path,
+    rng: &mut support::SplitMix64,
+    kills: usize,
+    max_delay_ms: u64,
+) -> usize {
+    let mut killed = 0;
+    while killed < kills {
+        let mut child = track_sync(db);
+        let delay = Duration::from_millis(rng.range(2, max_delay_ms));
+        let start = Instant::now();
+        let finished = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "track sync failed: {status:?}");
+                break true;
+            }
+            if start.elapsed() >= delay {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if finished {
+            return killed;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        killed += 1;
+    }
+    let status = track_sync(db).wait().unwrap();
+    assert!(status.success());
+    killed
+}
+
+#[test]
+fn kill_9_while_folding_or_applying_loses_nothing_and_doubles_nothing() {
+    let seed = support::seed("track kill -9");
+    let mut rng = support::SplitMix64::new(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let (app_a, app_b) = (app(dir.path(), "a.sqlite"), app(dir.path(), "b.sqlite"));
+    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    for (db, app) in [(&db_a, &app_a), (&db_b, &app_b)] {
+        support::weft(
+            db,
+            &[
+                "track",
+                "add",
+                "--app",
+                app.to_str().unwrap(),
+                "--table",
+                "todos",
+            ],
+        )
+        .ok();
+    }
+    // 1,500 rows, each inserted and then updated twice, in separate statements: 4,500
+    // captured changes while weft is not running.
+    const ROWS: usize = 1500;
+    py(
+        &app_a,
+        &format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
+             INSERT INTO todos (id, title, score) SELECT printf('row%05d', i), 'v0', i FROM n;
+             UPDATE todos SET title = 'v1';
+             UPDATE todos SET title = 'v2', done = 1;"
+        ),
+    );
+    let killed = kill_until_done(&db_a, &mut rng, 6, 500);
+    eprintln!("fold: {killed} runs of `weft track sync` killed with SIGKILL");
+
+    // Every captured change is in the replica exactly once: each row's document is the row,
+    // and has exactly three local changes (created, v1, v2), none folded twice.
+    let ra = Replica::open(&db_a).unwrap();
+    let docs = ra.list("todos").unwrap();
+    assert_eq!(docs.len(), ROWS);
+    let mut per_doc = std::collections::HashMap::new();
+    for e in ra.changes_since(0, usize::MAX, Some("todos")).unwrap() {
+        assert_eq!(e.origin, Origin::Local);
+        *per_doc.entry(e.id).or_insert(0) += 1;
+    }
+    assert!(
+        per_doc.values().all(|n| *n == 3),
+        "changes per document: {:?}",
+        per_doc
+            .values()
+            .filter(|n| **n != 3)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    for d in &docs {
+        assert_eq!(
+            (d.body["title"].as_str(), d.body["done"].as_i64()),
+            (Some("v2"), Some(1)),
+            "{}",
+            d.body
+        );
+    }
+    let pending: i64 = rusqlite::Connection::open(&app_a)
+        .unwrap()
+        .query_row("SELECT count(*) FROM _weft_capture", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(pending, 0);
+
+    // Every applied remote change is in the table: b gets a's documents by bundle, and its
+    // write-back is killed as often.
+    let bundle = dir.path().join("a.bundle");
+    support::weft(&db_a, &["export-bundle", bundle.to_str().unwrap()]).ok();
+    support::weft(&db_b, &["import-bundle", bundle.to_str().unwrap()]).ok();
+    let killed = kill_until_done(&db_b, &mut rng, 6, 150);
+    eprintln!("write-back: {killed} runs killed");
+    assert_eq!(rows(&app_b), rows(&app_a));
+    assert_eq!(
+        captures_ever(&app_b),
+        0,
+        "b's write-back was captured: echo"
+    );
+    let rb = Replica::open(&db_b).unwrap();
+    let applied: i64 = rusqlite::Connection::open(&app_b)
+        .unwrap()
+        .query_row("SELECT applied_seq FROM _weft_state", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(applied as u64, rb.last_seq());
+}

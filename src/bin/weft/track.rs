@@ -34,6 +34,9 @@ pub(crate) enum TrackCmd {
         #[arg(long)]
         json: bool,
     },
+    /// One pass now, without a relay: fold in what the apps' triggers captured, write into the
+    /// tables what the replica received (from a bundle, say). `sync` does this by itself.
+    Sync,
     /// Stop tracking a table: fold in what was captured, then drop the triggers and weft's
     /// tables from the app's file. The table's rows and the documents stay.
     Remove {
@@ -99,6 +102,21 @@ pub(crate) fn track(db: &Path, cmd: TrackCmd) -> CliResult {
                     .map_err(output_err)?;
                 }
             }
+            Ok(())
+        }
+        TrackCmd::Sync => {
+            let replica = open(db)?;
+            let report = replica.sync_tracked()?;
+            eprintln!(
+                "tracked tables: {} captured changes folded in, {} rows written{}",
+                report.folded,
+                report.applied,
+                if report.refused > 0 {
+                    format!(", {} refused (see the log)", report.refused)
+                } else {
+                    String::new()
+                }
+            );
             Ok(())
         }
         TrackCmd::Remove { app, table } => {
