@@ -275,16 +275,19 @@ impl Replica {
     }
 
     /// Runs commands in one step (one transaction), for drivers inside the crate.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) fn execute_commands(&self, commands: Vec<Command>) -> Vec<Result<Output>> {
         self.execute(commands)
     }
 
     /// A key of this replica's own metadata (`Command::PutMeta`).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.lock().store.meta(key)?)
     }
 
     /// The catalog row of a document, live or tombstone; `None` when unknown here.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) fn record(&self, id: &DocumentId) -> Result<Option<DocRecord>> {
         Ok(self.lock().store.get(id)?)
     }

@@ -9,6 +9,36 @@
 //! collection that the replica received back into the table, without capturing those writes
 //! again. See `ARCHITECTURE.md` ("Tracked tables") for the design and its limits.
 //!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let app_path = dir.path().join("app.sqlite");
+//! use weft::Replica;
+//! use weft::track::{TrackSpec, Tracker};
+//!
+//! // The app's own file and table, written with plain SQL (any language, any ORM).
+//! let app = rusqlite::Connection::open(&app_path)?;
+//! app.execute_batch("CREATE TABLE todos (id TEXT PRIMARY KEY, title TEXT, done INTEGER)")?;
+//! app.execute("INSERT INTO todos VALUES ('t1', 'buy milk', 0)", [])?;
+//!
+//! let replica = Replica::open(dir.path().join("replica.db"))?;
+//! let (_tracked, report) = replica.track(TrackSpec::new(&app_path, "todos"))?;
+//! assert_eq!(report.folded, 1); // the row that was there is a document now
+//! assert_eq!(replica.list("todos")?[0].body["title"], "buy milk");
+//!
+//! // The triggers capture later writes; a pass folds them in (and writes back what the
+//! // replica received from elsewhere).
+//! app.execute("UPDATE todos SET done = 1 WHERE id = 't1'", [])?;
+//! replica.sync_tracked()?;
+//! assert_eq!(replica.list("todos")?[0].body["done"], 1);
+//!
+//! // Live: a tracker next to `replica.connect(url, options)` runs a pass whenever the app or
+//! // the replica commits.
+//! let tracker = Tracker::spawn(&replica)?;
+//! tracker.stop();
+//! # Ok(()) }
+//! ```
+//!
 //! This module uses rusqlite on the app's file and the replica's public commands only; it
 //! never reaches into the engine.
 
