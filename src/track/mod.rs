@@ -513,3 +513,74 @@ impl Replica {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A row the app changed, captured but not folded in, and a remote change of the same row
+    /// waiting in the replica: the write-back gives way to the fold, and the row ends with both.
+    #[test]
+    fn a_pending_local_edit_is_merged_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app_a, app_b) = (dir.path().join("a.sqlite"), dir.path().join("b.sqlite"));
+        for app in [&app_a, &app_b] {
+            Connection::open(app)
+                .unwrap()
+                .execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, x TEXT, y TEXT)")
+                .unwrap();
+        }
+        Connection::open(&app_a)
+            .unwrap()
+            .execute("INSERT INTO t VALUES ('k', 'x0', 'y0')", [])
+            .unwrap();
+        let ra = Replica::open(dir.path().join("a.db")).unwrap();
+        let rb = Replica::open(dir.path().join("b.db")).unwrap();
+        ra.track(TrackSpec::new(&app_a, "t")).unwrap();
+        rb.track(TrackSpec::new(&app_b, "t")).unwrap();
+        let share = |from: &Replica, to: &Replica| {
+            let bundle = from.export_bundle(&crate::BundleScope::All).unwrap();
+            to.import_bundle(&bundle).unwrap();
+        };
+        share(&ra, &rb);
+        rb.sync_tracked().unwrap();
+
+        // b's app edits x (captured, not folded); a's edit of y reaches b's replica.
+        let b_app = Connection::open(&app_b).unwrap();
+        b_app.execute("UPDATE t SET x = 'x-from-b'", []).unwrap();
+        Connection::open(&app_a)
+            .unwrap()
+            .execute("UPDATE t SET y = 'y-from-a'", [])
+            .unwrap();
+        ra.sync_tracked().unwrap();
+        share(&ra, &rb);
+
+        let tracked = rb.tracked().unwrap();
+        let mut file = AppFile::open(&app_b, tracked.clone()).unwrap();
+        file.refresh_shapes().unwrap();
+        let mut report = TrackReport::default();
+        let folded_up_to = fold::folded_up_to(&rb, &file).unwrap();
+        assert!(matches!(
+            apply::apply(&rb, &mut file, &tracked[0], folded_up_to, &mut report).unwrap(),
+            apply::Applied::FoldFirst
+        ));
+        let row = |c: &Connection| -> (String, String) {
+            c.query_row("SELECT x, y FROM t", [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+        };
+        assert_eq!(
+            row(&b_app),
+            ("x-from-b".into(), "y0".into()),
+            "nothing overwritten"
+        );
+
+        file.pass(&rb).unwrap();
+        assert_eq!(row(&b_app), ("x-from-b".into(), "y-from-a".into()));
+        let doc = &rb.list("t").unwrap()[0];
+        assert_eq!(
+            doc.body,
+            json!({"id": "k", "x": "x-from-b", "y": "y-from-a"})
+        );
+    }
+}

@@ -690,3 +690,71 @@ fn kill_9_while_folding_or_applying_loses_nothing_and_doubles_nothing() {
         .unwrap();
     assert_eq!(applied as u64, rb.last_seq());
 }
+
+/// The README's worked example, with real processes: `weft track add` twice, `weft serve`,
+/// two `weft sync --watch`, plain SQL on both app files.
+#[test]
+fn the_readme_example_converges_with_real_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app_a, app_b) = (app(dir.path(), "a.sqlite"), app(dir.path(), "b.sqlite"));
+    let (db_a, db_b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    for (db, app) in [(&db_a, &app_a), (&db_b, &app_b)] {
+        support::weft(
+            db,
+            &[
+                "track",
+                "add",
+                "--app",
+                app.to_str().unwrap(),
+                "--table",
+                "todos",
+            ],
+        )
+        .ok();
+    }
+    let relay = support::relay::RelayProcess::start_with(&dir.path().join("relay"), &[]);
+    let watch = |db: &Path| {
+        KillOnDrop(
+            support::weft_command()
+                .arg("--db")
+                .arg(db)
+                .args(["sync", "--watch", "--server", &relay.url])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _children = [watch(&db_a), watch(&db_b)];
+
+    py(
+        &app_a,
+        "INSERT INTO todos (id, title) VALUES ('t1', 'buy milk');",
+    );
+    wait_until(
+        "b sees a's insert",
+        || rows(&app_b),
+        |r| *r == ["t1|buy milk|0|NULL|NULL"],
+    );
+    py(
+        &app_b,
+        "UPDATE todos SET done = 1 WHERE id = 't1'; INSERT INTO todos (id, title) VALUES ('t2', 'call mum');",
+    );
+    let want = vec![
+        "t1|buy milk|1|NULL|NULL".to_owned(),
+        "t2|call mum|0|NULL|NULL".to_owned(),
+    ];
+    wait_until("a sees b's edits", || rows(&app_a), |r| *r == want);
+    py(&app_a, "DELETE FROM todos WHERE id = 't1';");
+    wait_until("b sees a's delete", || rows(&app_b), |r| *r == want[1..]);
+}
+
+/// A child process killed when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
