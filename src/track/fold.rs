@@ -141,6 +141,13 @@ fn plan(
             tracing::warn!(table = %c.table, key = %c.key, "a captured key is not a JSON array");
             continue;
         };
+        if key_values.iter().any(Value::is_null) {
+            // SQLite lets a non-INTEGER primary key column of a rowid table hold NULL, and
+            // every such row would be the same document.
+            report.refused += 1;
+            tracing::warn!(table = %c.table, key = %c.key, "a row whose primary key holds NULL is not carried");
+            continue;
+        }
         let key = key_text(&key_values);
         let docs = match keys.entry((c.table.clone(), key.clone())) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),

@@ -227,7 +227,9 @@ impl AppFile {
             reason,
         };
         if !path.is_file() {
-            return Err(app_err("no such file".into()));
+            return Err(app_err(
+                "no such file (if it moved for good, `weft track remove --app PATH --table T` forgets its tables)".into(),
+            ));
         }
         let conn = Connection::open_with_flags(
             path,
@@ -439,7 +441,15 @@ impl Replica {
     /// its captured changes and row map (and the `_weft_` tables when no table is left). The
     /// table and the documents stay.
     pub fn untrack(&self, app: &Path, table: &str) -> Result<()> {
-        let app = absolute(app)?;
+        let missing = !app.exists();
+        let app = if missing {
+            std::path::absolute(app).map_err(|e| TrackError::AppFile {
+                path: app.to_owned(),
+                reason: e.to_string(),
+            })?
+        } else {
+            absolute(app)?
+        };
         let mut registry = self.tracked()?;
         let Some(at) = registry
             .iter()
@@ -451,6 +461,12 @@ impl Replica {
             }
             .into());
         };
+        if missing {
+            // The app's file is gone, and with it whatever it had captured: forget the table.
+            tracing::warn!(app = %app.display(), table, "the app's file is gone; forgetting its tracked table");
+            registry.remove(at);
+            return self.put_registry(&registry);
+        }
         let tables: Vec<Tracked> = registry.iter().filter(|t| t.app == app).cloned().collect();
         let mut file = AppFile::open(&app, tables)?;
         loop {

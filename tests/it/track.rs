@@ -455,6 +455,50 @@ fn tables_weft_cannot_carry_are_refused_with_the_reason() {
         taken.stderr
     );
 
+    // A row whose key is NULL (SQLite allows it in a TEXT key of a rowid table) is refused,
+    // counted and logged; the pass goes on.
+    py(
+        &app,
+        "INSERT INTO notes VALUES (NULL, 'no key'); INSERT INTO notes VALUES ('n1', 'fine');",
+    );
+    let pass = support::weft(&db, &["track", "sync"]).ok();
+    assert!(pass.stderr.contains("1 refused"), "{}", pass.stderr);
+
+    // An app file that went away: passes fail saying so and how to forget it; remove forgets.
+    let gone = dir.path().join("gone.sqlite");
+    py(&gone, SCHEMA);
+    support::weft(
+        &db,
+        &[
+            "track",
+            "add",
+            "--app",
+            gone.to_str().unwrap(),
+            "--table",
+            "todos",
+        ],
+    )
+    .ok();
+    std::fs::remove_file(&gone).unwrap();
+    let failed = support::weft(&db, &["track", "sync"]).runtime_error();
+    assert!(
+        failed.stderr.contains("no such file") && failed.stderr.contains("track remove"),
+        "{}",
+        failed.stderr
+    );
+    support::weft(
+        &db,
+        &[
+            "track",
+            "remove",
+            "--app",
+            gone.to_str().unwrap(),
+            "--table",
+            "todos",
+        ],
+    )
+    .ok();
+
     // Remove folds in what was captured first, then leaves the app's file as it was.
     py(
         &app,
