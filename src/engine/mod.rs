@@ -124,10 +124,16 @@ pub enum Input {
     /// state and every session's Automerge sync states (which believe those frames went
     /// out), and initiators reconcile again.
     StorageFailed { docs: Vec<DocumentId> },
-    /// Someone else (another process on the same file) wrote to storage: drop every loaded
-    /// document and continue the change feed at `next_seq`. Send only between transactions,
-    /// when nothing is uncommitted.
-    StorageChanged { next_seq: u64 },
+    /// Someone else (another process on the same file, another relay node on the same
+    /// database) wrote to storage: drop the loaded documents they changed and continue the
+    /// change feed at `next_seq`. Send only between transactions, when nothing is
+    /// uncommitted.
+    StorageChanged {
+        next_seq: u64,
+        /// The documents the other writers changed, from their feed entries: only these are
+        /// dropped from memory. `None` when they could not be read: everything is dropped.
+        changed: Option<Vec<DocumentId>>,
+    },
     /// Changes another process committed to our storage (its change-feed entries since our
     /// last step, after `StorageChanged`): sent to the sessions like our own, so a connected
     /// replica forwards what a CLI next to it wrote.
@@ -351,8 +357,17 @@ impl Engine {
                 self.dirty.clear();
                 self.evict_idle();
             }
-            Input::StorageChanged { next_seq } => {
-                self.docs.retain(|id, _| self.dirty.contains(id));
+            Input::StorageChanged { next_seq, changed } => {
+                match changed {
+                    Some(changed) => {
+                        for id in changed {
+                            if !self.dirty.contains(&id) {
+                                self.docs.remove(&id);
+                            }
+                        }
+                    }
+                    None => self.docs.retain(|id, _| self.dirty.contains(id)),
+                }
                 self.next_seq = self.next_seq.max(next_seq);
             }
             Input::External { events } => self.external(events, &mut fx),

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub(crate) sessions_refused: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
     pub(crate) sync_latency: Histogram,
+    /// The PostgreSQL LISTEN connection's counters (relay nodes sharing a database).
+    #[cfg(feature = "postgres")]
+    pub(crate) listen: std::sync::Arc<super::pg_listen::ListenCounters>,
 }
 
 /// Upper bounds (seconds) of the sync latency histogram's buckets.
@@ -90,7 +93,13 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with the document counts read from the replica.
-    pub fn render(&self, documents_stored: Option<u64>, documents_loaded: usize) -> String {
+    /// `store` is the store's own counters (`Store::counters`: name, help, value).
+    pub fn render(
+        &self,
+        documents_stored: Option<u64>,
+        documents_loaded: usize,
+        store: &[(&'static str, &'static str, u64)],
+    ) -> String {
         let mut out = String::with_capacity(1024);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = write!(
@@ -173,6 +182,37 @@ impl Metrics {
             "Documents held in memory (the active set; idle ones are unloaded).",
             documents_loaded as u64,
         );
+        for (name, help, value) in store {
+            metric(name, "counter", help, *value);
+        }
+        #[cfg(feature = "postgres")]
+        {
+            let l = &self.listen;
+            metric(
+                "weft_pg_listen_connected",
+                "gauge",
+                "1 while the LISTEN connection for other relay nodes' changes is up.",
+                get(&l.connected),
+            );
+            metric(
+                "weft_pg_notifications_total",
+                "counter",
+                "Change notifications received from relay nodes sharing the database.",
+                get(&l.notifications),
+            );
+            metric(
+                "weft_pg_polls_total",
+                "counter",
+                "Reads of the other nodes' change-feed entries prompted by notifications or reconnects.",
+                get(&l.polls),
+            );
+            metric(
+                "weft_pg_listen_reconnects_total",
+                "counter",
+                "Times the LISTEN connection was lost or could not be made.",
+                get(&l.reconnects),
+            );
+        }
         self.sync_latency.render(
             &mut out,
             "weft_sync_latency_seconds",

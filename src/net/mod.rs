@@ -28,6 +28,8 @@ mod client;
 mod connection;
 mod http;
 mod metrics;
+#[cfg(feature = "postgres")]
+mod pg_listen;
 mod rate;
 pub(crate) mod router;
 mod server;
@@ -109,6 +111,10 @@ pub struct RelayConfig {
     /// The collection that automerge-repo clients (`/automerge`) read and write: the
     /// documents they create live there, and they can open only documents stored there.
     pub automerge_collection: String,
+    /// When the replica is stored in PostgreSQL with other relay nodes: the database to
+    /// `LISTEN` on for their changes (see `store::postgres`).
+    #[cfg(feature = "postgres")]
+    pub listen_postgres: Option<tokio_postgres::Config>,
 }
 
 impl RelayConfig {
@@ -145,6 +151,8 @@ impl RelayConfig {
             max_db_size: None,
             limits: crate::Limits::default(),
             automerge_collection: "automerge".to_owned(),
+            #[cfg(feature = "postgres")]
+            listen_postgres: None,
         }
     }
 }

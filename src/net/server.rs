@@ -76,6 +76,15 @@ pub async fn run_with_replica(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let housekeeping = tokio::spawn(housekeep(shared.replica.clone(), stop_rx.clone()));
+    #[cfg(feature = "postgres")]
+    let listener_task = shared.config.listen_postgres.clone().map(|config| {
+        tokio::spawn(super::pg_listen::run(
+            config,
+            shared.replica.clone(),
+            shared.metrics.listen.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -113,6 +122,10 @@ pub async fn run_with_replica(
         tasks.shutdown().await;
     }
     let _ = housekeeping.await;
+    #[cfg(feature = "postgres")]
+    if let Some(task) = listener_task {
+        let _ = task.await;
+    }
     let replica = shared.replica.clone();
     // The last handle to the applier: its thread finishes what is queued and stops.
     drop(shared);
@@ -305,13 +318,13 @@ async fn serve_stream(
         },
         Route::Metrics => {
             let replica = shared.replica.clone();
-            let (stored, loaded) = tokio::task::spawn_blocking(move || {
+            let (stored, loaded, store) = tokio::task::spawn_blocking(move || {
                 let stored = replica.counts().ok().map(|(live, _, _)| live);
-                (stored, replica.loaded_documents())
+                (stored, replica.loaded_documents(), replica.store_counters())
             })
             .await
-            .unwrap_or((None, 0));
-            let body = shared.metrics.render(stored, loaded);
+            .unwrap_or((None, 0, Vec::new()));
+            let body = shared.metrics.render(stored, loaded, &store);
             http::respond(
                 &mut stream,
                 "200 OK",

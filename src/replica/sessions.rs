@@ -282,6 +282,11 @@ impl Replica {
     }
 
     /// How many documents are in memory (loaded or kept as their saved bytes).
+    /// The store's own counters (see [`Store::counters`](crate::store::Store::counters)).
+    pub fn store_counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.lock().store.counters()
+    }
+
     pub fn loaded_documents(&self) -> usize {
         self.lock().engine.loaded_docs()
     }
@@ -292,9 +297,21 @@ impl Replica {
     /// connections and subscriptions call it every 50 ms, the relay every second.
     pub fn poll_external(&self) -> Result<bool> {
         let inner = self.lock();
-        if !inner.store.changed_elsewhere()? {
+        let changed = inner.store.changed_elsewhere();
+        drop(inner);
+        let changed = match changed {
+            Ok(changed) => changed,
+            Err(e) => {
+                // A store that cannot even be asked (a database server gone) is failing:
+                // `/healthz` says so until a probe or a step commits again.
+                self.note_storage(&Storage::Failed(e.clone()));
+                return Err(e.into());
+            }
+        };
+        if !changed {
             return Ok(false);
         }
+        let inner = self.lock();
         match self.step(inner, Vec::new(), 0, 0).storage {
             Storage::Failed(e) => Err(Error::Store(e)),
             Storage::Committed | Storage::Untouched => Ok(true),

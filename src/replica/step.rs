@@ -223,15 +223,24 @@ fn begin(inner: &mut Inner, now: i64) -> std::result::Result<Vec<ChangeEvent>, S
         return Ok(Vec::new());
     }
     let ours = inner.engine.next_seq();
-    let external = inner
-        .store
-        .changes_since(ours.saturating_sub(1), usize::MAX, None)
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "reading the other process's changes failed");
-            Vec::new()
-        });
+    let (external, changed) =
+        match inner
+            .store
+            .changes_since(ours.saturating_sub(1), usize::MAX, None)
+        {
+            Ok(events) => {
+                let changed = events.iter().map(|e| e.id).collect();
+                (events, Some(changed))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading the other process's changes failed");
+                (Vec::new(), None)
+            }
+        };
     let next_seq = inner.store.max_seq().map(|s| s + 1).unwrap_or(0);
-    let _ = inner.engine.handle(now, Input::StorageChanged { next_seq });
+    let _ = inner
+        .engine
+        .handle(now, Input::StorageChanged { next_seq, changed });
     Ok(external)
 }
 

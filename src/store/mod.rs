@@ -11,6 +11,8 @@
 //! Only `sqlite.rs` knows SQL.
 
 pub mod mem;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -19,7 +21,7 @@ use automerge::ChangeHash;
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::{ChangeEvent, StorageOp, StoredDoc};
 use crate::id::{DocumentId, ReplicaId};
-use crate::protocol::{CatalogEntry, CatalogSummary};
+use crate::protocol::{CatalogEntry, CatalogSummary, Digest};
 use crate::query::Query;
 
 /// How hard a commit works to be durable.
@@ -116,9 +118,67 @@ pub trait Store: Send {
     /// Checks that a write commits (a small write in its own transaction), to learn that
     /// storage works again after a failure (a disk that has room again).
     fn probe(&mut self) -> Result<(), StoreError>;
+    /// The store's own counters for monitoring (name, help, value), e.g. the PostgreSQL
+    /// store's connections and commits. None by default.
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
     /// Whether this store writes; [`StoreMode::ReadWrite`] unless opened read-only.
     fn mode(&self) -> StoreMode {
         StoreMode::ReadWrite
+    }
+}
+
+/// Catalog summaries per scope, cached by the SQL stores (see `SqliteStore`).
+#[derive(Default)]
+pub(crate) struct SummaryCache {
+    pub(crate) version: i64,
+    pub(crate) by_scope: std::collections::HashMap<Option<Vec<String>>, CatalogSummary>,
+    /// The summaries hold writes of the open transaction: if it does not commit, they are
+    /// wrong and must go (a summary that counts a write the disk refused would make a
+    /// session report "in sync" over data that was never stored).
+    pub(crate) uncommitted: bool,
+}
+
+impl SummaryCache {
+    /// The open transaction will not commit: drop whatever it taught the cache.
+    pub(crate) fn abandon(&mut self) {
+        if self.uncommitted {
+            self.by_scope.clear();
+            self.uncommitted = false;
+        }
+    }
+
+    /// Whether a cached summary covers documents of `collection`.
+    pub(crate) fn covers(&self, collection: &str) -> bool {
+        self.by_scope.keys().any(|scope| match scope {
+            None => true,
+            Some(names) => names.iter().any(|n| n == collection),
+        })
+    }
+
+    /// A document of `collection` went from digest `old` (`None`: new) to `new`: every
+    /// cached summary covering it is updated in place (XOR), so no rescan is needed.
+    pub(crate) fn update(
+        &mut self,
+        collection: &str,
+        id: &DocumentId,
+        old: Option<Digest>,
+        new: Digest,
+    ) {
+        for (scope, summary) in self.by_scope.iter_mut() {
+            let covered = match scope {
+                None => true,
+                Some(names) => names.iter().any(|n| n == collection),
+            };
+            if covered {
+                if let Some(old) = old {
+                    summary.remove(id, old);
+                }
+                summary.add(id, new);
+                self.uncommitted = true;
+            }
+        }
     }
 }
 
@@ -134,6 +194,16 @@ pub enum StoreError {
     Sqlite {
         code: Option<rusqlite::ErrorCode>,
         extended: Option<i32>,
+        message: String,
+    },
+    /// PostgreSQL reported an error, or the connection to it failed (`connection`: the
+    /// server could not be reached or the connection was lost; the store connects again on
+    /// its next use). `code` is the SQLSTATE when the server sent one.
+    #[cfg(feature = "postgres")]
+    #[error("postgres: {message}")]
+    Postgres {
+        code: Option<String>,
+        connection: bool,
         message: String,
     },
     /// The file could not be opened.

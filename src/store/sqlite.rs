@@ -11,7 +11,8 @@ use rusqlite::{
 use serde_json::Value;
 
 use super::{
-    DocRecord, Durability, Store, StoreError, StoreMode, USER_META, decode_heads, encode_heads,
+    DocRecord, Durability, Store, StoreError, StoreMode, SummaryCache, USER_META, decode_heads,
+    encode_heads,
 };
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::{ChangeEvent, ChangeKind, ChunkKind, StorageOp, StoredChunk, StoredDoc};
@@ -108,52 +109,6 @@ pub struct SqliteStore {
     mode: StoreMode,
     /// The file, as shown in messages.
     path: String,
-}
-
-#[derive(Default)]
-struct SummaryCache {
-    version: i64,
-    by_scope: std::collections::HashMap<Option<Vec<String>>, CatalogSummary>,
-    /// The summaries hold writes of the open transaction: if it does not commit, they are
-    /// wrong and must go (a summary that counts a write the disk refused would make a
-    /// session report "in sync" over data that was never stored).
-    uncommitted: bool,
-}
-
-impl SummaryCache {
-    /// The open transaction will not commit: drop whatever it taught the cache.
-    fn abandon(&mut self) {
-        if self.uncommitted {
-            self.by_scope.clear();
-            self.uncommitted = false;
-        }
-    }
-
-    /// Whether a cached summary covers documents of `collection`.
-    fn covers(&self, collection: &str) -> bool {
-        self.by_scope.keys().any(|scope| match scope {
-            None => true,
-            Some(names) => names.iter().any(|n| n == collection),
-        })
-    }
-
-    /// A document of `collection` went from digest `old` (`None`: new) to `new`: every
-    /// cached summary covering it is updated in place (XOR), so no rescan is needed.
-    fn update(&mut self, collection: &str, id: &DocumentId, old: Option<Digest>, new: Digest) {
-        for (scope, summary) in self.by_scope.iter_mut() {
-            let covered = match scope {
-                None => true,
-                Some(names) => names.iter().any(|n| n == collection),
-            };
-            if covered {
-                if let Some(old) = old {
-                    summary.remove(id, old);
-                }
-                summary.add(id, new);
-                self.uncommitted = true;
-            }
-        }
-    }
 }
 
 /// Whether SQLite failed because it cannot create or open the `-wal` and `-shm` files it needs

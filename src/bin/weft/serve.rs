@@ -12,9 +12,15 @@ pub(crate) struct ServeArgs {
     /// The address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:7420")]
     listen: String,
-    /// The relay's data directory (created if missing).
+    /// The relay's data directory (created if missing); its replica is DATA/relay.db unless
+    /// --store says otherwise.
     #[arg(long, default_value = "./weft-data")]
     data: PathBuf,
+    /// Where the relay's replica lives: `postgres://USER@HOST:PORT/DB` (several relay nodes may
+    /// share one database; its tables are created on first start), or `sqlite:PATH`. Default:
+    /// DATA/relay.db.
+    #[arg(long, env = "WEFT_STORE", value_parser = parse_store)]
+    store: Option<StoreUrl>,
     /// Open WebSocket sessions at most.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
@@ -47,6 +53,29 @@ pub(crate) struct ServeArgs {
     /// The collection that automerge-repo clients (ws://HOST:PORT/automerge) read and write.
     #[arg(long, default_value = "automerge", value_parser = parse_collection)]
     automerge_collection: String,
+}
+
+/// Where `--store` puts the replica.
+#[derive(Clone, Debug)]
+pub(crate) enum StoreUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+fn parse_store(s: &str) -> Result<StoreUrl, String> {
+    if let Some(path) = s.strip_prefix("sqlite:") {
+        if path.is_empty() {
+            return Err("sqlite: needs a path, e.g. sqlite:/var/lib/weft/relay.db".into());
+        }
+        return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+    }
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        weft::store::postgres::parse_url(s).map_err(|e| e.to_string())?;
+        return Ok(StoreUrl::Postgres(s.to_owned()));
+    }
+    Err(format!(
+        "{s:?} is not a store: use postgres://USER@HOST:PORT/DB or sqlite:PATH"
+    ))
 }
 
 fn parse_collection(name: &str) -> Result<String, String> {
@@ -100,9 +129,33 @@ pub(crate) fn serve(args: ServeArgs) -> CliResult {
         let data = args.data.clone();
         let mut options = replica_options();
         options.limits = config.limits;
+        let store = args.store.clone();
+        if let Some(StoreUrl::Postgres(url)) = &store {
+            // Its own connection LISTENs for the other nodes' changes.
+            config.listen_postgres = Some(
+                url.parse()
+                    .map_err(|e| CliError::Input(format!("--store: {e}")))?,
+            );
+        }
         let replica = tokio::task::spawn_blocking(move || -> CliResult<Replica> {
-            std::fs::create_dir_all(&data).map_err(io_err("creating", &data))?;
-            Ok(Replica::open_with(data.join("relay.db"), options)?)
+            match store {
+                Some(StoreUrl::Postgres(url)) => {
+                    let pg = weft::store::postgres::parse_url(&url).map_err(weft::Error::from)?;
+                    let store =
+                        weft::store::postgres::PgStore::open(pg).map_err(weft::Error::from)?;
+                    let shown = std::path::PathBuf::from(store.shown().to_owned());
+                    eprintln!(
+                        "weft: the relay's replica is in PostgreSQL at {}",
+                        shown.display()
+                    );
+                    Ok(Replica::with_store(Box::new(store), shown, options)?)
+                }
+                Some(StoreUrl::Sqlite(path)) => Ok(Replica::open_with(path, options)?),
+                None => {
+                    std::fs::create_dir_all(&data).map_err(io_err("creating", &data))?;
+                    Ok(Replica::open_with(data.join("relay.db"), options)?)
+                }
+            }
         })
         .await
         .map_err(|e| CliError::Io(format!("opening the relay's database: {e}")))??;
