@@ -129,10 +129,15 @@ impl Engine {
                     let Some(p) = self.peers.get_mut(&peer) else {
                         continue;
                     };
-                    if on_demand || !p.states.contains_key(&id) {
+                    let in_memory = matches!(
+                        self.docs.get(&id).map(|e| &e.state),
+                        Some(DocState::Live(_))
+                    );
+                    if on_demand || !p.states.contains_key(&id) || !in_memory {
                         // First change of this document in the session: its stored sync state
                         // must be read first. (An on-demand peer's document may not even be
-                        // in memory: the work loads it.)
+                        // in memory: the work loads it; nor one another process changed, whose
+                        // stale copy was dropped.)
                         p.busy = true;
                         self.queue
                             .push_back(Work::Peer(peer, PeerWork::SendSync(id)));

@@ -583,6 +583,19 @@ impl PgStore {
     }
 }
 
+impl Drop for PgStore {
+    /// The synchronous client closes its connection by blocking on a runtime of its own,
+    /// which panics inside another runtime (a replica's last handle may go away in async
+    /// code): close it on a thread of its own.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.get_mut().take() {
+            let _ = std::thread::Builder::new()
+                .name("weft-pg-close".into())
+                .spawn(move || drop(conn));
+        }
+    }
+}
+
 fn pg_int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }

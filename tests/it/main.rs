@@ -30,6 +30,8 @@ mod faults;
 mod fuzz_replay;
 mod limits;
 mod mem_store;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod read_only;
 mod relay_security;
 mod relay_shell;

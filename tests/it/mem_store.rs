@@ -27,7 +27,7 @@ fn persist(kv: &mut Kv, journal: &Journal) {
     }
 }
 
-fn options(clock: &Arc<AtomicI64>, seed: u64) -> ReplicaOptions {
+pub(crate) fn options(clock: &Arc<AtomicI64>, seed: u64) -> ReplicaOptions {
     let c = clock.clone();
     ReplicaOptions {
         seed: Some(seed),
@@ -47,7 +47,7 @@ fn memory(kv: &Kv, clock: &Arc<AtomicI64>, seed: u64) -> (Replica, Journal) {
 }
 
 /// Everything a reader can see of a replica, as comparable values.
-fn view(r: &Replica) -> serde_json::Value {
+pub(crate) fn view(r: &Replica) -> serde_json::Value {
     let docs = |q: Query| {
         r.query(&q)
             .unwrap()
@@ -90,7 +90,7 @@ fn view(r: &Replica) -> serde_json::Value {
     })
 }
 
-fn edit(r: &Replica, rng: &mut StdRng, ids: &mut Vec<weft::DocumentId>) {
+pub(crate) fn edit(r: &Replica, rng: &mut StdRng, ids: &mut Vec<weft::DocumentId>) {
     let roll = rng.random_range(0..10);
     if roll < 4 || ids.is_empty() {
         let collection = if rng.random_range(0..2) == 0 {

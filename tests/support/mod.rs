@@ -7,6 +7,8 @@
 
 pub mod faulty_store;
 pub mod hostile;
+#[cfg(feature = "postgres")]
+pub mod pg;
 #[cfg(feature = "net")]
 pub mod relay;
 
