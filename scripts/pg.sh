@@ -23,8 +23,10 @@ start)
     if [ -z "$bin" ] || [ ! -x "$bin/initdb" ]; then
         [ "$(id -u)" = 0 ] || { echo "PostgreSQL is not installed (apt-get install postgresql-15)" >&2; exit 1; }
         echo "installing PostgreSQL from Debian's packages" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15 >/dev/null \
-            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15 >/dev/null; }
+        # (Another apt-get may be running beside this one: wait for its lock.)
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 postgresql-15 >/dev/null \
+            || { apt-get update -q -o DPkg::Lock::Timeout=600 >/dev/null \
+                 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 postgresql-15 >/dev/null; }
         bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
     fi
     mkdir -p "$dir"

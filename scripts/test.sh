@@ -68,8 +68,15 @@ if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$wasm_bindge
 fi
 if [ ! -x /usr/bin/chromium ]; then
     start_bg chromium as_root env DEBIAN_FRONTEND=noninteractive \
-        sh -c 'apt-get update -q && apt-get install -y -q chromium'
+        sh -c 'apt-get update -q && apt-get install -y -q -o DPkg::Lock::Timeout=600 chromium'
 fi
+# A private PostgreSQL cluster for the relay's PostgreSQL tests (scripts/pg.sh: initdb into a
+# temporary directory, 127.0.0.1 on a free port; Debian's postgresql-15 installed if missing),
+# stopped when this script exits.
+pg_dir=$(mktemp -d)
+trap 'scripts/pg.sh stop "$pg_dir" >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+start_bg postgres scripts/pg.sh start "$pg_dir"
+
 if [ ! -f wasm/node_modules/.package-lock.json ] || [ wasm/package-lock.json -nt wasm/node_modules/.package-lock.json ]; then
     # npm ci refuses the lock when a registry lacks the optional native packages of cbor-x's
     # cbor-extract (npm 11: "Missing: @cbor-extract/... from lock file"; this machine kind's
@@ -109,6 +116,10 @@ wait_bg npm
 start_bg package scripts/build-wasm.sh package
 
 step "tests"
+wait_bg postgres
+WEFT_TEST_PG=$(tail -1 "$bg_dir/postgres.log")
+export WEFT_TEST_PG
+echo "PostgreSQL for the tests: $WEFT_TEST_PG"
 # cargo-nextest (on these machines) runs each test as its own process, two at a time, the
 # slowest first (.config/nextest.toml); it does not run doc tests, so those run apart. Without
 # it: cargo test, which runs them all.

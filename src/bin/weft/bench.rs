@@ -38,6 +38,9 @@ const IDLE_CONCURRENCY: usize = 64;
 /// `weft bench fanout`.
 pub struct FanoutOptions {
     pub server: String,
+    /// Where the receivers connect, round-robin (relay nodes sharing one database); the
+    /// writer's `server` when empty.
+    pub receivers_at: Vec<String>,
     pub clients: usize,
     pub changes: u64,
     /// Writes per second.
@@ -165,13 +168,18 @@ async fn fanout_run(o: &FanoutOptions, replicas: Vec<Replica>) -> CliResult {
     let started = Instant::now();
     let connections: Vec<Connection> = replicas
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(k, r)| {
             let options = ConnectOptions {
                 token: o.token.clone(),
                 ca_file: o.ca_file.clone(),
                 ..ConnectOptions::default()
             };
-            r.connect(&o.server, options)
+            let server = match (k, o.receivers_at.len()) {
+                (0, _) | (_, 0) => &o.server,
+                (k, n) => &o.receivers_at[(k - 1) % n],
+            };
+            r.connect(server, options)
         })
         .collect();
     // Count every drop: the client reconnects by itself, which would hide a lost connection

@@ -18,6 +18,10 @@ pub(crate) enum BenchCmd {
         /// The relay's address, as `weft serve` prints it: ws://HOST:PORT.
         #[arg(long, value_parser = parse_server)]
         server: String,
+        /// Connect the receivers to these relays instead, round-robin (repeat; relay nodes
+        /// sharing one PostgreSQL database); the writer stays on --server.
+        #[arg(long = "receivers-at", value_parser = parse_server)]
+        receivers_at: Vec<String>,
         /// Receiving replicas (the writer comes on top).
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         clients: u32,
@@ -72,6 +76,7 @@ pub(crate) fn bench_cmd(cmd: BenchCmd) -> CliResult {
     match cmd {
         BenchCmd::Fanout {
             server,
+            receivers_at,
             clients,
             changes,
             rate,
@@ -82,6 +87,7 @@ pub(crate) fn bench_cmd(cmd: BenchCmd) -> CliResult {
             ca_file,
         } => bench::fanout(bench::FanoutOptions {
             server,
+            receivers_at,
             clients: clients as usize,
             changes,
             rate,
