@@ -21,7 +21,9 @@ use automerge::ChangeHash;
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::{ChangeEvent, StorageOp, StoredDoc};
 use crate::id::{DocumentId, ReplicaId};
-use crate::protocol::{CatalogEntry, CatalogSummary, Digest};
+use crate::protocol::{CatalogEntry, CatalogSummary};
+#[cfg(feature = "sqlite")]
+use crate::protocol::Digest;
 use crate::query::Query;
 
 /// How hard a commit works to be durable.
@@ -130,6 +132,7 @@ pub trait Store: Send {
 }
 
 /// Catalog summaries per scope, cached by the SQL stores (see `SqliteStore`).
+#[cfg(feature = "sqlite")]
 #[derive(Default)]
 pub(crate) struct SummaryCache {
     pub(crate) version: i64,
@@ -140,6 +143,7 @@ pub(crate) struct SummaryCache {
     pub(crate) uncommitted: bool,
 }
 
+#[cfg(feature = "sqlite")]
 impl SummaryCache {
     /// The open transaction will not commit: drop whatever it taught the cache.
     pub(crate) fn abandon(&mut self) {

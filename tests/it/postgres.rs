@@ -92,7 +92,7 @@ async fn two_nodes_converge_live_and_a_race_on_one_document_merges() {
     // Written through node 1, pushed live to node 2's client (no polling by the client).
     let mut feed = b.subscribe(Scope::All, b.last_seq());
     let id = a.create("todos", json!({"title": "via node 1"})).unwrap();
-    let (event, mut feed) = tokio::task::spawn_blocking(move || {
+    let (event, feed) = tokio::task::spawn_blocking(move || {
         let e = feed.next_timeout(LIMIT).unwrap().expect("reached b");
         (e, feed)
     })
@@ -342,4 +342,70 @@ async fn a_postgres_restart_is_reported_refused_and_recovered_from() {
     assert_eq!(counts.0, 100);
     ca.close().await;
     n1.stop().await;
+}
+
+/// The README's example: two `weft serve --store postgres://...` processes, a `weft sync
+/// --watch` client on each, a document written through one shows up through the other.
+#[test]
+fn the_readme_example_two_node_processes_converge_live() {
+    let url = pg::fresh_database();
+    let dir = tempfile::tempdir().unwrap();
+    let n1 = RelayProcess::start_with(&dir.path().join("n1"), &["--store", &url]);
+    let n2 = RelayProcess::start_with(&dir.path().join("n2"), &["--store", &url]);
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let watch = |db: &std::path::Path, server: &str| {
+        Watch(
+            support::weft_command()
+                .arg("--db")
+                .arg(db)
+                .args(["sync", "--watch", "--server", server])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _watching = [watch(&a, &n1.url), watch(&b, &n2.url)];
+    let id = support::weft(
+        &a,
+        &[
+            "doc",
+            "create",
+            "--collection",
+            "todos",
+            "--json",
+            r#"{"title":"one truth"}"#,
+        ],
+    )
+    .ok();
+    let id = id.stdout.trim().to_owned();
+    let start = Instant::now();
+    loop {
+        let got = support::weft(&b, &["doc", "get", &id]);
+        if got.code == Some(0) {
+            assert_eq!(got.stdout.trim(), r#"{"title":"one truth"}"#);
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "b never got the document: {got:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And back, through the other node.
+    support::weft(&b, &["doc", "update", &id, "--merge", r#"{"done":true}"#]).ok();
+    let start = Instant::now();
+    while support::weft(&a, &["doc", "get", &id]).stdout.trim()
+        != r#"{"done":true,"title":"one truth"}"#
+    {
+        assert!(start.elapsed() < LIMIT, "a never got b's edit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed when the test ends, also when it fails.
+struct Watch(std::process::Child);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
