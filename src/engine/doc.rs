@@ -25,6 +25,18 @@ impl Default for CompactionPolicy {
     }
 }
 
+impl CompactionPolicy {
+    /// For a store other processes write too (relay nodes over one PostgreSQL database):
+    /// another node's edit makes this one reload the document, snapshot and every
+    /// incremental chunk, so chunks are folded after 32 of them rather than 1,024.
+    pub fn shared_store() -> Self {
+        Self {
+            max_incremental_chunks: 32,
+            ..Self::default()
+        }
+    }
+}
+
 /// The state of a document the engine knows about.
 pub(crate) enum DocState {
     /// Loaded and editable.

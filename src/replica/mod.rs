@@ -58,6 +58,11 @@ pub struct ReplicaOptions {
     /// Where time comes from (milliseconds since the Unix epoch); the system clock by default.
     /// Simulations pass a clock they advance themselves.
     pub clock: Clock,
+    /// When a document's incremental chunks are folded into one snapshot. A relay node that
+    /// shares its store with other nodes reloads a document after each of their edits, and a
+    /// reload reads every chunk: such a node compacts sooner
+    /// ([`CompactionPolicy::shared_store`](crate::engine::CompactionPolicy::shared_store)).
+    pub compaction: crate::engine::CompactionPolicy,
     /// How deep, how many operations and how large a document may be: documents received
     /// from peers or bundles beyond them are refused, and so are local writes that would
     /// exceed them (`Error::Limit`).
@@ -74,6 +79,7 @@ impl Default for ReplicaOptions {
             seed: None,
             max_size: None,
             clock: Clock::system(),
+            compaction: crate::engine::CompactionPolicy::default(),
             limits: crate::Limits::default(),
         }
     }
@@ -219,6 +225,7 @@ impl Replica {
         config.rate_limited_retry_ms =
             i64::try_from(options.rate_limited_retry.as_millis()).unwrap_or(i64::MAX);
         config.limits = options.limits;
+        config.compaction = options.compaction;
         let engine = Engine::new(config);
         tracing::debug!(path = %path.display(), replica = %engine.replica_id(), "replica opened");
         Ok(Self {

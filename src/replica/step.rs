@@ -250,13 +250,30 @@ fn begin(inner: &mut Inner, now: i64) -> std::result::Result<Vec<ChangeEvent>, S
 fn answer_reads(inner: &mut Inner, now: i64, fx: &mut Effects) {
     loop {
         if !fx.loads.is_empty() {
-            for id in std::mem::take(&mut fx.loads) {
-                let result = inner.store.load(&id);
+            let ids = std::mem::take(&mut fx.loads);
+            let results = inner.store.load_many(&ids);
+            for (id, result) in ids.into_iter().zip(results) {
                 fx.extend(inner.engine.handle(now, Input::Loaded { id, result }));
             }
         } else if !fx.whole_reads.is_empty() {
-            for (peer, id) in std::mem::take(&mut fx.whole_reads) {
-                let result = inner.store.load(&id);
+            // A document several sessions need whole (created by another process, say) is
+            // read once for all of them.
+            let reads = std::mem::take(&mut fx.whole_reads);
+            let mut ids: Vec<DocumentId> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for (_, id) in &reads {
+                if seen.insert(*id) {
+                    ids.push(*id);
+                }
+            }
+            let results = inner.store.load_many(&ids);
+            let by_id: std::collections::HashMap<DocumentId, _> =
+                ids.into_iter().zip(results).collect();
+            for (peer, id) in reads {
+                let result = by_id
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| Err(StoreError::Corrupt("a read went unanswered".into())));
                 fx.extend(inner.engine.handle(now, Input::Whole { peer, id, result }));
             }
         } else if !fx.sync_state_reads.is_empty() {

@@ -21,9 +21,9 @@ use automerge::ChangeHash;
 use crate::bundle::{BundleEntry, BundleScope};
 use crate::engine::{ChangeEvent, StorageOp, StoredDoc};
 use crate::id::{DocumentId, ReplicaId};
-use crate::protocol::{CatalogEntry, CatalogSummary};
 #[cfg(feature = "sqlite")]
 use crate::protocol::Digest;
+use crate::protocol::{CatalogEntry, CatalogSummary};
 use crate::query::Query;
 
 /// How hard a commit works to be durable.
@@ -78,6 +78,11 @@ pub trait Store: Send {
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// What the engine needs to bring a document into memory.
     fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError>;
+    /// [`load`](Self::load) of several documents (answers in the order asked). A networked
+    /// store answers them in one round trip; the default asks one by one.
+    fn load_many(&self, ids: &[DocumentId]) -> Vec<Result<Option<StoredDoc>, StoreError>> {
+        ids.iter().map(|id| self.load(id)).collect()
+    }
     /// The persisted sync state of `id` with `peer`.
     fn load_sync_state(
         &self,

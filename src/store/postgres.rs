@@ -370,6 +370,60 @@ impl PgStore {
         self.with_client(|c| c.execute(sql, args))
     }
 
+    fn load_batch(&self, ids: &[DocumentId]) -> Result<Vec<Option<StoredDoc>>, StoreError> {
+        let wanted: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
+        let rows = self.query(
+            "SELECT doc_key, doc_id, collection, deleted, heads, snapshot FROM weft_documents
+             WHERE doc_id = ANY($1)",
+            &[&wanted],
+        )?;
+        let mut docs: HashMap<DocumentId, (i64, StoredDoc)> = HashMap::with_capacity(rows.len());
+        let mut live_keys = Vec::new();
+        for row in &rows {
+            let key: i64 = row.get(0);
+            let id = doc_id(row.get::<_, &[u8]>(1))?;
+            let deleted: bool = row.get(3);
+            let mut chunks = Vec::new();
+            if !deleted {
+                live_keys.push(key);
+                if let Some(bytes) = row.get::<_, Option<Vec<u8>>>(5) {
+                    chunks.push(StoredChunk {
+                        kind: ChunkKind::Snapshot,
+                        bytes,
+                    });
+                }
+            }
+            let doc = StoredDoc {
+                collection: row.get(2),
+                deleted,
+                heads: decode_heads(row.get::<_, &[u8]>(4))?,
+                chunks,
+            };
+            docs.insert(id, (key, doc));
+        }
+        if !live_keys.is_empty() {
+            let mut by_key: HashMap<i64, Vec<Vec<u8>>> = HashMap::new();
+            for row in self.query(
+                "SELECT doc_key, bytes FROM weft_chunks WHERE doc_key = ANY($1) ORDER BY doc_key, chunk_id",
+                &[&live_keys],
+            )? {
+                by_key.entry(row.get(0)).or_default().push(row.get(1));
+            }
+            for (key, doc) in docs.values_mut() {
+                for bytes in by_key.remove(key).unwrap_or_default() {
+                    doc.chunks.push(StoredChunk {
+                        kind: ChunkKind::Incremental,
+                        bytes,
+                    });
+                }
+            }
+        }
+        Ok(ids
+            .iter()
+            .map(|id| docs.get(id).map(|(_, doc)| doc.clone()))
+            .collect())
+    }
+
     fn incrementals(&self, key: i64) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self
             .query(
@@ -780,6 +834,18 @@ impl Store for PgStore {
             heads: decode_heads(row.get::<_, &[u8]>(3))?,
             chunks,
         }))
+    }
+
+    /// Two queries for up to a thousand documents: their catalog rows, then their chunks.
+    fn load_many(&self, ids: &[DocumentId]) -> Vec<Result<Option<StoredDoc>, StoreError>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(1000) {
+            match self.load_batch(batch) {
+                Ok(docs) => out.extend(docs.into_iter().map(Ok)),
+                Err(e) => out.extend(batch.iter().map(|_| Err(e.clone()))),
+            }
+        }
+        out
     }
 
     fn load_sync_state(

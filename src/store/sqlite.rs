@@ -262,6 +262,9 @@ impl SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        // Again, under the write lock: another process may have been creating the file when
+        // it was first read (its tables committed since, with the id).
+        let app_id: i64 = tx.query_row("PRAGMA application_id", [], |r| r.get(0))?;
         if app_id != APPLICATION_ID {
             let tables: i64 =
                 tx.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;

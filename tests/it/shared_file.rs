@@ -115,3 +115,52 @@ fn a_write_blocked_by_another_writer_reports_sqlite_busy() {
     replica.create("todos", json!({"a": 1})).unwrap();
     assert_eq!(replica.list("todos").unwrap().len(), 1);
 }
+
+/// Processes that create the same new replica file at the same moment all open it: one
+/// creates the schema, the others see it done (they used to read the file's id before
+/// waiting for the creator's transaction and call the file "not a weft database").
+#[test]
+fn processes_creating_one_file_at_once_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..8 {
+        let db = dir.path().join(format!("new-{round}.db"));
+        let children: Vec<_> = (0..4)
+            .map(|i| {
+                crate::support::weft_command()
+                    .arg("--db")
+                    .arg(&db)
+                    .args(["doc", "create", "--json", &format!("{{\"i\":{i}}}")])
+                    .output_async()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(
+            weft::Replica::open(&db)
+                .unwrap()
+                .list("default")
+                .unwrap()
+                .len(),
+            4
+        );
+    }
+}
+
+trait OutputAsync {
+    fn output_async(&mut self) -> std::process::Child;
+}
+
+impl OutputAsync for std::process::Command {
+    fn output_async(&mut self) -> std::process::Child {
+        self.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}

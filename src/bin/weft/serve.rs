@@ -144,6 +144,10 @@ pub(crate) fn serve(args: ServeArgs) -> CliResult {
                     let store =
                         weft::store::postgres::PgStore::open(pg).map_err(weft::Error::from)?;
                     let shown = std::path::PathBuf::from(store.shown().to_owned());
+                    let options = weft::ReplicaOptions {
+                        compaction: weft::engine::CompactionPolicy::shared_store(),
+                        ..options
+                    };
                     eprintln!(
                         "weft: the relay's replica is in PostgreSQL at {}",
                         shown.display()
