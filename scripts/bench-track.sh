@@ -8,23 +8,32 @@
 #            rows a run). Also shown per run, from the same poller: when A's `_weft_capture` was
 #            empty again (A's tracker folded the rows into its replica and removed them), when B
 #            showed its first row of the run (B's first write-back transaction committed).
+#            After each run the poller waits until neither file changed for 0.5 s ("idle": the
+#            trackers' last commit). Also per run: the CPU seconds of A's and B's `sync --watch`,
+#            the relay and the poller, and of everything else on the machine (from /proc/stat).
 #   latency  UPDATES single-row UPDATEs in A, each its own transaction with a unique value,
 #            timed from its COMMIT until B's row shows the value (polled every 1 ms); before
 #            each, a random 0–25 ms pause, so that commits fall at random points of the
 #            trackers' 20 ms `PRAGMA data_version` poll. p50, p90, p99, max.
 #   echo     B's `_weft_capture` high-water mark (sqlite_sequence) before and after: rows that
 #            weft wrote into B must not be captured again (0 or unchanged). A's is shown too:
-#            it must grow by exactly the changes the app made in A.
+#            it must grow by exactly the changes the app made in A. Then A's and B's tables
+#            must be identical (every column of every row).
+# Each bulk run and the latency series start after a second in which the whole machine used
+# less than 0.1 CPU seconds (waiting at most TRACK_BENCH_QUIET_WAIT s; a run that started
+# without one is marked "not quiet before"): on 2 cores, anything else running is measured too.
 # Everything is repeated per journal mode of the app files (JOURNALS): SQLite's default
 # rollback journal ("delete") and WAL. With a rollback journal a reader and a writer of the same
-# file exclude each other, so the pollers and the trackers slow each other somewhat; with WAL
-# they do not. The replicas' own stores are WAL whatever the app's mode.
+# file exclude each other: a tracker's 20 ms `PRAGMA data_version` read that meets the app's
+# commit gets SQLITE_BUSY and waits in SQLite's busy handler (sleeps of 1, 2, 5, 10, 15, 20,
+# 25... ms), and the pollers wait for the trackers' commits likewise; with WAL readers do not
+# wait. The replicas' own stores are WAL whatever the app's mode.
 # Everything runs on 127.0.0.1 in a temporary directory removed on exit; every process is
 # started and stopped here; every wait is bounded. Not part of CI (scripts/test.sh).
 #
 # Knobs (environment): TRACK_BENCH_RUNS (5), TRACK_BENCH_ROWS (10000), TRACK_BENCH_UPDATES (200),
-# TRACK_BENCH_JOURNALS ("delete wal"), WEFT_BENCH_SKIP_BUILD=1 (use the built binary as is),
-# WEFT_BIN (the binary; default $CARGO_TARGET_DIR/release/weft or target/release/weft),
+# TRACK_BENCH_JOURNALS ("delete wal"), TRACK_BENCH_QUIET_WAIT (120), WEFT_BENCH_SKIP_BUILD=1
+# (use the built binary as is), WEFT_BIN (the binary; default $CARGO_TARGET_DIR/release/weft or target/release/weft),
 # TRACK_BENCH_LOG (WEFT_LOG of the two `sync --watch`, default warn; e.g.
 # weft::track=debug keeps timestamped passes in TRACK_BENCH_KEEP), TRACK_BENCH_KEEP=DIR (copy
 # the replicas' stderr logs there before the temporary directory goes).
@@ -147,7 +156,35 @@ def cpu():
         with open("/proc/%s/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         out[name] = (int(fields[11]) + int(fields[12])) / hz
+    t = os.times()
+    out["python"] = t.user + t.system
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    out["machine"] = (sum(fields[:8]) - fields[3] - fields[4]) / hz
     return out
+
+
+def machine_busy():
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / hz
+
+
+def wait_quiet():
+    """Waits (at most TRACK_BENCH_QUIET_WAIT seconds) for a second in which the machine was
+    busy for less than 0.1 CPU seconds: other work on a 2-core machine would be measured too.
+    Returns the seconds waited, negative when it gave up."""
+    limit = float(os.environ.get("TRACK_BENCH_QUIET_WAIT", "120"))
+    start = time.perf_counter()
+    while True:
+        b0 = machine_busy()
+        time.sleep(1)
+        if machine_busy() - b0 < 0.1:
+            return time.perf_counter() - start
+        if time.perf_counter() - start > limit:
+            return -(time.perf_counter() - start)
 
 
 def settle(ca, cb, t0, quiet=0.5):
@@ -171,6 +208,7 @@ def bulk(a, b, run, n):
     lo, hi = "r%02d-" % run, "r%02d." % run  # '.' sorts right after '-': the run's id range
     rows = [("r%02d-%06d" % (run, i), "todo %d of run %d" % (i, run), i % 2,
              "note %08x" % random.getrandbits(32)) for i in range(n)]
+    waited = wait_quiet()
     cpu0 = cpu()
     t_start = time.perf_counter()
     ca.execute("BEGIN")
@@ -199,7 +237,7 @@ def bulk(a, b, run, n):
     print(json.dumps({
         "run": run, "total": done - t0, "insert": t0 - t_start, "commit": t_commit - t0,
         "folded_a": folded - t0, "first_b": first - t0, "settled": settled - t0,
-        "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0},
+        "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0}, "waited_quiet": waited,
     }))
 
 
@@ -209,6 +247,9 @@ def latency(a, b, count):
     wait("the latency row on B", lambda: one(
         cb, "SELECT 1 FROM todos WHERE id = 'latency'"), 0.005)
     rng = random.Random(7)
+    waited = wait_quiet()
+    b0 = machine_busy()
+    t_begin = time.perf_counter()
     samples = []
     for i in range(count):
         time.sleep(rng.uniform(0, 0.025))
@@ -225,7 +266,8 @@ def latency(a, b, count):
             if time.perf_counter() - t0 > DEADLINE:
                 sys.exit("update %d never reached B" % i)
             time.sleep(0.001)
-    print(json.dumps({"samples": samples}))
+    print(json.dumps({"samples": samples, "waited_quiet": waited,
+                      "machine_cores_busy": (machine_busy() - b0) / (time.perf_counter() - t_begin)}))
 
 
 def hw(path):
@@ -236,9 +278,19 @@ def rowcount(path):
     print(one(connect(path), "SELECT count(*) FROM todos")[0])
 
 
+def digest(path):
+    """A digest of the whole table, every column, ordered by key: A and B must be equal."""
+    import hashlib
+    h = hashlib.sha256()
+    for row in connect(path).execute("SELECT id, title, done, note FROM todos ORDER BY id"):
+        h.update(repr(row).encode())
+    print(h.hexdigest()[:16])
+
+
 cmd, args = sys.argv[1], sys.argv[2:]
 {"mkapp": mkapp, "probe": probe, "bulk": lambda a, b, r, n: bulk(a, b, int(r), int(n)),
- "latency": lambda a, b, n: latency(a, b, int(n)), "hw": hw, "rowcount": rowcount}[cmd](*args)
+ "latency": lambda a, b, n: latency(a, b, int(n)), "hw": hw, "rowcount": rowcount,
+ "digest": digest}[cmd](*args)
 EOF
 app() { timeout 300 python3 "$T/app.py" "$@"; }
 
@@ -340,9 +392,11 @@ for journal in $JOURNALS; do
     hw_a1=$(app hw "$dir/a.sqlite")
     rows_a=$(app rowcount "$dir/a.sqlite")
     rows_b=$(app rowcount "$dir/b.sqlite")
+    same=false
+    [[ $(app digest "$dir/a.sqlite") == $(app digest "$dir/b.sqlite") ]] && same=true
     # The app's changes in A since the probe: RUNS*ROWS inserts, 1 insert + UPDATES updates.
     expect_a=$((hw_a0 + RUNS * ROWS + 1 + UPDATES))
-    REPORT+=("$journal|echo|{\"b_before\": $hw_b0, \"b_after\": $hw_b1, \"a_before\": $hw_a0, \"a_after\": $hw_a1, \"a_expected\": $expect_a, \"rows_a\": $rows_a, \"rows_b\": $rows_b}")
+    REPORT+=("$journal|echo|{\"b_before\": $hw_b0, \"b_after\": $hw_b1, \"a_before\": $hw_a0, \"a_after\": $hw_a1, \"a_expected\": $expect_a, \"rows_a\": $rows_a, \"rows_b\": $rows_b, \"same\": $same}")
     grep -E ' (WARN|ERROR) ' "$dir/a.log" "$dir/b.log" "$dir/relay.log" | head -5 >&2 || true
     stop "$PID_A" "$PID_B" "$RELAY_PID"
 done
@@ -360,40 +414,49 @@ bulk, lat, echo = defaultdict(list), {}, {}
 for line in sys.stdin:
     journal, kind, data = line.rstrip("\n").split("|", 2)
     d = json.loads(data)
-    {"bulk": lambda: bulk[journal].append(d), "latency": lambda: lat.__setitem__(journal, d["samples"]),
+    {"bulk": lambda: bulk[journal].append(d), "latency": lambda: lat.__setitem__(journal, d),
      "echo": lambda: echo.__setitem__(journal, d)}[kind]()
 ms = lambda s: "%.0f" % (s * 1000)
 print()
 print("bulk: %s rows in one transaction in A, from just before COMMIT until B holds all (ms)" % sys.argv[1])
 print("(executemany: before the clock starts; A folded: _weft_capture of A empty again; B first: the first")
 print("row of the run; idle: the last commit to A or B by the trackers; CPU: seconds from executemany to")
-print("B complete, per process)")
-print("| app journal | run | total | executemany | COMMIT | A folded | B first | idle | CPU A | CPU B | CPU relay |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("B complete, per process; other: CPU seconds the rest of the machine used meanwhile, /proc/stat;")
+print("each run starts after a quiet second, waiting up to TRACK_BENCH_QUIET_WAIT s for one)")
+print("| app journal | run | total | executemany | COMMIT | A folded | B first | idle | CPU A | CPU B | CPU relay | CPU poller | other |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+other = lambda c: c["machine"] - c["A"] - c["B"] - c["relay"] - c["python"]
+for runs in bulk.values():
+    for r in runs:
+        r["cpu"]["other"] = max(0.0, other(r["cpu"]))
 cpu = lambda r, k: "%.2f" % r["cpu"].get(k, float("nan"))
 for j, runs in bulk.items():
     for r in runs:
-        print("| %s | %d | **%s** | %s | %s | %s | %s | %s | %s | %s | %s |" % (j, r["run"], ms(r["total"]),
+        print("| %s | %d%s | **%s** | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (j, r["run"], " (not quiet before)" if r["waited_quiet"] < 0 else "", ms(r["total"]),
               ms(r["insert"]), ms(r["commit"]), ms(r["folded_a"]), ms(r["first_b"]), ms(r["settled"]),
-              cpu(r, "A"), cpu(r, "B"), cpu(r, "relay")))
+              cpu(r, "A"), cpu(r, "B"), cpu(r, "relay"), cpu(r, "python"), cpu(r, "other")))
     med = lambda k: ms(statistics.median(r[k] for r in runs))
     mcpu = lambda k: "%.2f" % statistics.median(r["cpu"][k] for r in runs)
-    print("| %s | median | **%s** | %s | %s | %s | %s | %s | %s | %s | %s |" % (j, med("total"), med("insert"),
-          med("commit"), med("folded_a"), med("first_b"), med("settled"), mcpu("A"), mcpu("B"), mcpu("relay")))
+    print("| %s | median | **%s** | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (j, med("total"), med("insert"),
+          med("commit"), med("folded_a"), med("first_b"), med("settled"), mcpu("A"), mcpu("B"), mcpu("relay"),
+          mcpu("python"), mcpu("other")))
 print()
 print("single-row UPDATE in A, from COMMIT until B shows it (ms)")
-print("| app journal | n | p50 | p90 | p99 | max | min |")
-print("|---|---:|---:|---:|---:|---:|---:|")
-for j, s in lat.items():
-    s = sorted(s)
+print("(machine busy: cores busy on average during the updates, all processes, weft and the poller too)")
+print("| app journal | n | p50 | p90 | p99 | max | min | machine busy |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for j, d in lat.items():
+    s = sorted(d["samples"])
     q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]
-    print("| %s | %d | %.1f | %.1f | %.1f | %.1f | %.1f |" % (j, len(s), q(.5) * 1e3, q(.9) * 1e3, q(.99) * 1e3,
-          s[-1] * 1e3, s[0] * 1e3))
+    print("| %s | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f%s |" % (j, len(s), q(.5) * 1e3, q(.9) * 1e3,
+          q(.99) * 1e3, s[-1] * 1e3, s[0] * 1e3, d["machine_cores_busy"],
+          " (not quiet before)" if d["waited_quiet"] < 0 else ""))
 print()
 print("echo: _weft_capture high-water (sqlite_sequence) before the runs -> after")
 for j, e in echo.items():
     ok_b = "ok, no echo" if e["b_after"] == e["b_before"] else "ECHO: B captured %d changes weft wrote" % (e["b_after"] - e["b_before"])
     ok_a = "ok" if e["a_after"] == e["a_expected"] else "UNEXPECTED (expected %d)" % e["a_expected"]
     print("  %s: B %d -> %d (%s); A %d -> %d (%s); rows A %d, B %d%s" % (j, e["b_before"], e["b_after"], ok_b,
-          e["a_before"], e["a_after"], ok_a, e["rows_a"], e["rows_b"], "" if e["rows_a"] == e["rows_b"] else " DIFFER"))
+          e["a_before"], e["a_after"], ok_a, e["rows_a"], e["rows_b"],
+          ", tables identical" if e["same"] else ", TABLES DIFFER"))
 ' "$ROWS"
