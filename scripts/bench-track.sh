@@ -250,7 +250,7 @@ def latency(a, b, count):
     waited = wait_quiet()
     b0 = machine_busy()
     t_begin = time.perf_counter()
-    samples = []
+    samples, at = [], []  # at: each commit's wall clock time, to compare with weft's logs
     for i in range(count):
         time.sleep(rng.uniform(0, 0.025))
         value = "update %d %08x" % (i, rng.getrandbits(32))
@@ -258,6 +258,7 @@ def latency(a, b, count):
         ca.execute("UPDATE todos SET note = ? WHERE id = 'latency'", (value,))
         ca.execute("COMMIT")
         t0 = time.perf_counter()
+        at.append(time.time())
         while True:
             r = one(cb, "SELECT note FROM todos WHERE id = 'latency'")
             if r and r[0] == value:
@@ -266,7 +267,7 @@ def latency(a, b, count):
             if time.perf_counter() - t0 > DEADLINE:
                 sys.exit("update %d never reached B" % i)
             time.sleep(0.001)
-    print(json.dumps({"samples": samples, "waited_quiet": waited,
+    print(json.dumps({"samples": samples, "at": at, "waited_quiet": waited,
                       "machine_cores_busy": (machine_busy() - b0) / (time.perf_counter() - t_begin)}))
 
 
@@ -386,6 +387,7 @@ for journal in $JOURNALS; do
     done
 
     res=$(app latency "$dir/a.sqlite" "$dir/b.sqlite" "$UPDATES")
+    echo "$journal latency: $res" >&2
     REPORT+=("$journal|latency|$res")
     sleep 1
     hw_b1=$(app hw "$dir/b.sqlite")
