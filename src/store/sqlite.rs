@@ -220,7 +220,7 @@ impl SqliteStore {
         };
         // Reading the header is the first thing that fails on a file that is not SQLite, and
         // on one whose `-wal` and `-shm` SQLite cannot create or open for writing.
-        let app_id: i64 = conn
+        let _: i64 = conn
             .query_row("PRAGMA application_id", [], |r| r.get(0))
             .map_err(|e| {
                 if cannot_share(&e) {

@@ -45,11 +45,14 @@ pub(crate) fn apply(
         return Ok(Applied::Done);
     };
     loop {
-        let applied: i64 = app.conn.query_row(
+        let stored: i64 = app.conn.query_row(
             "SELECT applied_seq FROM _weft_state WHERE tbl = ?1",
             [&table.table],
             |r| r.get(0),
         )?;
+        // Batches that wrote no row advance only this in-memory position (no commit, no
+        // fsync of the app's file): applying them again after a crash changes nothing.
+        let applied = stored.max(app.applied.get(&table.table).copied().unwrap_or(0));
         let events =
             replica.changes_since(applied.max(0) as u64, BATCH, Some(&table.collection))?;
         let Some(up_to) = events.last().map(|e| e.seq) else {
@@ -81,8 +84,15 @@ pub(crate) fn apply(
             .into_iter()
             .rev()
             .collect();
+        let before = report.applied + report.refused;
         for id in ids {
             apply_doc(replica, &tx, table, &shape, &id, report)?;
+        }
+        app.applied.insert(table.table.clone(), up_to as i64);
+        if report.applied + report.refused == before {
+            // Nothing written (our own folds, documents whose rows match): no commit.
+            drop(tx);
+            continue;
         }
         tx.execute(
             "UPDATE _weft_state SET applying = 0, applied_seq = ?2 WHERE tbl = ?1",

@@ -15,6 +15,11 @@ use super::{AppFile, TrackError, TrackReport};
 use crate::Replica;
 use crate::engine::Command;
 
+/// Folded rows are removed from the app's file once this many accumulated, or after
+/// [`CLEANUP_EVERY`].
+const CLEANUP_ROWS: usize = 5000;
+const CLEANUP_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Captured rows folded per replica transaction.
 const BATCH: usize = 5000;
 
@@ -97,8 +102,15 @@ pub(crate) fn fold(
         }
         report.folded += batch.len();
         cursor = last;
-        app.conn
-            .execute("DELETE FROM _weft_capture WHERE id <= ?1", [cursor])?;
+        app.folded_rows += batch.len();
+        // Folded rows are skipped by the cursor; removing them is housekeeping, done in
+        // batches (each removal is a commit, with an fsync, of the app's file).
+        if app.folded_rows >= CLEANUP_ROWS || app.last_cleanup.elapsed() >= CLEANUP_EVERY {
+            app.conn
+                .execute("DELETE FROM _weft_capture WHERE id <= ?1", [cursor])?;
+            app.folded_rows = 0;
+            app.last_cleanup = std::time::Instant::now();
+        }
     }
 }
 

@@ -218,6 +218,11 @@ pub(crate) struct AppFile {
     schema_version: i64,
     /// `PRAGMA data_version` at the last pass.
     data_version: i64,
+    /// Per table, how far into the feed the write-back got without writing (see `apply`).
+    pub applied: HashMap<String, i64>,
+    /// Captured rows folded since the folded ones were last removed from the app's file.
+    pub folded_rows: usize,
+    pub last_cleanup: std::time::Instant,
 }
 
 impl AppFile {
@@ -231,12 +236,15 @@ impl AppFile {
                 "no such file (if it moved for good, `weft track remove --app PATH --table T` forgets its tables)".into(),
             ));
         }
-        let conn = Connection::open_with_flags(
+        let mut conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| app_err(e.to_string()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // While the app commits, SQLite answers BUSY; its default busy handler then sleeps
+        // 1, 2, 5, 10 ... 25 ms between tries, which made a live tracker notice a commit up to
+        // 200 ms late. Retry every millisecond instead, for up to 10 s.
+        conn.busy_handler(Some(retry_every_millisecond))?;
         // The shapes are read (and checked against the installed triggers) by the first pass.
         Ok(AppFile {
             path: path.to_owned(),
@@ -245,6 +253,9 @@ impl AppFile {
             shapes: HashMap::new(),
             schema_version: -1,
             data_version: -1,
+            applied: HashMap::new(),
+            folded_rows: 0,
+            last_cleanup: std::time::Instant::now(),
         })
     }
 
@@ -326,6 +337,15 @@ impl AppFile {
         Ok(())
     }
 
+    /// Removes the captured rows the replica has folded in (a one-shot pass leaves none).
+    fn remove_folded(&mut self, replica: &Replica) -> Result<(), TrackError> {
+        let cursor = fold::folded_up_to(replica, self)?;
+        self.conn
+            .execute("DELETE FROM _weft_capture WHERE id <= ?1", [cursor])?;
+        self.folded_rows = 0;
+        Ok(())
+    }
+
     fn check_installed(&self, table: &Tracked) -> Result<(), TrackError> {
         let installed = install::has_tables(&self.conn)?
             && self.conn.query_row(
@@ -353,6 +373,11 @@ pub fn row_document_id(
     generation: u32,
 ) -> crate::DocumentId {
     rows::row_id(collection, &rows::key_text(key), generation)
+}
+
+fn retry_every_millisecond(tries: i32) -> bool {
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    tries < 10_000
 }
 
 /// The registry, grouped by app file.
@@ -488,6 +513,7 @@ impl Replica {
         for (app, tables) in by_app(self.tracked()?) {
             let mut file = AppFile::open(&app, tables)?;
             total.add(file.pass(self)?);
+            file.remove_folded(self)?;
         }
         Ok(total)
     }
