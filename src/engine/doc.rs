@@ -65,6 +65,9 @@ pub(crate) struct LiveDoc {
     pub snapshot_bytes: usize,
     pub incremental_bytes: usize,
     pub incremental_chunks: usize,
+    /// The store's cursor after the chunks this document was loaded from (see
+    /// `StoredDoc::cursor`).
+    pub cursor: Option<i64>,
 }
 
 impl LiveDoc {
@@ -76,6 +79,7 @@ impl LiveDoc {
             snapshot_bytes,
             incremental_bytes: 0,
             incremental_chunks: 0,
+            cursor: None,
         }
     }
 
@@ -113,6 +117,7 @@ impl LiveDoc {
             snapshot_bytes,
             incremental_bytes,
             incremental_chunks,
+            cursor: stored.cursor,
         })))
     }
 

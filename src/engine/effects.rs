@@ -143,6 +143,20 @@ pub struct StoredDoc {
     pub heads: Vec<ChangeHash>,
     /// In the order they were written; empty for a deleted document.
     pub chunks: Vec<StoredChunk>,
+    /// Where these chunks end, for a store that can later return only the chunks appended
+    /// after it ([`Store::chunks_after`](crate::store::Store::chunks_after)); `None` otherwise.
+    pub cursor: Option<i64>,
+}
+
+/// The chunks appended to a stored document after a cursor, with its stored heads: what
+/// another writer added since this process loaded it.
+#[derive(Clone, Debug)]
+pub struct NewChunks {
+    pub chunks: Vec<Vec<u8>>,
+    /// The cursor after these chunks.
+    pub cursor: i64,
+    pub heads: Vec<ChangeHash>,
+    pub deleted: bool,
 }
 
 /// One storage write. All writes of one [`Effects`] commit together.

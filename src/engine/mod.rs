@@ -49,7 +49,8 @@ use serde_json::{Map, Value};
 pub use command::{ChangeFn, Command, CommandId, DocumentSnapshot, ImportReport, Output};
 pub use doc::CompactionPolicy;
 pub use effects::{
-    ChangeEvent, ChangeKind, ChunkKind, Effects, Origin, StorageOp, StoredChunk, StoredDoc,
+    ChangeEvent, ChangeKind, ChunkKind, Effects, NewChunks, Origin, StorageOp, StoredChunk,
+    StoredDoc,
 };
 pub use reconcile::{CatalogAnswer, CatalogRead, ReadPurpose};
 pub use session::{PeerEvent, PeerId, RESYNC_QUIET_MS};
@@ -636,6 +637,52 @@ impl Engine {
             DocState::Absent | DocState::Saved { .. } => Touched::Absent,
             DocState::Broken(reason) => Touched::Broken(reason.clone()),
         }
+    }
+
+    /// The loaded documents among `ids` (not written in this step) whose store can return
+    /// only the chunks appended since they were loaded, with their cursors.
+    pub(crate) fn refreshable(&self, ids: &[DocumentId]) -> Vec<(DocumentId, i64)> {
+        ids.iter()
+            .filter(|id| !self.dirty.contains(id))
+            .filter_map(|id| match self.docs.get(id).map(|e| &e.state) {
+                Some(DocState::Live(live)) => live.cursor.map(|c| (*id, c)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Applies to a loaded document what another writer appended to it in storage. True when
+    /// it is now the stored version; otherwise it is dropped from memory (and loaded again
+    /// when needed): a compaction by the other writer, a tombstone, a failed read.
+    pub(crate) fn refresh(
+        &mut self,
+        id: DocumentId,
+        new: Result<Option<effects::NewChunks>, StoreError>,
+    ) -> bool {
+        let current = match (new, self.docs.get_mut(&id).map(|e| &mut e.state)) {
+            (Ok(Some(new)), Some(DocState::Live(live))) if !new.deleted => {
+                let mut applied = true;
+                for chunk in &new.chunks {
+                    if live.doc.load_incremental(chunk).is_err() {
+                        applied = false;
+                        break;
+                    }
+                    live.incremental_bytes += chunk.len();
+                    live.incremental_chunks += 1;
+                }
+                if applied && doc::check_heads(id, &live.doc.get_heads(), &new.heads).is_ok() {
+                    live.cursor = Some(new.cursor);
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        };
+        if !current {
+            self.docs.remove(&id);
+        }
+        current
     }
 
     fn live(&mut self, id: DocumentId) -> Result<&mut LiveDoc, Error> {

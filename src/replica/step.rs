@@ -229,7 +229,17 @@ fn begin(inner: &mut Inner, now: i64) -> std::result::Result<Vec<ChangeEvent>, S
             .changes_since(ours.saturating_sub(1), usize::MAX, None)
         {
             Ok(events) => {
-                let changed = events.iter().map(|e| e.id).collect();
+                let mut changed: Vec<DocumentId> = events.iter().map(|e| e.id).collect();
+                // Loaded documents the store can bring up to date with only what the other
+                // writers appended stay in memory; the rest are dropped and loaded again.
+                let mut current = std::collections::HashSet::new();
+                for (id, cursor) in inner.engine.refreshable(&changed) {
+                    let new = inner.store.chunks_after(&id, cursor);
+                    if inner.engine.refresh(id, new) {
+                        current.insert(id);
+                    }
+                }
+                changed.retain(|id| !current.contains(id));
                 (events, Some(changed))
             }
             Err(e) => {

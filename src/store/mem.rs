@@ -620,6 +620,7 @@ impl Store for MemStore {
 
     fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
         Ok(self.doc(id).map(|doc| StoredDoc {
+            cursor: None,
             collection: doc.collection.clone(),
             deleted: doc.deleted,
             heads: doc.heads.clone(),

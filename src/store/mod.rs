@@ -83,6 +83,17 @@ pub trait Store: Send {
     fn load_many(&self, ids: &[DocumentId]) -> Vec<Result<Option<StoredDoc>, StoreError>> {
         ids.iter().map(|id| self.load(id)).collect()
     }
+    /// The chunks appended to a stored document after `cursor` (see `StoredDoc::cursor`), with
+    /// its stored heads; `None` when the store cannot say (the document is then loaded
+    /// again whole) or the document is gone.
+    fn chunks_after(
+        &self,
+        id: &DocumentId,
+        cursor: i64,
+    ) -> Result<Option<crate::engine::NewChunks>, StoreError> {
+        let _ = (id, cursor);
+        Ok(None)
+    }
     /// The persisted sync state of `id` with `peer`.
     fn load_sync_state(
         &self,

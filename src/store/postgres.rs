@@ -398,19 +398,24 @@ impl PgStore {
                 deleted,
                 heads: decode_heads(row.get::<_, &[u8]>(4))?,
                 chunks,
+                cursor: (!deleted).then_some(0),
             };
             docs.insert(id, (key, doc));
         }
         if !live_keys.is_empty() {
-            let mut by_key: HashMap<i64, Vec<Vec<u8>>> = HashMap::new();
+            let mut by_key: HashMap<i64, Vec<(i64, Vec<u8>)>> = HashMap::new();
             for row in self.query(
-                "SELECT doc_key, bytes FROM weft_chunks WHERE doc_key = ANY($1) ORDER BY doc_key, chunk_id",
+                "SELECT doc_key, chunk_id, bytes FROM weft_chunks WHERE doc_key = ANY($1) ORDER BY doc_key, chunk_id",
                 &[&live_keys],
             )? {
-                by_key.entry(row.get(0)).or_default().push(row.get(1));
+                by_key
+                    .entry(row.get(0))
+                    .or_default()
+                    .push((row.get(1), row.get(2)));
             }
             for (key, doc) in docs.values_mut() {
-                for bytes in by_key.remove(key).unwrap_or_default() {
+                for (chunk_id, bytes) in by_key.remove(key).unwrap_or_default() {
+                    doc.cursor = doc.cursor.map(|c| c.max(chunk_id));
                     doc.chunks.push(StoredChunk {
                         kind: ChunkKind::Incremental,
                         bytes,
@@ -804,36 +809,37 @@ impl Store for PgStore {
     }
 
     fn load(&self, id: &DocumentId) -> Result<Option<StoredDoc>, StoreError> {
-        let Some(row) = self.query_opt(
-            "SELECT doc_key, collection, deleted, heads, snapshot FROM weft_documents WHERE doc_id = $1",
-            &[&id.as_bytes().as_slice()],
-        )?
-        else {
+        Ok(self.load_batch(std::slice::from_ref(id))?.pop().flatten())
+    }
+
+    /// The chunks appended after `cursor`, with the stored heads (one query).
+    fn chunks_after(
+        &self,
+        id: &DocumentId,
+        cursor: i64,
+    ) -> Result<Option<crate::engine::NewChunks>, StoreError> {
+        let rows = self.query(
+            "SELECT d.deleted, d.heads, c.chunk_id, c.bytes FROM weft_documents d
+             LEFT JOIN weft_chunks c ON c.doc_key = d.doc_key AND c.chunk_id > $2
+             WHERE d.doc_id = $1 ORDER BY c.chunk_id",
+            &[&id.as_bytes().as_slice(), &cursor],
+        )?;
+        let Some(first) = rows.first() else {
             return Ok(None);
         };
-        let key: i64 = row.get(0);
-        let deleted: bool = row.get(2);
-        let mut chunks = Vec::new();
-        if !deleted {
-            if let Some(bytes) = row.get::<_, Option<Vec<u8>>>(4) {
-                chunks.push(StoredChunk {
-                    kind: ChunkKind::Snapshot,
-                    bytes,
-                });
-            }
-            for bytes in self.incrementals(key)? {
-                chunks.push(StoredChunk {
-                    kind: ChunkKind::Incremental,
-                    bytes,
-                });
+        let mut new = crate::engine::NewChunks {
+            chunks: Vec::new(),
+            cursor,
+            heads: decode_heads(first.get::<_, &[u8]>(1))?,
+            deleted: first.get(0),
+        };
+        for row in &rows {
+            if let Some(chunk_id) = row.get::<_, Option<i64>>(2) {
+                new.cursor = new.cursor.max(chunk_id);
+                new.chunks.push(row.get(3));
             }
         }
-        Ok(Some(StoredDoc {
-            collection: row.get(1),
-            deleted,
-            heads: decode_heads(row.get::<_, &[u8]>(3))?,
-            chunks,
-        }))
+        Ok(Some(new))
     }
 
     /// Two queries for up to a thousand documents: their catalog rows, then their chunks.

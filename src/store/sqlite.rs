@@ -798,6 +798,7 @@ impl Store for SqliteStore {
             }
         }
         Ok(Some(StoredDoc {
+            cursor: None,
             collection,
             deleted,
             heads: decode_heads(&heads)?,
