@@ -237,7 +237,21 @@ impl SqliteStore {
                     not_weft(e.to_string())
                 }
             })?;
-        let journal: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        // Switching to WAL needs the file to itself, and SQLite answers BUSY at once (without
+        // its busy handler) while another process is creating or using it: retry, within the
+        // busy timeout.
+        let started = std::time::Instant::now();
+        let journal: String = loop {
+            match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+                Err(e)
+                    if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
+                        && started.elapsed() < options.busy_timeout =>
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                other => break other?,
+            }
+        };
         if !journal.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Open {
                 path: shown.to_owned(),
