@@ -113,10 +113,29 @@ function report(error) {
   $("status-detail").textContent = `${error.code ?? "Error"}: ${error.message}`;
 }
 
+const ROLES = {
+  leader: "this tab holds the replica for every tab",
+  follower: "this tab shares the replica of another tab",
+  single: "this tab has the replica to itself",
+};
+
+// The form never submits as a plain HTML form (that would reload the page and lose the
+// typed todo): it is handled here from the start, and enabled once the replica is open.
+let addTodo = null;
+$("add").addEventListener("submit", (event) => {
+  event.preventDefault();
+  addTodo?.();
+});
+
 async function main() {
+  // Every tab of this origin opens the same replica: one tab holds IndexedDB and the relay
+  // connection, the others share it (and take over when it closes).
   const replica = await Replica.open({ name, storage: "indexeddb" });
   $("replica-id").textContent = replica.id;
   $("relay-url").textContent = relayUrl;
+  const showRole = () => ($("role").textContent = ROLES[replica.role] ?? replica.role);
+  showRole();
+  replica.on("role", showRole);
 
   // Re-render after every committed change, local or from the relay (once per frame).
   let scheduled = false;
@@ -130,14 +149,14 @@ async function main() {
   });
   render(replica);
 
-  $("add").addEventListener("submit", (event) => {
-    event.preventDefault();
+  addTodo = () => {
     const input = $("title");
     const title = input.value.trim();
     if (!title) return;
     input.value = "";
     replica.create("todos", { title, done: false, created: Date.now() }).catch(report);
-  });
+  };
+  $("add-fields").disabled = false;
 
   const connection = replica.connect(relayUrl, { token });
   showStatus({ status: connection.status });

@@ -11,6 +11,15 @@ import "./emitter.js";
 import "./storage.js";
 
 let loading;
+let instance;
+
+/**
+ * The bytes of WebAssembly memory the engine holds in this page (0 before it loaded). Wasm
+ * memory only grows: this is the high-water mark of every replica opened here.
+ */
+export function wasmMemoryBytes() {
+  return instance?.memory?.buffer?.byteLength ?? 0;
+}
 
 /**
  * Loads and instantiates the WebAssembly module (once; `Replica.open` calls it). Pass
@@ -21,7 +30,10 @@ function init_(options) {
   loading ??= init(
     options ?? { module_or_path: new URL("../pkg/weft_wasm_bg.wasm", import.meta.url) },
   ).then(
-    () => wasm,
+    (exports) => {
+      instance = exports;
+      return wasm;
+    },
     (e) => {
       loading = undefined; // the next call tries again
       throw asWeftError(e, "Internal");
@@ -41,6 +53,7 @@ export const Replica = makeReplicaClass({
   indexedDB: () => globalThis.indexedDB,
   WebSocket: async () => globalThis.WebSocket,
   locks: () => globalThis.navigator?.locks,
+  BroadcastChannel: () => globalThis.BroadcastChannel,
   onlineEvents,
 });
 

@@ -544,7 +544,7 @@ export class Connection {
   }
 }
 
-function checkUrl(url) {
+export function checkUrl(url) {
   let parsed;
   try {
     parsed = new URL(String(url));

@@ -113,8 +113,27 @@ export interface OpenOptions {
   seed?: number;
   /** The clock, in ms since the epoch. Default `Date.now`. */
   now?: () => number;
-  /** How long to wait (ms) for another tab holding the same replica. Default 5000. */
+  /**
+   * Share the replica with the other tabs of this origin (default true where Web Locks and
+   * BroadcastChannel exist, with storage "indexeddb"): the first tab leads (IndexedDB, relay
+   * connections), the others follow through it; see `Replica.role`. With `false`, a second
+   * tab waits up to `lockTimeout` and then fails with code "Locked".
+   */
+  tabs?: boolean;
+  /**
+   * How long (ms) a following tab waits for the leading tab's first sync (then code
+   * "Timeout"), or, with `tabs: false`, for another tab to close the replica (then code
+   * "Locked"). Default 5000.
+   */
   lockTimeout?: number;
+}
+
+/** Which part this tab plays in a replica shared by tabs (see `OpenOptions.tabs`). */
+export type Role = "leader" | "follower" | "single";
+
+export interface RoleEvent {
+  /** The new role: "leader" when this tab took over after the leading tab closed. */
+  role: Role;
 }
 
 export interface ListOptions {
@@ -191,8 +210,8 @@ export interface EphemeralEvent {
    * client's peer id. The relay fills it in; nobody can send in another session's name.
    */
   sender: string;
-  /** The connection it came through. */
-  connection: Connection;
+  /** The connection it came through; null when it came through another tab (tab mode). */
+  connection: Connection | null;
   /** Why `data` is undefined: code "BadCbor". Never thrown: the event is still delivered. */
   error?: WeftError;
 }
@@ -200,6 +219,7 @@ export interface EphemeralEvent {
 export interface ReplicaEvents {
   ephemeral: EphemeralEvent;
   change: ChangeEvent;
+  role: RoleEvent;
 }
 
 export interface ConnectionEvents {
@@ -215,7 +235,12 @@ export interface ConnectionEvents {
   ephemeral: EphemeralEvent;
 }
 
-/** A live connection to a relay, from `replica.connect(url)`. */
+/**
+ * A live connection to a relay, from `replica.connect(url)`. In a replica shared by tabs the
+ * leading tab holds one WebSocket per relay (and token and collections) for every tab, and
+ * each tab's Connection mirrors its status; while no tab leads (between a leader closing and
+ * the next taking over) the status is "offline".
+ */
 export declare class Connection {
   private constructor();
   readonly url: string;
@@ -249,6 +274,15 @@ export declare class Connection {
 /**
  * A replica: documents in memory (the weft engine, WebAssembly), persisted to IndexedDB.
  * Writes resolve once durable; reads are synchronous.
+ *
+ * Shared by tabs (the default for IndexedDB in browsers): every tab of the origin that opens
+ * the same name gets the same replica. Reads stay synchronous in every tab: a following tab
+ * keeps its own in-memory copy, which receives other tabs' committed writes within
+ * milliseconds (its "change" events fire then); a write in a following tab is visible in
+ * that tab at once and resolves when the leading tab has stored it in IndexedDB (retried
+ * through the next leader if the leading tab closes first). `changes()`/`lastSeq()` and the
+ * `seq` of change events count this tab's copy: sequence numbers differ between tabs and the
+ * durable, resumable feed is the leading tab's.
  */
 export declare class Replica {
   private constructor();
@@ -262,6 +296,12 @@ export declare class Replica {
   readonly id: string;
   readonly name: string;
   readonly storage: "indexeddb" | "memory";
+  /**
+   * "leader": this tab holds the shared replica's storage and relay connections; "follower":
+   * it reaches them through the leading tab; "single": not shared. A "role" event says when a
+   * following tab took over.
+   */
+  readonly role: Role;
 
   /** Creates a document; resolves to its id once durable. */
   create(collection: string, body: JsonObject): Promise<string>;
@@ -289,8 +329,8 @@ export declare class Replica {
    */
   subscribe(callback: (event: ChangeEvent) => void, options?: ListenerOptions): () => void;
   /**
-   * Listens to "ephemeral" (data other sessions broadcast about documents this replica holds)
-   * or "change" (like `subscribe`); returns a function that removes the listener (so does
+   * Listens to "ephemeral" (data other sessions broadcast about documents this replica holds),
+   * "change" (like `subscribe`) or "role" (this tab took over the shared replica); returns a function that removes the listener (so does
    * aborting `options.signal`).
    */
   on<K extends keyof ReplicaEvents>(
@@ -302,8 +342,9 @@ export declare class Replica {
   /**
    * Sends ephemeral data (presence, cursors; never stored) about a document this replica holds
    * to every other session that may read it, through the connected relays; CBOR-encoded (see
-   * `EphemeralData`), at most 64 KiB encoded (else code "TooLarge"). Returns how many relay
-   * sessions it went to (0 when offline: nothing is queued).
+   * `EphemeralData`), at most 64 KiB encoded (else code "TooLarge"). Returns how many
+   * sessions it went to (0 when offline: nothing is queued); in a following tab, 1: the
+   * leading tab, which passes it on to the relays and the other tabs.
    */
   broadcast(id: string, data: EphemeralData): number;
 
@@ -324,6 +365,12 @@ export declare class Replica {
   /** Disconnects, waits for pending writes, releases the storage (and the tab lock). */
   close(): Promise<void>;
 }
+
+/**
+ * Bytes of WebAssembly memory the engine holds in this page (it only grows: the high-water
+ * mark of every replica opened here); 0 before it loaded. Browser build only.
+ */
+export declare function wasmMemoryBytes(): number;
 
 /**
  * Loads the WebAssembly module (`Replica.open` does it on first use). Browsers fetch it next

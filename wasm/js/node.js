@@ -8,6 +8,12 @@ import { asWeftError } from "./errors.js";
 import { makeReplicaClass } from "./replica.js";
 
 let loading;
+let instance;
+
+/** Bytes of WebAssembly memory the engine holds (0 before it loaded). */
+export function wasmMemoryBytes() {
+  return instance?.memory?.buffer?.byteLength ?? 0;
+}
 
 /** Loads and instantiates the WebAssembly module (once; `Replica.open` calls it). */
 function load(options) {
@@ -15,7 +21,7 @@ function load(options) {
     const bytes =
       options?.module_or_path ??
       (await readFile(new URL("../pkg/weft_wasm_bg.wasm", import.meta.url)));
-    await init({ module_or_path: bytes });
+    instance = await init({ module_or_path: bytes });
     return wasm;
   })().catch((e) => {
     loading = undefined; // the next call tries again

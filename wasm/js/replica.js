@@ -9,10 +9,11 @@
 // its write promises resolved and its change events published — in that order, batch after
 // batch. Calls made while a transaction is in flight gather in the next batch (group commit).
 
-import { newConnection } from "./connection.js";
+import { checkUrl, newConnection } from "./connection.js";
 import { Emitter } from "./emitter.js";
 import { asWeftError, weftError } from "./errors.js";
 import { IndexedDbStorage, MemoryStorage, deleteIndexedDb } from "./storage.js";
+import { Tabs, tabsSupported } from "./tabs.js";
 
 /** How often open sessions ask the engine whether it wants a tick. */
 const TICK_POLL_MS = 10;
@@ -22,7 +23,9 @@ const TICK_POLL_MS = 10;
  * - `loadCore()`: resolves to the wasm module's exports (`Core`, `version`) once initialized;
  * - `indexedDB()`: the IndexedDB factory, or undefined;
  * - `WebSocket()`: resolves to a WebSocket constructor (the browser's, or `ws` in Node);
- * - `locks()`: the Web Locks API (`navigator.locks`), or undefined.
+ * - `locks()`: the Web Locks API (`navigator.locks`), or undefined;
+ * - `BroadcastChannel()`: the BroadcastChannel constructor, or undefined (with `locks`, the
+ *   tabs of an origin share one replica: see tabs.js).
  */
 export function makeReplicaClass(platform) {
   /** The wasm module; a failure to load it is a WeftError. */
@@ -45,6 +48,10 @@ export function makeReplicaClass(platform) {
     #peers = new Map(); // peer number -> its connection's handle
     #connections = new Map(); // Connection -> its handle (see connection.js)
     #ticker = null;
+    #tabs = null; // the tabs sharing this replica (tab mode), see tabs.js
+    #wasm = null;
+    #now = null;
+    #forkSeq = 0; // a following tab's engine: the change feed position it was copied at
 
     /** Use `Replica.open()`. */
     constructor(token, core, storage, name, releaseLock) {
@@ -73,6 +80,9 @@ export function makeReplicaClass(platform) {
         );
       }
       const wasm = await loadCore();
+      if (storageKind === "indexeddb" && options.tabs !== false && tabsSupported(platform)) {
+        return Replica.#openShared(wasm, options, name);
+      }
       let storage;
       let releaseLock = () => {};
       if (storageKind === "indexeddb") {
@@ -103,6 +113,56 @@ export function makeReplicaClass(platform) {
       return replica;
     }
 
+    /**
+     * Tab mode: the first tab to open `name` leads (IndexedDB, relay connections); the others
+     * follow with an in-memory engine synced with the leader's (see tabs.js).
+     */
+    static async #openShared(wasm, options, name) {
+      const { seed, now } = options;
+      const timeout = options.lockTimeout ?? 5000;
+      const tabs = await Tabs.join(platform, name);
+      let storage;
+      let core;
+      try {
+        let records;
+        if (tabs.leading) {
+          storage = await IndexedDbStorage.open(platform.indexedDB(), name);
+          records = await storage.load();
+        } else {
+          // A follower starts from what the leader committed (a read-only snapshot, far
+          // faster than syncing every document over the channel) as a replica of its own;
+          // the session with the leader then brings only what changed since.
+          const snapshot = await IndexedDbStorage.open(platform.indexedDB(), name);
+          try {
+            records = forkRecords(await snapshot.load());
+          } finally {
+            snapshot.close();
+          }
+          storage = new MemoryStorage();
+        }
+        const coreOptions = { records, now: now ?? (() => Date.now()) };
+        if (seed !== undefined) coreOptions.seed = seed;
+        core = wasm.Core.open(coreOptions);
+      } catch (e) {
+        storage?.close();
+        tabs.close();
+        throw asWeftError(e, "Storage");
+      }
+      const replica = new Replica(OPEN, core, storage, name, () => tabs.close());
+      replica.#tabs = tabs;
+      replica.#forkSeq = tabs.leading ? 0 : core.lastSeq();
+      replica.#wasm = wasm;
+      replica.#now = now;
+      try {
+        await replica.#pump(true);
+        await tabs.attach(replica.#tabDriver(), timeout);
+      } catch (e) {
+        await replica.close().catch(() => {});
+        throw asWeftError(e, "Storage");
+      }
+      return replica;
+    }
+
     /** Deletes the IndexedDB database of replica `name` (close it first). */
     static async deleteStorage(name) {
       await deleteIndexedDb(platform.indexedDB(), name);
@@ -113,9 +173,19 @@ export function makeReplicaClass(platform) {
       return (await loadCore()).version();
     }
 
-    /** This replica's id. */
+    /** This replica's id (in a following tab: the id of the replica the tabs share). */
     get id() {
-      return this.#use().replicaId();
+      const core = this.#use();
+      return this.#tabs?.sharedId ?? core.replicaId();
+    }
+
+    /**
+     * "leader" (this tab holds the replica's storage and relay connections), "follower" (it
+     * reaches them through the leading tab), or "single" (not shared: memory storage, or no
+     * Web Locks / BroadcastChannel here, or `tabs: false`).
+     */
+    get role() {
+      return this.#tabs?.role ?? "single";
     }
 
     get name() {
@@ -124,7 +194,7 @@ export function makeReplicaClass(platform) {
 
     /** "indexeddb" or "memory". */
     get storage() {
-      return this.#storage.kind;
+      return this.#tabs ? "indexeddb" : this.#storage.kind;
     }
 
     // ----- documents -------------------------------------------------------------------
@@ -132,7 +202,10 @@ export function makeReplicaClass(platform) {
     /** Creates a document in `collection`; resolves to its id once it is durable. */
     async create(collection, body) {
       const id = this.#call((core) => core.create(collection, body));
+      // Its heads now, before anything else can change it.
+      const heads = this.#tabs?.leading === false ? this.#call((core) => core.get(id)).heads : [];
       await this.#pump(true);
+      await this.#durable(id, heads);
       return id;
     }
 
@@ -145,6 +218,7 @@ export function makeReplicaClass(platform) {
     async update(id, patch) {
       const heads = this.#call((core) => core.update(id, patch));
       await this.#pump(true);
+      await this.#durable(id, heads);
       return heads;
     }
 
@@ -152,6 +226,7 @@ export function makeReplicaClass(platform) {
     async set(id, path, value) {
       const heads = this.#call((core) => core.set(id, path, value));
       await this.#pump(true);
+      await this.#durable(id, heads);
       return heads;
     }
 
@@ -162,6 +237,7 @@ export function makeReplicaClass(platform) {
     async setText(id, path, text) {
       const heads = this.#call((core) => core.setText(id, path, text));
       await this.#pump(true);
+      await this.#durable(id, heads);
       return heads;
     }
 
@@ -169,6 +245,7 @@ export function makeReplicaClass(platform) {
     async splice(id, path, index, del, text) {
       const heads = this.#call((core) => core.splice(id, path, index, del, text));
       await this.#pump(true);
+      await this.#durable(id, heads);
       return heads;
     }
 
@@ -176,6 +253,7 @@ export function makeReplicaClass(platform) {
     async delete(id) {
       this.#call((core) => core.delete(id));
       await this.#pump(true);
+      await this.#durable(id, [], true);
     }
 
     /**
@@ -202,14 +280,17 @@ export function makeReplicaClass(platform) {
 
     /**
      * Listens to `type`: "ephemeral" (`{id, data, bytes, sender, connection, error?}`: ephemeral data
-     * another session broadcast about document `id`, see `broadcast`) or "change" (like
-     * `subscribe`). Returns a function that removes the listener; so does aborting
-     * `options.signal`.
+     * another session broadcast about document `id`, see `broadcast`), "change" (like
+     * `subscribe`) or "role" (`{role}`: this tab took over the shared replica, see `role`).
+     * Returns a function that removes the listener; so does aborting `options.signal`.
      */
     on(type, listener, options) {
       this.#use();
-      if (type !== "ephemeral" && type !== "change") {
-        throw weftError("InvalidArgument", `unknown event ${JSON.stringify(type)} (use "ephemeral" or "change")`);
+      if (type !== "ephemeral" && type !== "change" && type !== "role") {
+        throw weftError(
+          "InvalidArgument",
+          `unknown event ${JSON.stringify(type)} (use "ephemeral", "change" or "role")`,
+        );
       }
       return this.#subscribers.on(type, listener, options);
     }
@@ -255,6 +336,9 @@ export function makeReplicaClass(platform) {
       if (bytes instanceof ArrayBuffer) bytes = new Uint8Array(bytes);
       const report = this.#call((core) => core.importBundle(bytes));
       await this.#pump(true);
+      // A following tab has it in memory; the leading tab imports it too (merging is
+      // idempotent) and answers once it is stored.
+      if (this.#tabs && !this.#tabs.leading) await this.#tabs.request({ op: "import", bytes });
       return report;
     }
 
@@ -266,6 +350,7 @@ export function makeReplicaClass(platform) {
      */
     connect(url, options = {}) {
       this.#use();
+      if (this.#tabs) return this.#tabs.connect(checkUrl(url), options);
       const { connection, handle } = newConnection(this.#driverFor(), url, options);
       this.#connections.set(connection, handle);
       handle.start();
@@ -275,6 +360,7 @@ export function makeReplicaClass(platform) {
     /** Waits until every write made so far is durable (or throws the storage error). */
     async flushed() {
       await this.#pump(true);
+      await this.#tabs?.settledWrites();
     }
 
     /** Disconnects, waits for pending writes, and releases the storage. */
@@ -283,6 +369,8 @@ export function makeReplicaClass(platform) {
       for (const connection of [...this.#connections.keys()]) connection.disconnect();
       try {
         if (!this.#failed) await this.#pump(true);
+        // A following tab's writes the leader has not stored yet: wait for them (bounded).
+        if (this.#tabs && !this.#failed) await this.#tabs.settledWrites(5000);
       } finally {
         this.#closed = true;
         this.#stopTicker();
@@ -384,6 +472,13 @@ export function makeReplicaClass(platform) {
       }
       for (const waiter of batch.waiters) waiter.resolve();
       for (const event of batch.events) this.#subscribers.emit("change", event);
+      // Requests of following tabs waiting for these documents to be stored here.
+      if (this.#tabs?.leading) for (const event of batch.events) this.#tabs.changed(event.id);
+    }
+
+    /** In a following tab: resolves once the leading tab stored this write. */
+    async #durable(id, heads, deleted = false) {
+      if (this.#tabs && !this.#tabs.leading) await this.#tabs.durable(id, heads, deleted);
     }
 
     /**
@@ -421,6 +516,96 @@ export function makeReplicaClass(platform) {
     #stopTicker() {
       if (this.#ticker) clearInterval(this.#ticker);
       this.#ticker = null;
+    }
+
+    /** What the tabs sharing this replica (tabs.js) may do with it. */
+    #tabDriver() {
+      const replica = this;
+      const session = (open) => (remote, handle) => {
+        const peer = open(replica.#use(), remote);
+        replica.#peers.set(peer, handle);
+        replica.#startTicker();
+        replica.#pump(false);
+        return peer;
+      };
+      const driver = this.#driverFor();
+      return {
+        core: () => replica.#use(),
+        receive: driver.receive,
+        closeSession: driver.closeSession,
+        flushed: () => replica.#pump(true),
+        openSession: session((core, remote) => core.openSession(remote, null)),
+        acceptSession: session((core, remote) => core.acceptSession(remote)),
+        importBundle: (bytes) => replica.#call((core) => core.importBundle(bytes)),
+        connect: (url, options) => {
+          const { connection, handle } = newConnection(replica.#driverFor(), url, options);
+          replica.#connections.set(connection, handle);
+          handle.start();
+          return connection;
+        },
+        ephemeral: (event) => {
+          const detail = { id: event.doc, data: event.data, bytes: event.bytes, sender: event.sender, connection: null };
+          if (event.error !== undefined) detail.error = asWeftError(event.error, "BadCbor");
+          replica.#subscribers.emit("ephemeral", detail);
+        },
+        becomeLeader: () => replica.#becomeLeader(),
+        roleChanged: (role) => replica.#subscribers.emit("role", { role }),
+      };
+    }
+
+    /**
+     * The hand-over: this following tab takes over the replica after the leading tab closed.
+     * It opens the durable engine from IndexedDB, merges both ways with its in-memory one
+     * (what this tab wrote that the old leader had not stored yet goes into storage; what the
+     * old leader stored that had not reached this tab is published here as changes), and
+     * swaps engines. Writes waiting for the old leader are answered by the caller (tabs.js).
+     */
+    async #becomeLeader() {
+      const storage = await IndexedDbStorage.open(platform.indexedDB(), this.#name);
+      let durable;
+      try {
+        const records = await storage.load();
+        durable = this.#wasm.Core.open({ records, now: this.#now ?? (() => Date.now()) });
+        // This tab's pending (memory) commits first.
+        await this.#pump(true);
+        if (this.#closed || this.#failed) throw weftError("Closed", "the replica is closed");
+      } catch (e) {
+        durable?.free?.();
+        storage.close();
+        throw asWeftError(e, "Storage");
+      }
+      // From here to the swap, synchronous: no other call reaches either engine.
+      const memory = this.#core;
+      this.#pump(false);
+      if (this.#batch) {
+        // A memory engine's records and frames mean nothing to the durable one.
+        this.#batch.ops = [];
+        this.#batch.frames = [];
+        this.#batch.sessionEvents = [];
+      }
+      try {
+        // Both engines were one at the fork (this tab's open): what either changed since then
+        // is all the other can lack.
+        durable.importBundle(memory.exportBundle(this.#forkSeq));
+        memory.importBundle(durable.exportBundle(this.#forkSeq));
+      } catch (e) {
+        durable.free?.();
+        storage.close();
+        throw asWeftError(e, "Storage");
+      }
+      memory.takeJournal();
+      memory.takeFrames();
+      memory.takeSessionEvents();
+      const unseen = memory.takeEvents(); // what this tab had not seen yet
+      durable.takeEvents();
+      durable.takeFrames();
+      durable.takeSessionEvents();
+      this.#core = durable;
+      this.#storage = storage;
+      memory.free?.();
+      const stored = this.#pump(true);
+      for (const event of unseen) this.#batch.events.push(event);
+      await stored;
     }
 
     /** What a Connection may do with this replica: the session half of the Core. */
@@ -465,6 +650,19 @@ export function makeReplicaClass(platform) {
 }
 
 const OPEN = Symbol("Replica.open");
+
+/**
+ * The stored records of a replica as the start of another, in-memory one: the same documents
+ * and change feed under a new replica id, without the original's sync states (they are about
+ * its own peers).
+ */
+function forkRecords(records) {
+  const id = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(id);
+  return records
+    .filter(([table]) => table !== "sync_states")
+    .map(([table, key, value]) => (table === "meta" && key === "replica" ? [table, key, id] : [table, key, value]));
+}
 
 /**
  * One tab at a time per replica: two engines writing the same IndexedDB database would each

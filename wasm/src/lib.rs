@@ -19,7 +19,8 @@ use weft::engine::{PeerEvent, PeerId};
 use weft::protocol::{self, Message, WireScope};
 use weft::store::mem::{Journal, MemStore};
 use weft::{
-    ChangeEvent, Clock, HookGuard, Path as DocPath, Replica, ReplicaId, ReplicaOptions, Scope,
+    ChangeEvent, ChangeHash, Clock, HookGuard, Path as DocPath, Replica, ReplicaId, ReplicaOptions,
+    Scope,
 };
 
 use convert::{JsResult, error, error_of, ids_to_js, to_js};
@@ -259,6 +260,27 @@ impl Core {
         Ok(out.into())
     }
 
+    /// Whether this replica holds a write another tab made: document `id` with every one of
+    /// `heads`, or (`deleted`) its tombstone. A document deleted here holds any edit of it
+    /// (the delete wins, so the edit's outcome is settled). Unknown hashes, an unknown
+    /// document or malformed input answer false or throw; nothing changes either way.
+    pub fn holds(&self, id: &str, heads: Vec<String>, deleted: bool) -> JsResult<bool> {
+        let id = parse_id(id)?;
+        let mut hashes = Vec::with_capacity(heads.len());
+        for head in &heads {
+            hashes.push(
+                head.parse::<ChangeHash>()
+                    .map_err(|e| error("InvalidArgument", &format!("head {head:?}: {e}")))?,
+            );
+        }
+        match self.replica.get_at(&id, &hashes) {
+            Ok(_) => Ok(!deleted),
+            Err(weft::Error::Deleted(_)) => Ok(true),
+            Err(weft::Error::NotFound(_) | weft::Error::UnknownHeads { .. }) => Ok(false),
+            Err(e) => Err(error_of(&e)),
+        }
+    }
+
     /// Change-feed entries after `since`, oldest first.
     pub fn changes(&self, since: f64, limit: Option<u32>) -> JsResult<JsValue> {
         let limit = limit.map_or(usize::MAX, |l| l as usize);
@@ -274,11 +296,15 @@ impl Core {
         self.replica.last_seq() as f64
     }
 
+    /// Every document and tombstone as a bundle; with `since`, only those changed after that
+    /// change-feed sequence number.
     #[wasm_bindgen(js_name = exportBundle)]
-    pub fn export_bundle(&self) -> JsResult<Vec<u8>> {
-        self.replica
-            .export_bundle(&weft::BundleScope::All)
-            .map_err(|e| error_of(&e))
+    pub fn export_bundle(&self, since: Option<f64>) -> JsResult<Vec<u8>> {
+        let scope = match since {
+            Some(seq) => weft::BundleScope::Since(seq as u64),
+            None => weft::BundleScope::All,
+        };
+        self.replica.export_bundle(&scope).map_err(|e| error_of(&e))
     }
 
     #[wasm_bindgen(js_name = importBundle)]

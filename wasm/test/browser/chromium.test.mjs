@@ -11,107 +11,19 @@ import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { launchBrowser, openPage, startPageServer } from "../support/browser.mjs";
 import { requireBuild } from "../support/common.mjs";
+import {
+  CANONICAL,
+  TIMEOUT,
+  assertNoProblems,
+  canonical,
+  cliSnapshot,
+  harness,
+  waitForDocs,
+  waitStatus,
+  whenSynced,
+} from "../support/pages.mjs";
 import { decodePng } from "../support/png.mjs";
 import { CliReplica, startRelay, tempDir } from "../support/weft.mjs";
-
-const TIMEOUT = 20_000;
-
-/** The page's documents as `{id: {heads, body}}` with sorted keys, as a string. */
-function pageSnapshot(page) {
-  return page.evaluate(() => canonical(h.replica.list(null)));
-}
-
-/** JSON with sorted keys and sorted heads: equal strings mean equal documents. */
-const CANONICAL = `
-  window.canonical = (docs) => {
-    const sortKeys = (v) => Array.isArray(v) ? v.map(sortKeys)
-      : v && typeof v === "object" ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, sortKeys(v[k])])) : v;
-    const out = {};
-    for (const d of [...docs].sort((a, b) => a.id < b.id ? -1 : 1)) out[d.id] = { heads: [...d.heads].sort(), body: sortKeys(d.body) };
-    return JSON.stringify(out);
-  };`;
-
-function canonical(docs) {
-  const sortKeys = (v) =>
-    Array.isArray(v)
-      ? v.map(sortKeys)
-      : v && typeof v === "object"
-        ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, sortKeys(v[k])]))
-        : v;
-  const out = {};
-  for (const d of [...docs].sort((a, b) => (a.id < b.id ? -1 : 1))) {
-    out[d.id] = { heads: [...d.heads].sort(), body: sortKeys(d.body) };
-  }
-  return JSON.stringify(out);
-}
-
-/** Opens the harness page as replica `name` (connected to `relay` when given) and waits for it. */
-async function harness(context, server, name, relay) {
-  const query = new URLSearchParams({ name, ...(relay ? { relay } : {}) });
-  const page = await openPage(context, `${server.url}/test/harness.html?${query}`);
-  await page.evaluate(() => window.ready);
-  await page.evaluate(CANONICAL);
-  return page;
-}
-
-/** Resolves when the page's documents equal `expected` (a canonical string), or times out. */
-function waitForDocs(page, expected, what) {
-  return page
-    .evaluate(
-      ({ expected, timeout }) =>
-        new Promise((resolve, reject) => {
-          const check = () => canonical(h.replica.list(null)) === expected;
-          if (check()) return resolve();
-          const timer = setTimeout(() => {
-            off();
-            reject(new Error(`documents differ after ${timeout} ms: ${canonical(h.replica.list(null))}`));
-          }, timeout);
-          const off = h.replica.subscribe(() => {
-            if (check()) {
-              clearTimeout(timer);
-              off();
-              resolve();
-            }
-          });
-        }),
-      { expected, timeout: TIMEOUT },
-    )
-    .catch((e) => {
-      throw new Error(`${what}: ${e.message}`);
-    });
-}
-
-function whenSynced(page) {
-  return page.evaluate((timeout) => h.connection.whenSynced({ timeout }), TIMEOUT);
-}
-
-function waitStatus(page, status) {
-  return page.evaluate(
-    ({ status, timeout }) =>
-      new Promise((resolve, reject) => {
-        if (h.connection.status === status) return resolve();
-        const timer = setTimeout(() => reject(new Error(`status ${h.connection.status}, not ${status}`)), timeout);
-        const off = h.connection.on(status, () => {
-          clearTimeout(timer);
-          off();
-          resolve();
-        });
-      }),
-    { status, timeout: TIMEOUT },
-  );
-}
-
-/** What the CLI replica holds for these ids (deleted ones left out), canonical. */
-async function cliSnapshot(cli, ids) {
-  const docs = (await Promise.all(ids.map((id) => cli.get(id)))).filter(Boolean);
-  return canonical(docs);
-}
-
-function assertNoProblems(...pages) {
-  for (const page of pages) {
-    assert.deepEqual(page.problems, [], "no errors in the page");
-  }
-}
 
 describe("in Chromium", { timeout: 300_000 }, () => {
   let relay;
@@ -167,11 +79,12 @@ describe("in Chromium", { timeout: 300_000 }, () => {
         return h.replica.lastSeq();
       }, before);
       assert.equal(next, 5);
-      // A second tab on the same replica is refused (one engine per database).
+      // A second tab shares the replica (tabs.test.mjs); opted out of sharing, it is refused
+      // (one engine per database).
       const second = await openPage(context, `${server.url}/test/harness.html?name=other`);
       const locked = await second.evaluate(async () => {
         const { Replica } = await import("weft");
-        return Replica.open({ name: "durable", lockTimeout: 200 }).then(
+        return Replica.open({ name: "durable", lockTimeout: 200, tabs: false }).then(
           () => "opened",
           (e) => e.code,
         );

@@ -78,7 +78,7 @@ describe("the npm package", { timeout: 120_000 }, () => {
   it("type-checks a TypeScript program using the whole API (tsc --strict, nodenext)", async () => {
     writeFileSync(
       join(project.dir, "check.ts"),
-      `import { Replica, Connection, WeftError, init, type ChangeEvent, type Status, type WeftErrorCode } from "weft";
+      `import { Replica, Connection, WeftError, init, wasmMemoryBytes, type ChangeEvent, type Role, type Status, type WeftErrorCode } from "weft";
        export async function main(): Promise<void> {
          await init();
          const r: Replica = await Replica.open({ name: "x", storage: "memory", seed: 1, now: () => Date.now() });
@@ -94,6 +94,8 @@ describe("the npm package", { timeout: 120_000 }, () => {
          const off = r.subscribe((e: ChangeEvent) => void (e.kind === "created" && e.seq), { signal: controller.signal });
          off();
          const feed: ChangeEvent[] = r.changes(0, { limit: 10 });
+         const role: Role = r.role;
+         r.on("role", (e) => console.log(e.role === "leader", role, wasmMemoryBytes() > 0));
          const c: Connection = r.connect("ws://127.0.0.1:1", { token: "t", collections: ["todos"], initialBackoff: 100 });
          const status: Status = c.status;
          c.on("offline", (e) => e.error?.code);

@@ -95,6 +95,15 @@ export async function startRelay({ secret, listen = "127.0.0.1:0", data } = {}) 
       }
       if (!keepData) tmp?.cleanup();
     },
+    /** The value of metric `name` on the relay's /metrics page, or undefined. */
+    async metric(name) {
+      const page = new URL(url);
+      page.protocol = "http:";
+      page.pathname = "/metrics";
+      const text = await (await fetch(page)).text();
+      const m = new RegExp(`^${name} (\\S+)$`, "m").exec(text);
+      return m ? Number(m[1]) : undefined;
+    },
     /** A token for this relay (`weft token issue`). */
     token({ sub = "test", read = "*", write = "*", ttl } = {}) {
       const args = ["token", "issue", "--secret-file", secretFile, "--sub", sub, "--read", read, "--write", write];
