@@ -78,7 +78,7 @@ export class Tabs {
   #locks;
   #name;
   #channel;
-  #tab = randomId();
+  #tab; // this tab's id
   #releaseTab;
   #releaseMain = null;
   #queueAbort = null;
@@ -95,16 +95,19 @@ export class Tabs {
   #sharedId = null; // the durable replica's id
   #ready = null; // {promise, resolve, reject}: in sync with a leader for the first time
   #nextReq = 1;
-  #requests = new Map(); // req -> {message, resolve, reject}
+  #requests = new Map(); // req -> {message, promise, resolve, reject}
   #views = new Map(); // cid -> SharedConnection (this tab's connections, either role)
 
   // Leader state.
   #followers = new Map(); // tab -> {sid, peer, unwatch, cids: Set}
-  #waiting = new Map(); // doc -> [{check, done}]: durable requests not yet held
-  #held = new Map(); // key -> {connection, users: Map(user -> listener)}: relay connections
+  #waiting = new Map(); // doc -> [{check, done, fail}]: durable requests not yet held
+  // Relay connections: (url, token, collections) key -> {key, connection, users: Map(user ->
+  // stop listening)}, and each user ("tab/cid") -> the same entry.
+  #held = new Map();
 
-  constructor(locks, name, channel, releaseTab, releaseMain) {
+  constructor(locks, name, tab, channel, releaseTab, releaseMain) {
     this.#locks = locks;
+    this.#tab = tab;
     this.#name = name;
     this.#channel = channel;
     this.#releaseTab = releaseTab;
@@ -129,9 +132,8 @@ export class Tabs {
       releaseTab();
       throw asWeftError(e, "Internal");
     }
-    const tabs = new Tabs(locks, name, new BroadcastChannelImpl(`weft:tabs:${name}`), releaseTab, releaseMain);
-    tabs.#tab = tab;
-    return tabs;
+    const channel = new BroadcastChannelImpl(`weft:tabs:${name}`);
+    return new Tabs(locks, name, tab, channel, releaseTab, releaseMain);
   }
 
   get leading() {
