@@ -109,7 +109,10 @@ export interface OpenOptions {
   name?: string;
   /** Where the documents live. Default "indexeddb" where IndexedDB exists, else "memory". */
   storage?: "indexeddb" | "memory";
-  /** Fixes the engine's random choices (ids, actors): for tests and replays. */
+  /**
+   * Fixes the engine's random choices (ids, actors): for tests and replays. In a replica shared
+   * by tabs only the first (leading) tab's engine uses it.
+   */
   seed?: number;
   /** The clock, in ms since the epoch. Default `Date.now`. */
   now?: () => number;

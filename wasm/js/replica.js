@@ -141,7 +141,9 @@ export function makeReplicaClass(platform) {
           storage = new MemoryStorage();
         }
         const coreOptions = { records, now: now ?? (() => Date.now()) };
-        if (seed !== undefined) coreOptions.seed = seed;
+        // Only one engine of a shared replica may use the seed: two engines drawing the same
+        // Automerge actor ids would write changes that collide.
+        if (seed !== undefined && tabs.leading) coreOptions.seed = seed;
         core = wasm.Core.open(coreOptions);
       } catch (e) {
         storage?.close();
