@@ -22,6 +22,7 @@
 //   connect {cid, url, options}  a follower's connection, held by the leader
 //   disconnect {cid}
 //   status {cid, state}          leader -> follower: the held connection's state
+//   reset {sid}                  leader -> follower: no such session here, open a new one
 //   close {}                     a follower leaves
 
 import { Emitter } from "./emitter.js";
@@ -252,6 +253,10 @@ export class Tabs {
       case "status":
         if (message.from === this.#leader) this.#views.get(message.cid)?._state(message.state);
         break;
+      case "reset":
+        // The leader holds no session of ours under this number: start again.
+        if (message.from === this.#leader && message.sid === this.#sid) this.#openSession();
+        break;
       default:
         break;
     }
@@ -393,12 +398,18 @@ export class Tabs {
         break;
       case "frame": {
         const follower = this.#followers.get(from);
-        if (!follower || follower.sid !== message.sid) break;
+        if (!follower || follower.sid !== message.sid) {
+          // A session this tab does not hold (ended here, or begun with an earlier leader):
+          // the follower starts a new one (frames of its older sessions are ignored there).
+          this.#post({ type: "reset", to: from, sid: message.sid });
+          break;
+        }
         try {
           this.#driver.receive(follower.peer, message.bytes);
         } catch (e) {
           console.error("weft: a bad frame from a following tab; ending its session", e);
           this.#release(from);
+          this.#post({ type: "reset", to: from, sid: message.sid });
         }
         break;
       }

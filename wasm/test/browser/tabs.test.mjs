@@ -206,6 +206,81 @@ describe("tabs sharing one replica, in Chromium", { timeout: 300_000 }, () => {
   });
   }
 
+  it("garbage on the tabs' channel is refused with a logged error; the tabs go on syncing", async () => {
+    const context = await browser.newContext();
+    try {
+      const a = await harness(context, server, "garbage");
+      const b = await harness(context, server, "garbage");
+      const x = await b.evaluate(() => h.replica.create("notes", { v: 1 }));
+      // Another script of the origin posts nonsense as a would-be follower "evil".
+      const answers = await b.evaluate(async (name) => {
+        const channel = new BroadcastChannel(`weft:tabs:${name}`);
+        const answers = [];
+        // Due: a welcome (for the well-formed open), two resets, two error replies.
+        const due = new Promise((resolve, reject) => {
+          const timer = setTimeout(() => reject(new Error(`answers: ${JSON.stringify(answers)}`)), 10_000);
+          channel.onmessage = (e) => {
+            if (e.data?.to !== "evil") return;
+            answers.push(e.data);
+            const count = (type) => answers.filter((m) => m.type === type).length;
+            if (count("reset") === 2 && count("reply") === 2) {
+              clearTimeout(timer);
+              resolve();
+            }
+          };
+        });
+        const post = (m) => channel.postMessage({ from: "evil", ...m });
+        // Holding a tab lock like a live tab, so that the leader keeps its session.
+        let release;
+        await new Promise((held) =>
+          navigator.locks.request(`weft:${name}:tab:evil`, () => {
+            held();
+            return new Promise((r) => (release = r));
+          }),
+        );
+        channel.postMessage(null);
+        channel.postMessage("not an object");
+        post({ type: "no such type" });
+        post({ type: "open", sid: 1, replica: "not a replica id" });
+        post({ type: "frame", sid: 7, bytes: new Uint8Array([1, 2, 3]) });
+        post({ type: "open", sid: 2, replica: h.replica.id });
+        post({ type: "frame", sid: 2, bytes: new Uint8Array([0, 1, 2, 3, 4, 5]) });
+        post({ type: "request", req: 1, op: "durable", doc: "zz", heads: ["not hex"], deleted: false });
+        post({ type: "request", req: 2, op: "no such op" });
+        await due;
+        channel.close();
+        release();
+        return answers
+          .sort((m, n) => (m.req ?? 0) - (n.req ?? 0))
+          .map((m) => ({ type: m.type, ok: m.ok, code: m.error?.code, sid: m.sid }));
+      }, "garbage");
+      assert.deepEqual(
+        answers.filter((m) => m.type === "reset").map((m) => m.sid).sort(),
+        [2, 7],
+        "a frame of no session, and a bad frame, both answered with reset",
+      );
+      assert.deepEqual(
+        answers.filter((m) => m.type === "reply").map((m) => [m.ok, m.code]),
+        [
+          [false, "InvalidId"],
+          [false, "InvalidArgument"],
+        ],
+      );
+      // The real tabs are unharmed.
+      await a.evaluate((x) => h.replica.update(x, { v: 2 }), x);
+      const y = await b.evaluate(() => h.replica.create("notes", { v: 3 }));
+      const expected = await a.evaluate(() => canonical(h.replica.list(null)));
+      await waitForDocs(b, expected, "the follower still syncs");
+      assert.deepEqual(JSON.parse(expected)[y].body, { v: 3 });
+      assert.equal(a.problems.length, 2, a.problems.join("\n"));
+      assert.match(a.problems[0], /weft: accepting a tab's session failed/);
+      assert.match(a.problems[1], /weft: a bad frame from a following tab; ending its session/);
+      assertNoProblems(b);
+    } finally {
+      await context.close();
+    }
+  });
+
   it("offline edits across tabs reach a CLI replica when the relay comes back, through the one connection", async () => {
     let relay = await startRelay();
     const { host } = new URL(relay.url);
