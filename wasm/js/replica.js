@@ -52,6 +52,7 @@ export function makeReplicaClass(platform) {
     #wasm = null;
     #now = null;
     #forkSeq = 0; // a following tab's engine: the change feed position it was copied at
+    #forkOf = null; // ... and the id of the replica it was copied from
 
     /** Use `Replica.open()`. */
     constructor(token, core, storage, name, releaseLock) {
@@ -123,6 +124,7 @@ export function makeReplicaClass(platform) {
       const tabs = await Tabs.join(platform, name);
       let storage;
       let core;
+      let forkedFrom = null;
       try {
         let records;
         if (tabs.leading) {
@@ -134,7 +136,9 @@ export function makeReplicaClass(platform) {
           // the session with the leader then brings only what changed since.
           const snapshot = await IndexedDbStorage.open(platform.indexedDB(), name);
           try {
-            records = forkRecords(await snapshot.load());
+            const stored = await snapshot.load();
+            forkedFrom = replicaIdOf(stored);
+            records = forkRecords(stored);
           } finally {
             snapshot.close();
           }
@@ -153,6 +157,7 @@ export function makeReplicaClass(platform) {
       const replica = new Replica(OPEN, core, storage, name, () => tabs.close());
       replica.#tabs = tabs;
       replica.#forkSeq = tabs.leading ? 0 : core.lastSeq();
+      replica.#forkOf = tabs.leading ? null : forkedFrom;
       replica.#wasm = wasm;
       replica.#now = now;
       try {
@@ -493,6 +498,8 @@ export function makeReplicaClass(platform) {
       const pending = [batch, this.#batch].filter(Boolean);
       this.#batch = null;
       for (const b of pending) for (const waiter of b.waiters) waiter.reject(error);
+      // A leading tab stops leading (another takes over from what IndexedDB holds).
+      this.#tabs?.failed(error);
       for (const handle of [...this.#connections.values()]) handle.fail(error);
       this.#stopTicker();
       console.error("weft: storage failed; reopen the replica", error);
@@ -565,8 +572,10 @@ export function makeReplicaClass(platform) {
     async #becomeLeader() {
       const storage = await IndexedDbStorage.open(platform.indexedDB(), this.#name);
       let durable;
+      let storedId;
       try {
         const records = await storage.load();
+        storedId = replicaIdOf(records);
         durable = this.#wasm.Core.open({ records, now: this.#now ?? (() => Date.now()) });
         // This tab's pending (memory) commits first.
         await this.#pump(true);
@@ -587,9 +596,14 @@ export function makeReplicaClass(platform) {
       }
       try {
         // Both engines were one at the fork (this tab's open): what either changed since then
-        // is all the other can lack.
-        durable.importBundle(memory.exportBundle(this.#forkSeq));
-        memory.importBundle(durable.exportBundle(this.#forkSeq));
+        // is all the other can lack — if IndexedDB still holds the replica this tab was
+        // copied from, not behind the copy (deleted, recreated, restored from an older
+        // state); otherwise everything goes both ways.
+        const forked =
+          this.#forkOf != null && storedId === this.#forkOf && durable.lastSeq() >= this.#forkSeq;
+        const since = forked ? this.#forkSeq : undefined;
+        durable.importBundle(memory.exportBundle(since));
+        memory.importBundle(durable.exportBundle(since));
       } catch (e) {
         durable.free?.();
         storage.close();
@@ -652,6 +666,13 @@ export function makeReplicaClass(platform) {
 }
 
 const OPEN = Symbol("Replica.open");
+
+/** The replica id in stored records (the "replica" meta record), as hex; null if none. */
+function replicaIdOf(records) {
+  const meta = records.find(([table, key]) => table === "meta" && key === "replica");
+  if (!(meta?.[2] instanceof Uint8Array)) return null;
+  return Array.from(meta[2], (b) => b.toString(16).padStart(2, "0")).join("");
+}
 
 /**
  * The stored records of a replica as the start of another, in-memory one: the same documents

@@ -630,8 +630,20 @@ export class Tabs {
 
   // ----- leaving ---------------------------------------------------------------------------
 
+  /**
+   * This tab's storage failed (its engine is ahead of IndexedDB): its own connections end
+   * with status "failed" and that error, and it stops leading, so that another tab takes over
+   * from what IndexedDB committed. The writes other tabs wait for are not answered here: they
+   * go again to the next leader.
+   */
+  failed(error) {
+    if (this.#closed) return;
+    for (const view of this.#views.values()) view._fail(error);
+    this.close({ answer: false });
+  }
+
   /** Leaves: ends every session and held connection, lets go of the locks. */
-  close() {
+  close({ answer = true } = {}) {
     if (this.#closed) return;
     for (const view of [...this.#views.values()]) view.disconnect();
     if (this.#leading) {
@@ -642,8 +654,11 @@ export class Tabs {
       if (this.#leader) this.#post({ type: "close", to: this.#leader });
       this.#dropLeader();
     }
-    for (const list of this.#waiting.values()) {
-      for (const w of list) w.fail(weftError("Closed", "the replica is closed"));
+    // Unanswered, a follower asks the next leader; answered "Closed", it would give up.
+    if (answer) {
+      for (const list of this.#waiting.values()) {
+        for (const w of list) w.fail(weftError("Closed", "the replica is closed"));
+      }
     }
     this.#waiting.clear();
     for (const r of this.#requests.values()) {
@@ -776,6 +791,12 @@ export class SharedConnection {
   _state(state, error) {
     if (this.#closed) return;
     this.#set(state, error);
+  }
+
+  /** This (leading) tab's storage failed: the connection ends, "failed" with that error. */
+  _fail(error) {
+    if (this.#closed) return;
+    this.#set({ ...this.#state, status: "failed", error: { code: error.code, message: error.message } }, error);
   }
 
   /** The leading tab is gone; until the next one reconnects, this tab is offline. */

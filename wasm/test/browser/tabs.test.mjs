@@ -206,6 +206,57 @@ describe("tabs sharing one replica, in Chromium", { timeout: 300_000 }, () => {
   });
   }
 
+  it("the leading tab's IndexedDB fails: it stops leading, another tab takes over and stores the write that waited", async () => {
+    const context = await browser.newContext();
+    try {
+      const a = await harness(context, server, "failing-tabs");
+      // Written before B opens: B's copy starts with it (its fork), so a take-over from a
+      // database that lost it must still store it (not only what changed since the fork).
+      const x = await a.evaluate(() => h.replica.create("notes", { v: 1 }));
+      const b = await harness(context, server, "failing-tabs");
+      // Another party deletes the database: the leader's connection to it closes, so its
+      // next transaction fails.
+      await a.evaluate(
+        () =>
+          new Promise((resolve, reject) => {
+            const req = indexedDB.deleteDatabase("weft:failing-tabs");
+            req.onsuccess = resolve;
+            req.onerror = () => reject(req.error);
+          }),
+      );
+      // B's next write reaches the leader, whose commit fails; B's write is then stored by
+      // the next leader: B itself.
+      const y = await b.evaluate(() => h.replica.create("notes", { v: 2 }));
+      assert.equal(await role(b), "leader");
+      const inA = await a.evaluate((x) => {
+        try {
+          h.replica.get(x);
+          return "readable";
+        } catch (e) {
+          return e.code;
+        }
+      }, x);
+      assert.equal(inA, "Storage", "the failed tab's replica is stopped");
+      assert.equal(a.problems.length, 1, a.problems.join("\n"));
+      assert.match(a.problems[0], /storage failed; reopen the replica/);
+      // What B holds is durable again: a new tab (following B) opens both documents.
+      const expected = await b.evaluate(() => canonical(h.replica.list(null)));
+      assert.deepEqual(Object.keys(JSON.parse(expected)).sort(), [x, y].sort());
+      const c = await harness(context, server, "failing-tabs");
+      assert.equal(await role(c), "follower");
+      await waitForDocs(c, expected, "a new tab sees both documents");
+      await b.close();
+      await c.waitForFunction(() => h.replica.role === "leader", null, { timeout: TIMEOUT });
+      await c.reload();
+      await c.evaluate(() => window.ready);
+      await c.evaluate(CANONICAL);
+      await waitForDocs(c, expected, "both documents in IndexedDB after the last tab reloads");
+      assertNoProblems(c);
+    } finally {
+      await context.close();
+    }
+  });
+
   it("garbage on the tabs' channel is refused with a logged error; the tabs go on syncing", async () => {
     const context = await browser.newContext();
     try {
