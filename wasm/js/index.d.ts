@@ -242,7 +242,8 @@ export interface ConnectionEvents {
  * A live connection to a relay, from `replica.connect(url)`. In a replica shared by tabs the
  * leading tab holds one WebSocket per relay (and token and collections) for every tab, and
  * each tab's Connection mirrors its status; while no tab leads (between a leader closing and
- * the next taking over) the status is "offline".
+ * the next taking over) the status is "offline". There, ephemeral messages arrive through
+ * `replica.on("ephemeral")` only, not as the connection's "ephemeral" events.
  */
 export declare class Connection {
   private constructor();
